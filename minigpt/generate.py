@@ -1,0 +1,111 @@
+"""Decoding with the KV cache: greedy, temperature, top-k, top-p; batched with left padding.
+
+Each step feeds only the newest token and the cached keys/values, so a step
+costs one token's forward, not the whole sequence's. A batch of prompts of
+different lengths is left-padded (see Tokenizer.encode_batch); the attention
+mask hides the padding and sets each row's positions, so every row gets the
+tokens it would get alone. A row that emits `eos_token_id` is finished and
+padded from then on; decoding stops when every row is finished.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+from .model import GPT, PastKeyValues
+
+__all__ = ["generate", "stream", "sample_next_token", "check_sampling"]
+
+
+def check_sampling(*, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (or None for no limit), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample_next_token(logits: torch.Tensor, *, do_sample: bool = False, temperature: float = 1.0,
+                      top_k: Optional[int] = None, top_p: Optional[float] = None,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. Greedy takes the argmax; sampling applies
+    temperature, then top-k, then top-p (nucleus), then draws from the rest."""
+    if not do_sample or temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token once the ones before it already hold top_p of the mass (the first always stays)
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _full_mask(attention_mask, B, T, T_past, device):
+    """Accept a mask over the prompt only ([B, T]: the past is then fully attended)
+    or over past + prompt ([B, T_past + T]). Returns None where nothing is padded."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.size(0) != B or attention_mask.size(1) not in (T, T_past + T):
+        raise ValueError(f"attention_mask must be [batch, T] = [{B}, {T}] or [batch, T_past + T] = "
+                         f"[{B}, {T_past + T}], got {list(attention_mask.shape)}")
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if attention_mask.size(1) == T and T_past:
+        attention_mask = torch.cat([attention_mask.new_ones(B, T_past), attention_mask], dim=1)
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+@torch.no_grad()
+def stream(model: GPT, input_ids: torch.Tensor, *, max_new_tokens: int,
+           attention_mask: Optional[torch.Tensor] = None, past_key_values: Optional[PastKeyValues] = None,
+           do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
+           top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
+           pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, [B], one step at a time (for streaming)."""
+    check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a LongTensor [batch, seq]; wrap a single prompt as [[ids...]]")
+    B, T = input_ids.shape
+    T_past = 0 if past_key_values is None else past_key_values[0][0].size(2)
+    n_pos = model.config.n_positions
+    if T_past + T + max_new_tokens > n_pos:
+        raise ValueError(f"{T_past} past + {T} prompt + {max_new_tokens} new tokens = "
+                         f"{T_past + T + max_new_tokens} > n_positions {n_pos}; lower max_new_tokens")
+    mask = _full_mask(attention_mask, B, T, T_past, input_ids.device)
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    ids, past = input_ids, past_key_values
+    for _ in range(max_new_tokens):
+        out = model(ids, attention_mask=mask, past_key_values=past)
+        past = out.past_key_values
+        tok = sample_next_token(out.logits[:, -1, :], do_sample=do_sample, temperature=temperature,
+                                top_k=top_k, top_p=top_p, generator=generator)
+        if eos_token_id is not None:
+            tok = tok.masked_fill(finished, pad)
+            finished |= tok == eos_token_id
+        yield tok
+        if eos_token_id is not None and bool(finished.all()):
+            return
+        ids = tok[:, None]
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+
+
+def generate(model: GPT, input_ids: torch.Tensor, *, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """Prompt [B, T] -> prompt plus continuation [B, T + new] (new <= max_new_tokens
+    when every row stops at eos). Keyword arguments are those of `stream`;
+    `past_key_values` is an initial past, e.g. a learned prefix."""
+    new = list(stream(model, input_ids, max_new_tokens=max_new_tokens, **kwargs))
+    if not new:
+        return input_ids
+    return torch.cat([input_ids, torch.stack(new, dim=1).to(input_ids.dtype)], dim=1)

@@ -1,0 +1,332 @@
+"""GPT-2 in one file, read top to bottom.
+
+The math is exactly OpenAI's GPT-2 (and transformers' `GPT2LMHeadModel`):
+
+    h0 = wte[x] + wpe[pos]
+    for each block:  h = h + Attn(LN1(h));  h = h + MLP(LN2(h))        (pre-LN)
+    logits = LN_f(h) @ wteᵀ                                            (tied head)
+
+    Attn:  q|k|v = c_attn(x);  softmax(q kᵀ / sqrt(head_dim) + causal mask) v;  c_proj
+    MLP:   c_proj(gelu_new(c_fc(x)))   with gelu_new the tanh approximation
+
+Module names mirror Hugging Face's (`transformer.h.0.attn.c_attn`, ...), so
+loading the public weights is a one-to-one key mapping (see pretrained.py).
+One difference in storage: HF keeps the four projections as `Conv1D` with the
+weight stored [in, out]; here they are ordinary `nn.Linear` ([out, in]), which
+is what LoRA wraps. The loader transposes.
+
+The one seam for every technique is `GPT.forward(..., past_key_values=...)`:
+the past is a plain tuple over layers of `(k, v)` tensors, each
+[B, n_head, T_past, head_dim]. Prefix tuning passes a learned past, PPLM a
+nudged one; both need it differentiable, so nothing here detaches it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["GPTConfig", "GPT", "GPTOutput", "PastKeyValues"]
+
+# One (k, v) pair per layer, each [B, n_head, T_past, head_dim].
+PastKeyValues = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+_SIZES = {  # name: (n_layer, n_head, n_embd)
+    "gpt2": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: Optional[int] = None  # MLP width; None means 4 * n_embd, as in GPT-2
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    name_or_path: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if int(getattr(self, k)) < 1:
+                raise ValueError(f"GPTConfig.{k} must be a positive integer, got {getattr(self, k)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "GPTConfig":
+        """The four public GPT-2 sizes: gpt2, gpt2-medium, gpt2-large, gpt2-xl."""
+        key = name.split("/")[-1]
+        if key not in _SIZES:
+            raise ValueError(f"unknown GPT-2 size {name!r}; choose one of {', '.join(_SIZES)}, or build GPTConfig(...) yourself")
+        n_layer, n_head, n_embd = _SIZES[key]
+        return cls(n_layer=n_layer, n_head=n_head, n_embd=n_embd, name_or_path=name, **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GPTOutput:
+    logits: torch.Tensor                     # [B, T, vocab]
+    past_key_values: PastKeyValues           # per layer (k, v), [B, nh, T_past + T, hs]
+    hidden_states: Optional[tuple] = None    # L + 1 tensors [B, T, C]; the last is after ln_f
+    attentions: Optional[tuple] = None       # L tensors [B, nh, T, T_past + T]
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU: the tanh approximation 0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³))).
+    The exact-erf GELU differs from it by up to ~5e-4, enough to break a logits match."""
+    return F.gelu(x, approximate="tanh")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q|k|v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_pdrop = config.attn_pdrop
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, T, C = t.shape
+        return t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+
+    def forward(self, x, past=None, mask=None, output_attentions=False):
+        # x: (B, T, C); past: (k, v) each (B, nh, T_past, hs); mask: bool (B|1, 1, T, T_past+T) or None
+        q, k, v = self.c_attn(x).split(x.size(-1), dim=2)
+        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # (B, nh, T, hs)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, nh, T_past + T, hs)
+            v = torch.cat([past[1], v], dim=2)
+        present = (k, v)
+
+        probs = None
+        if output_attentions:
+            # The explicit path a learner reads: softmax(q kᵀ / sqrt(hs) + mask) v.
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, T_past + T)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            probs = scores.softmax(dim=-1)
+            y = self.attn_dropout(probs) @ v  # (B, nh, T, hs)
+        else:
+            dropout_p = self.attn_pdrop if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).reshape(x.shape)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y)), present, probs
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_dim)
+        self.c_proj = nn.Linear(config.mlp_dim, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(gelu_new(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, past=None, mask=None, output_attentions=False):
+        a, present, probs = self.attn(self.ln_1(x), past, mask, output_attentions)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, present, probs
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            drop=nn.Dropout(config.embd_pdrop),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        # GPT-2's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    # ---- the seam -------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[PastKeyValues] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        inputs_embeds: Optional[torch.Tensor] = None,
+    ) -> GPTOutput:
+        """Run T new tokens after an optional past.
+
+        input_ids:       [B, T] token ids (or `inputs_embeds` [B, T, C] instead, for soft tokens).
+        attention_mask:  [B, T_past + T], 1 = attend, 0 = padding; None attends to everything.
+        past_key_values: per layer (k, v), each [B, n_head, T_past, head_dim]; kept differentiable.
+        position_ids:    [B, T]; by default T_past, T_past + 1, ... or, with a mask,
+                         cumsum(mask) - 1, so a left-padded row gets the positions it has alone.
+        """
+        cfg = self.config
+        if inputs_embeds is None:
+            B, T = self._check_ids(input_ids)
+            x = self.transformer.wte(input_ids)
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.size(-1) != cfg.n_embd:
+                raise ValueError(f"inputs_embeds must be [B, T, {cfg.n_embd}], got {list(inputs_embeds.shape)}")
+            B, T = inputs_embeds.shape[:2]
+            x = inputs_embeds
+        T_past = self._check_past(past_key_values, B)
+        if T_past + T > cfg.n_positions:
+            raise ValueError(
+                f"sequence too long: {T_past} past + {T} new tokens = {T_past + T} > n_positions {cfg.n_positions}; "
+                "shorten the prompt or max_new_tokens")
+        if attention_mask is not None:
+            attention_mask = self._check_mask(attention_mask, B, T_past + T)
+        if position_ids is None:
+            position_ids = self._positions(attention_mask, B, T, T_past)
+        mask = self._attention_bias(attention_mask, T, T_past)
+
+        x = self.transformer.drop(x + self.transformer.wpe(position_ids))  # (B, T, C)
+        hidden, presents, attentions = [], [], []
+        for i, block in enumerate(self.transformer.h):
+            if output_hidden_states:
+                hidden.append(x)
+            x, present, probs = block(x, None if past_key_values is None else past_key_values[i], mask, output_attentions)
+            presents.append(present)
+            attentions.append(probs)
+        x = self.transformer.ln_f(x)
+        if output_hidden_states:
+            hidden.append(x)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        return GPTOutput(
+            logits=logits,
+            past_key_values=tuple(presents),
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+
+    # ---- input checks and masks -------------------------------------------------------
+    def _check_ids(self, input_ids):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a 2-D LongTensor [batch, seq], got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.numel() == 0:
+            raise ValueError("input_ids is empty: give at least one token")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        return input_ids.shape
+
+    def _check_past(self, past, B):
+        if past is None:
+            return 0
+        cfg = self.config
+        if len(past) != cfg.n_layer:
+            raise ValueError(f"past_key_values has {len(past)} layers, the model has {cfg.n_layer}")
+        T_past = None
+        for i, layer in enumerate(past):
+            if len(layer) != 2:
+                raise ValueError(f"past_key_values[{i}] must be a (key, value) pair, got {len(layer)} tensors")
+            for name, t in zip(("key", "value"), layer):
+                want = (B, cfg.n_head, t.shape[2] if t.dim() == 4 else -1, cfg.head_dim)
+                if t.dim() != 4 or tuple(t.shape) != want or (T_past is not None and t.shape[2] != T_past):
+                    raise ValueError(
+                        f"past_key_values[{i}] {name} has shape {list(t.shape)}; expected "
+                        f"[batch={B}, n_head={cfg.n_head}, T_past{'=' + str(T_past) if T_past is not None else ''}, "
+                        f"head_dim={cfg.head_dim}]")
+                T_past = t.shape[2]
+        return T_past
+
+    @staticmethod
+    def _check_mask(attention_mask, B, total):
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, total):
+            raise ValueError(f"attention_mask must be [batch, T_past + T] = [{B}, {total}], got "
+                             f"{list(attention_mask.shape)}")
+        return attention_mask.to(torch.long)
+
+    def _positions(self, attention_mask, B, T, T_past):
+        if attention_mask is None:
+            return torch.arange(T_past, T_past + T, device=self.device).unsqueeze(0)  # (1, T)
+        pos = attention_mask.cumsum(-1) - 1  # each row counts only its real tokens
+        return pos[:, -T:].clamp(min=0)  # (B, T)
+
+    def _attention_bias(self, attention_mask, T, T_past):
+        """Boolean (B|1, 1, T, T_past + T): True where query i may look at key j.
+
+        Query i sits at absolute index T_past + i, so it sees keys j <= T_past + i
+        that are not padding. A query always sees itself, so a padding query is
+        never fully masked (that would give NaN, which poisons gradients even
+        where the loss ignores it). Returns None when nothing needs masking.
+        """
+        if attention_mask is None and T == 1:
+            return None
+        dev = self.device
+        q_idx = torch.arange(T_past, T_past + T, device=dev).unsqueeze(1)  # (T, 1)
+        k_idx = torch.arange(T_past + T, device=dev).unsqueeze(0)          # (1, T_past + T)
+        allowed = k_idx <= q_idx                                           # causal
+        if attention_mask is None:
+            return allowed[None, None]                                     # (1, 1, T, T_past + T)
+        keep = attention_mask.bool()[:, None, None, :]                     # (B, 1, 1, T_past + T)
+        return (allowed & keep) | (k_idx == q_idx)                         # (B, 1, T, T_past + T)
+
+    # ---- loading and saving (see pretrained.py) --------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, device=None, dtype=None) -> "GPT":
+        """Load GPT-2 weights from a Hugging Face folder or the hub cache (gpt2, gpt2-medium, ...)."""
+        from .pretrained import load_pretrained
+        return load_pretrained(name_or_path, device=device, dtype=dtype)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write config.json + model.safetensors in Hugging Face's layout, atomically."""
+        from .pretrained import save_pretrained
+        save_pretrained(self, directory)
