@@ -1,0 +1,83 @@
+"""python -m minigpt generate "prompt" [options]: stream a continuation from GPT-2.
+
+The command line is where the pieces compose, so it is the one place in
+`minigpt/` that reaches into `techniques/` (lazily, and only for --lora and
+--prefix); the library modules never do.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .cli import add_model_args, fail, model_from_args
+from .generate import check_sampling, stream
+from .tokenizer import EOT_ID, get_tokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minigpt", description="GPT-2 from scratch in plain PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="continue a prompt, streaming tokens as they come",
+                       description="Continue a prompt with GPT-2, printing text as it is generated.")
+    g.add_argument("prompt", help="the text to continue")
+    add_model_args(g)
+    g.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default: 50)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature; 0 means greedy (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set with this much mass")
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
+    g.add_argument("--stop-at-eos", action="store_true", help="stop at <|endoftext|>")
+    g.add_argument("--lora", metavar="DIR", help="a LoRA adapter folder (peft format) to apply first")
+    g.add_argument("--prefix", metavar="DIR", help="a prefix-tuning adapter folder (peft format) to run with")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        if args.max_new_tokens < 1:
+            raise ValueError("--max-new-tokens must be >= 1")
+        model = model_from_args(args)
+        past = None
+        if args.lora:
+            from techniques.lora import load_adapter as load_lora
+            model = load_lora(model, args.lora)
+        if args.prefix:
+            from techniques.prefix import load_adapter as load_prefix
+            prefix = load_prefix(model, args.prefix).to(model.device)
+            with torch.no_grad():
+                past = prefix.past_key_values(1)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    tok = get_tokenizer()
+    ids = tok.encode(args.prompt)
+    if not ids:
+        fail("the prompt is empty; give some text to continue")
+    generator = torch.Generator(device=model.device).manual_seed(args.seed)
+    input_ids = torch.tensor([ids], device=model.device)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    new, shown = [], ""
+    try:
+        for tok_id in stream(model, input_ids, max_new_tokens=args.max_new_tokens, past_key_values=past,
+                             do_sample=not args.greedy and args.temperature > 0, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, generator=generator,
+                             eos_token_id=EOT_ID if args.stop_at_eos else None):
+            new.append(int(tok_id[0]))
+            text = tok.decode(new)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+    except ValueError as e:
+        fail(str(e))
+    sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
