@@ -84,7 +84,7 @@ def hf_to_minigpt_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> 
             unexpected.append(key)
             continue
         if name.endswith(CONV1D):
-            t = t.t()
+            t = t.t().contiguous()  # a transposed view would make every matmul slower
         if tuple(t.shape) != tuple(expected[name]):
             bad_shape.append(f"{key}: checkpoint {list(t.shape)} vs model {list(expected[name])}")
             continue
