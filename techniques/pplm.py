@@ -79,8 +79,9 @@ from .pplm_data import (PAPER_HEADS, BagOfWords, bag_names, load_bag, load_label
                         read_paper_head)
 
 __all__ = ["PPLMConfig", "PPLMOutput", "Step", "Discriminator", "generate", "mean_hidden", "cache_features",
-           "train_discriminator", "load_discriminator", "bow_loss", "kl_divergence", "window_weights",
-           "BagOfWords", "load_bag", "bag_names"]
+           "train_discriminator", "load_discriminator", "bow_loss", "kl_divergence", "window_weights", "Context",
+           "Objective", "perturbed_loss", "perturb_past", "prompt_context", "BagOfWords", "load_bag", "bag_names",
+           "main"]
 
 SMALL_CONST = 1e-15  # the reference's guard against log(0) and division by a zero norm
 
@@ -329,6 +330,7 @@ class Objective:
     label: Optional[int] = None
     kl_scale: float = 0.01
     horizon_length: int = 1
+    detach_current: bool = True            # the current token's hidden state enters the mean as a constant (reference)
 
 
 def _stack(past) -> torch.Tensor:          # tuple of L (k, v) -> (L, 2, B, nh, T, hs)
@@ -348,7 +350,7 @@ def perturbed_loss(model: GPT, ctx: Context, delta: torch.Tensor, obj: Objective
     if obj.bags is not None:
         attr = attr + bow_loss(probs, obj.bags)
     if obj.head is not None:
-        total_h = ctx.hidden_sum + h_now.detach()                   # the reference detaches this one
+        total_h = ctx.hidden_sum + (h_now.detach() if obj.detach_current else h_now)
         soft = (probs @ model.transformer.wte.weight)[:, None]      # (B, 1, C) the soft token p̃·W_te
         past, mask = ctx.unpert_past, ctx.mask
         for _ in range(obj.horizon_length):
@@ -577,7 +579,8 @@ def _render(line, width: int, color: bool) -> str:
     return text + " " * (width - sum(len(t) for t, _ in line))
 
 
-def print_side_by_side(left: str, right: str, left_seg, right_seg, *, color: bool, file=sys.stdout):
+def print_side_by_side(left: str, right: str, left_seg, right_seg, *, color: bool, file=None):
+    file = file or sys.stdout
     width = max(20, (shutil.get_terminal_size((120, 24)).columns - 3) // 2)
     a, b = _wrap(left_seg, width), _wrap(right_seg, width)
     print(f"{left:<{width}} | {right}", file=file)
