@@ -59,11 +59,8 @@ under H_t + Δ enters the mean detached, as in the reference.
 """
 from __future__ import annotations
 
-import argparse
 import math
-import shutil
-import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -75,8 +72,7 @@ from tqdm.auto import tqdm
 from minigpt import (EOT_ID, GPT, TrainConfig, atomic_save_dir, get_tokenizer, load_tensors, read_json,
                      sample_next_token, save_tensors, train, write_json)
 
-from .pplm_data import (PAPER_HEADS, BagOfWords, bag_names, load_bag, load_labelled_tsv, paper_head_path,
-                        read_paper_head)
+from .pplm_data import PAPER_HEADS, BagOfWords, bag_names, load_bag, paper_head_path, read_paper_head
 
 __all__ = ["PPLMConfig", "PPLMOutput", "Step", "Discriminator", "generate", "mean_hidden", "cache_features",
            "train_discriminator", "load_discriminator", "bow_loss", "kl_divergence", "window_weights", "Context",
@@ -550,188 +546,11 @@ def _attribute(x, x_tilde, h_u, h_tilde, hidden_sum, count, obj):
     return z, z
 
 
-# ---- command line ----------------------------------------------------------------------------------
-def _segments(tokenizer, ids: Sequence[int], highlight: set) -> list[tuple[str, bool]]:
-    return [(tokenizer.decode([t]), t in highlight) for t in ids]
-
-
-def _wrap(segments, width: int) -> list[list[tuple[str, bool]]]:
-    """Lines of (text, highlighted) pieces no wider than width (breaking before a piece that starts a word)."""
-    lines, cur, n = [], [], 0
-    for text, hl in segments:
-        for k, part in enumerate(text.split("\n")):
-            if k:
-                lines.append(cur)
-                cur, n = [], 0
-            while part:
-                if n + len(part) > width and cur:  # start a new line; a word's leading space is dropped
-                    lines.append(cur)
-                    cur, n, part = [], 0, part.lstrip(" ")
-                    continue
-                piece = part[:width - n]
-                cur.append((piece, hl))
-                n, part = n + len(piece), part[len(piece):]
-    return lines + [cur]
-
-
-def _render(line, width: int, color: bool) -> str:
-    text = "".join(f"\033[1;31m{t}\033[0m" if (hl and color) else t for t, hl in line)
-    return text + " " * (width - sum(len(t) for t, _ in line))
-
-
-def print_side_by_side(left: str, right: str, left_seg, right_seg, *, color: bool, file=None):
-    file = file or sys.stdout
-    width = max(20, (shutil.get_terminal_size((120, 24)).columns - 3) // 2)
-    a, b = _wrap(left_seg, width), _wrap(right_seg, width)
-    print(f"{left:<{width}} | {right}", file=file)
-    print("-" * width + "-+-" + "-" * width, file=file)
-    for i in range(max(len(a), len(b))):
-        la = a[i] if i < len(a) else []
-        lb = b[i] if i < len(b) else []
-        print(_render(la, width, color) + " | " + _render(lb, width, color).rstrip(), file=file)
-
-
-def _knob_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("PPLM knobs (defaults: the reference's)")
-    d = PPLMConfig()
-    for f in fields(PPLMConfig):
-        name = "--" + f.name.replace("_", "-")
-        if f.name == "do_sample":
-            g.add_argument("--sample", dest="do_sample", action="store_true", help="sample (default: greedy)")
-        elif f.type in ("bool", bool):
-            g.add_argument(name, action="store_true", help="(default: off)")
-        elif f.name == "window_from":
-            g.add_argument(name, choices=("oldest", "recent"), default=d.window_from,
-                           help="which past positions a window moves (default: oldest, as the reference)")
-        else:
-            typ = int if f.type in ("int", int) else float
-            g.add_argument(name, type=typ, default=getattr(d, f.name), help=f"(default: {getattr(d, f.name)})")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from minigpt.cli import add_model_args
-    p = argparse.ArgumentParser(
-        prog="python -m techniques.pplm",
-        description="Steer GPT-2 with PPLM: prints unperturbed and perturbed continuations side by side. "
-                    "`python -m techniques.pplm train-discriminator --help` trains a head.")
-    p.add_argument("--prompt", default="The lake", help="text to continue (default: 'The lake'); "
-                   "<|endoftext|> is put in front, as the reference does")
-    p.add_argument("--uncond", action="store_true", help="start from <|endoftext|> alone")
-    p.add_argument("--bow", action="append", default=[], metavar="NAME|FILE",
-                   help=f"bag of words: one of {', '.join(bag_names())} or a word-list file; repeat or join with ';'")
-    p.add_argument("--bow-words", metavar="W1,W2", help="a bag given inline, comma-separated")
-    p.add_argument("--multi-token", choices=("drop", "first"), default="drop",
-                   help="words that are several tokens: drop them (reference) or score their first sub-token")
-    p.add_argument("--discrim", metavar="NAME|DIR|PT",
-                   help=f"discriminator head: {', '.join(PAPER_HEADS)} (the paper's, for gpt2-medium), "
-                        "a folder from train-discriminator, or a .pt head")
-    p.add_argument("--class-label", help="class to steer towards, by name or index")
-    p.add_argument("--length", type=int, default=100, help="tokens to generate (default: 100)")
-    p.add_argument("--num-samples", type=int, default=1, help="perturbed samples, generated as one batch")
-    p.add_argument("--no-color", action="store_true", help="never highlight bag words")
-    p.add_argument("--progress", action="store_true", help="show a progress bar")
-    add_model_args(p)
-    _knob_args(p)
-    return p
-
-
-def build_train_parser() -> argparse.ArgumentParser:
-    from minigpt.cli import add_model_args
-    p = argparse.ArgumentParser(prog="python -m techniques.pplm train-discriminator",
-                                description="Train a PPLM discriminator head on cached features of a frozen GPT-2.")
-    p.add_argument("--data", required=True, help="TSV of label<TAB>text (header optional), e.g. data/sst2/train.tsv")
-    p.add_argument("--dev", help="TSV for dev accuracy (default: hold out 10%% of --data)")
-    p.add_argument("--class-names", help="comma-separated class names in index order (e.g. negative,positive)")
-    p.add_argument("--out", required=True, help="folder for discriminator.safetensors + .json + history.json")
-    p.add_argument("--max-train", type=int, help="use only the first N training rows")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-len", type=int, default=100, help="cut texts to this many tokens (default: 100)")
-    add_model_args(p)
-    return p
-
-
-def _main_train(argv) -> int:
-    from minigpt import save_history, split_examples
-    from minigpt.cli import fail, model_from_args
-    args = build_train_parser().parse_args(argv)
-    try:
-        names = args.class_names.split(",") if args.class_names else None
-        texts, ys, names = load_labelled_tsv(args.data, names)
-        if args.max_train:
-            texts, ys = texts[:args.max_train], ys[:args.max_train]
-        if args.dev:
-            dt, dy, _ = load_labelled_tsv(args.dev, names)
-        else:
-            tr, ev = split_examples(list(zip(texts, ys)), 0.1, args.seed)
-            (texts, ys), (dt, dy) = zip(*tr), zip(*ev)
-        model = model_from_args(args)
-        cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, decay=False, seed=args.seed)
-        head, report = train_discriminator(model, list(texts), list(ys), names, eval_texts=list(dt),
-                                           eval_labels=list(dy), config=cfg, max_len=args.max_len)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
-    head.save(args.out)
-    save_history(report["history"], args.out)
-    print(f"trained on {report['n_train']} rows; dev accuracy {report['dev_accuracy']:.3f} "
-          f"on {report['n_dev']} rows; saved to {args.out}")
-    return 0
-
-
+# ---- command line (techniques/pplm_cli.py) -----------------------------------------------------------
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train-discriminator"]:
-        return _main_train(argv[1:])
-    from minigpt.cli import fail, model_from_args
-    args = build_parser().parse_args(argv)
-    tok = get_tokenizer()
-    knobs = {f.name: getattr(args, f.name) for f in fields(PPLMConfig)}
-    try:
-        if args.num_samples < 1 or args.length < 1:
-            raise ValueError("--num-samples and --length must be >= 1")
-        specs = [s for item in args.bow for s in item.split(";") if s.strip()]
-        bags = [load_bag(s.strip(), tok, multi_token=args.multi_token) for s in specs]
-        if args.bow_words:
-            bags.append(load_bag(args.bow_words.split(","), tok, multi_token=args.multi_token, name="words"))
-        head = load_discriminator(args.discrim) if args.discrim else None
-        if not bags and head is None:
-            raise ValueError("give a bag of words (--bow / --bow-words) and/or a discriminator (--discrim)")
-        PPLMConfig(**knobs)
-        model = model_from_args(args)
-        if head is not None:
-            head.check_model(model)
-            if args.class_label is None:
-                raise ValueError("--discrim needs --class-label: one of "
-                                 + ", ".join(f"{i}={c}" for i, c in enumerate(head.class_names)))
-            head.class_index(args.class_label)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
-    for b in bags:
-        print(b.summary(), file=sys.stderr)
-    if args.num_samples > 1 and not args.do_sample:
-        print("note: greedy decoding makes every sample the same; add --sample for different ones", file=sys.stderr)
-    prompt = [EOT_ID] + ([] if args.uncond else tok.encode(args.prompt))
-    ids = torch.tensor([prompt] * args.num_samples, device=model.device)
-    run = dict(bow=bags or None, discriminator=head, class_label=args.class_label, max_new_tokens=args.length,
-               progress=args.progress)
-    plain = generate(model, ids, **run, generator=torch.Generator(model.device).manual_seed(args.seed),
-                     **{**knobs, "stepsize": 0.0})
-    pert = generate(model, ids, **run, generator=torch.Generator(model.device).manual_seed(args.seed), **knobs)
-    color = sys.stdout.isatty() and not args.no_color
-    hl = set().union(*(b.token_ids for b in bags)) if bags else set()
-    print("prompt:", tok.decode(prompt[1:]) if not args.uncond else "<|endoftext|>")
-    for r in range(args.num_samples):
-        a, b = plain.sequences[r, len(prompt):].tolist(), pert.sequences[r, len(prompt):].tolist()
-        share = lambda s: sum(t in hl for t in s) / max(1, len(s))
-        if bags:
-            label = f" (bag tokens {share(a):.0%} | {share(b):.0%})"
-        else:
-            label = (f" (p({args.class_label}) at the end: {plain.steps[-1].attribute_before[r]:.3f} | "
-                     f"{pert.steps[-1].attribute_after[r]:.3f})")
-        print(f"\n== sample {r + 1}{label}")
-        print_side_by_side("unperturbed", "perturbed (PPLM)", _segments(tok, a, hl), _segments(tok, b, hl), color=color)
-    return 0
+    """python -m techniques.pplm ... (see pplm_cli.py)."""
+    from .pplm_cli import main as cli_main
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
