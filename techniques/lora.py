@@ -412,6 +412,15 @@ def _check_peft_config(cfg: dict, path: Path) -> None:
         raise ValueError(f"{path}: {e}") from None
 
 
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; a LoRA adapter folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        return load_tensors(path)
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+
+
 def _check_tensors(model: nn.Module, names: list[str], tensors: dict, r: int, path: Path) -> None:
     """Before touching the model: each target has its A [r, in] and B [out, r], and nothing is left over."""
     left = set(tensors)
@@ -444,7 +453,7 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
                          "re-save it in peft with save_pretrained(..., safe_serialization=True)")
     cfg = read_json(directory / CONFIG_FILE)
     _check_peft_config(cfg, directory / CONFIG_FILE)
-    tensors = load_tensors(directory / WEIGHTS_FILE)
+    tensors = _read_weights(directory / WEIGHTS_FILE)
     targets = cfg["target_modules"] if isinstance(cfg["target_modules"], str) else sorted(cfg["target_modules"])
     _check_tensors(model, _find_targets(model, targets), tensors, cfg["r"], directory / WEIGHTS_FILE)
     apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
@@ -506,7 +515,8 @@ def _train_command(args) -> None:
         raise ValueError(f"--block-size {args.block_size} exceeds the model's n_positions {model.config.n_positions}")
     apply_lora(model, r=args.r, alpha=args.alpha, dropout=args.dropout,
                targets=[t.strip() for t in args.targets.split(",") if t.strip()], qkv=args.qkv, rslora=args.rslora)
-    train_set, eval_set = split_examples(examples, args.eval_fraction if len(examples) > 1 else 0.0, args.seed)
+    # split_examples holds out at least one example; --eval-fraction 0 means none
+    train_set, eval_set = split_examples(examples, args.eval_fraction, args.seed) if args.eval_fraction else (examples, [])
     lm_loss = lm_loss_fn(model)
 
     def loss_fn(batch):

@@ -425,6 +425,11 @@ def test_adapter_file_problems(folder, good_adapter, tmp_path):
     (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")
     with pytest.raises(ValueError, match="pickled"):
         load_adapter(model, d)
+    (d / "adapter_model.bin").rename(d / "adapter_model.safetensors")
+    (d / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_adapter(model, d)
+    (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")
     (d / "adapter_config.json").write_text("{not json")
     (d / "adapter_model.bin").rename(d / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="not valid JSON"):
@@ -530,6 +535,17 @@ def test_cli_failed_run_leaves_no_adapter(full_folder, tmp_path, capsys):
     code, _, err = run_cli(cli_args(data, folder, out, "--lr", "1e30", "--max-steps", "6"), capsys)
     assert code == 2 and "lower the learning rate" in err and "nothing was saved" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_eval_fraction_zero_trains_on_everything(full_folder, tmp_path, capsys, tokenizer):
+    data = tmp_path / "text.txt"
+    data.write_text("a few plain words, said again and again. " * 20)
+    code, _, err = run_cli(cli_args(data, full_folder, tmp_path / "out", "--eval-fraction", "0", "--batch-size", "1",
+                                    "--eval-every", "1"), capsys)
+    assert code == 0, err
+    history = json.loads((tmp_path / "out" / "history.json").read_text())["history"]
+    assert len(history) == len(tokenizer.encode(data.read_text())) // 16  # every block, one per step
+    assert not any("eval_loss" in h for h in history)
 
 
 def test_cli_help(capsys):
