@@ -117,7 +117,8 @@ class PrefixTuning(nn.Module):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         cfg, P = self.config, self.num_virtual_tokens
         t = self.table().unsqueeze(0).expand(batch_size, -1, -1)           # (B, P, 2·L·d), no copy
-        t = self.dropout(t)                                                # a separate mask per row
+        if self.dropout.p > 0:
+            t = self.dropout(t)                                            # a separate mask per row
         t = t.reshape(batch_size, P, 2 * cfg.n_layer, cfg.n_head, cfg.head_dim)  # (B, P, 2L, H, hd)
         t = t.permute(2, 0, 3, 1, 4)                                       # (2L, B, H, P, hd)
         return tuple((t[2 * i], t[2 * i + 1]) for i in range(cfg.n_layer))

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -367,3 +371,22 @@ def test_train_cli_help(capsys):
     for opt in ("--data", "--num-virtual-tokens", "--projection", "--hidden", "--out", "--device", "--seed",
                 "--init-text", "--resume"):
         assert opt in out
+
+
+def test_minigpt_generate_runs_a_saved_prefix(tiny_hf, tmp_path, tokenizer):
+    """`python -m minigpt generate --prefix DIR` prints what generate gives with our prefix."""
+    _, ours, folder = tiny_hf
+    torch.manual_seed(0)
+    prefix = PrefixTuning(ours.config, P)
+    with torch.no_grad():
+        prefix.embedding.weight.mul_(4)
+    save_adapter(prefix, tmp_path)
+    r = subprocess.run([sys.executable, "-m", "minigpt", "generate", "The dog", "--weights", str(folder), "--prefix",
+                        str(tmp_path), "--greedy", "--max-new-tokens", "8", "--device", "cpu"],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    ids = torch.tensor([tokenizer.encode("The dog")])
+    want = generate(ours, ids, past_key_values=prefix.past_key_values(1), max_new_tokens=8)
+    assert r.stdout == tokenizer.decode(want[0]) + "\n"
+    assert not torch.equal(want, generate(ours, ids, max_new_tokens=8)), "the prefix should change the text"

@@ -1,0 +1,147 @@
+"""Prefix tuning: minigpt against peft on the same random GPT-2 124M weights, in one run.
+
+    python benchmarks/bench_prefix.py [--quick] [--threads N] [--device cpu]
+
+1. A training step (forward + backward + AdamW on the prefix only, the model
+   frozen) for a batch of right-padded examples, ours and peft's, for both
+   parameterisations; the ratio is peft's time / ours (target >= 1.2x).
+2. Greedy generation with minigpt, with a prefix and without one (target:
+   the prefix costs <= 5% more time).
+Before timing, it checks that both sides compute the same thing on these
+weights and prints the largest logit and gradient differences.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minigpt import GPT, causal_lm_loss, generate  # noqa: E402
+from techniques.prefix import PrefixTuning  # noqa: E402
+
+
+def timed_pair(fa, fb, repeats: int, sync) -> tuple[float, float]:
+    """Median seconds of fa and of fb, measured alternately (a, b, a, b, ...) after a warm-up
+    of each, so a busy machine slows both alike."""
+    for f in (fa, fb, fa, fb):
+        f()
+    sync()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for f, times in ((fa, ta), (fb, tb)):
+            t = time.perf_counter()
+            f()
+            sync()
+            times.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def make_batch(B: int, T: int, device, seed: int = 0):
+    """Right-padded rows of lengths T, T-4, ...: ids, attention mask, loss mask (the way collate_lm pads)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50257, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b in range(B):
+        mask[b, max(2, T - 4 * b):] = 0
+    ids = ids.masked_fill(mask == 0, 50256)
+    return ids.to(device), mask.to(device), mask.clone().to(device)
+
+
+def twins(folder, ours, P, projection, hidden, device):
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel.from_pretrained(folder).to(device).eval()
+    torch.manual_seed(0)
+    pm = get_peft_model(hf, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
+                                               prefix_projection=projection, encoder_hidden_size=hidden))
+    prefix = PrefixTuning(ours.config, P, projection=projection, hidden_size=hidden).to(device)
+    prefix.load_state_dict(pm.prompt_encoder["default"].state_dict())
+    return pm, prefix
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="batch 2 x 32, 16 new tokens (a few minutes on 2 busy cores)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--num-virtual-tokens", type=int, default=10)
+    p.add_argument("--hidden", type=int, default=512, help="MLP width for the projection rows")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    B, T, repeats, new = (2, 32, 5, 16) if args.quick else (8, 128, 7, 64)
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.manual_seed(args.seed)
+    folder = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)  # random weights, the 124M shape
+    ours = GPT.from_pretrained(str(folder), device=device).eval().requires_grad_(False)
+    P = args.num_virtual_tokens
+    ids, mask, loss_mask = make_batch(B, T, device, args.seed)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    print(f"GPT-2 124M shape, random weights, {device}, {args.threads} threads; P={P}, batch {B} x {T} (right-padded)")
+    rows = []
+    for projection in (False, True):
+        pm, prefix = twins(folder, ours, P, projection, args.hidden, device)
+        name = "projection" if projection else "direct"
+
+        def step_ours(opt=torch.optim.AdamW(prefix.parameters(), lr=1e-5)):
+            past, m = prefix.inputs_for(ids, mask)
+            loss = causal_lm_loss(ours(ids, past_key_values=past, attention_mask=m).logits, ids, loss_mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss
+
+        def step_peft(opt=torch.optim.AdamW([q for q in pm.parameters() if q.requires_grad], lr=1e-5)):
+            loss = causal_lm_loss(pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits, ids, loss_mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss
+
+        # same numbers first (one step's gradients, before any update)
+        prefix.zero_grad(), pm.zero_grad()
+        past, m = prefix.inputs_for(ids, mask)
+        lo = ours(ids, past_key_values=past, attention_mask=m).logits
+        lp = pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        d_logits = ((lo - lp).abs() * mask[..., None]).max().item()
+        causal_lm_loss(lo, ids, loss_mask).backward()
+        causal_lm_loss(lp, ids, loss_mask).backward()
+        theirs = dict(pm.prompt_encoder["default"].named_parameters())
+        d_grad = max((q.grad - theirs[n].grad).abs().max().item() for n, q in prefix.named_parameters())
+        print(f"  {name}: max |logits ours - peft| = {d_logits:.2e}, max |grad ours - peft| = {d_grad:.2e}")
+
+        t_ours, t_peft = timed_pair(step_ours, step_peft, repeats, sync)
+        rows.append((f"train step, {name} (ms)", 1e3 * t_ours, 1e3 * t_peft, t_peft / t_ours, "peft / ours, >= 1.2"))
+        del pm
+
+    prefix = PrefixTuning(ours.config, P).to(device).eval()
+    prompt = ids[:1, :16]
+    with torch.inference_mode():
+        t_pref, t_plain = timed_pair(
+            lambda: generate(ours, prompt, max_new_tokens=new, past_key_values=prefix.past_key_values(1)),
+            lambda: generate(ours, prompt, max_new_tokens=new), repeats, sync)
+    rows.append((f"generate 16+{new}, with prefix vs without (ms)", 1e3 * t_pref, 1e3 * t_plain,
+                 t_pref / t_plain, "with / without, <= 1.05"))
+
+    w = max(len(r[0]) for r in rows)
+    print(f"\n| {'measure'.ljust(w)} | ours / with | peft / without | ratio | target |")
+    print(f"|{'-' * (w + 2)}|------------:|---------------:|------:|--------|")
+    for label, a, b, ratio, target in rows:
+        print(f"| {label.ljust(w)} | {a:11.1f} | {b:14.1f} | {ratio:5.2f} | {target} |")
+
+
+if __name__ == "__main__":
+    main()
