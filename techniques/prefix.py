@@ -155,7 +155,7 @@ class PrefixTuning(nn.Module):
     def fold(self) -> "PrefixTuning":
         """A direct copy holding just P_theta = MLP(P'_theta): equal logits, no MLP at inference."""
         folded = PrefixTuning(self.config, self.num_virtual_tokens, projection=False,
-                              dropout=self.dropout.p).to(self.embedding.weight.device)
+                              dropout=self.dropout.p).to(self.embedding.weight)  # same device and dtype
         folded.embedding.weight.copy_(self.table())
         return folded
 
@@ -168,6 +168,14 @@ class PrefixTuning(nn.Module):
             raise ValueError(f"prefix table has shape {list(table.shape)}, expected [P, 2·L·d] = {list(want)}")
         with torch.no_grad():
             self.embedding.weight.copy_(table)
+
+
+def _place(prefix: PrefixTuning, model_or_config) -> PrefixTuning:
+    """On the model's device and in its dtype (a config leaves it on the CPU, float32)."""
+    if isinstance(model_or_config, GPT):
+        w = model_or_config.transformer.wte.weight
+        return prefix.to(device=w.device, dtype=w.dtype)
+    return prefix
 
 
 def _config_of(model_or_config: Union[GPT, GPTConfig]) -> GPTConfig:
@@ -187,16 +195,17 @@ def past_to_table(past: PastKeyValues) -> torch.Tensor:
 
 
 def init_from_text(model: GPT, words: Union[str, Sequence[int]], *, projection: bool = False, hidden_size: int = 512,
-                   dropout: float = 0.0, fit_steps: int = 1000, lr: float = 1e-3, progress: bool = False
-                   ) -> PrefixTuning:
+                   dropout: float = 0.0, fit_steps: int = 1000, lr: float = 1e-3, rel_tol: float = 1e-4,
+                   progress: bool = False) -> PrefixTuning:
     """The paper's low-data initialisation (section 7.2): start from the frozen model's
     own keys and values for real words such as "summarize" or "table-to-text:".
 
     P is the number of tokens in `words` (text, through the GPT-2 tokenizer, or ids).
     Direct: P_theta is exactly those keys/values, so the prefix starts out as that
     prompt. Reparametrised: P'_theta is the words' token embeddings and the MLP is
-    first fitted to the keys/values by MSE (Adam, `fit_steps` steps); the final MSE
-    is kept as `prefix.init_mse`.
+    first fitted to the keys/values by MSE (Adam, at most `fit_steps` steps, stopping
+    once the MSE is below rel_tol · mean(target²)); the final MSE is kept as
+    `prefix.init_mse`.
     """
     ids = get_tokenizer().encode(words) if isinstance(words, str) else list(words)
     if not ids:
@@ -209,16 +218,19 @@ def init_from_text(model: GPT, words: Union[str, Sequence[int]], *, projection: 
         target = past_to_table(model(x).past_key_values)  # (P, 2·L·d)
         words_embd = model.transformer.wte(x)[0]          # (P, d)
     model.train(was_training)
-    prefix = PrefixTuning(model.config, len(ids), projection=projection, hidden_size=hidden_size,
-                          dropout=dropout).to(dev)
+    prefix = _place(PrefixTuning(model.config, len(ids), projection=projection, hidden_size=hidden_size,
+                                 dropout=dropout), model)
     if not projection:
         prefix.load_table_(target)
         return prefix
     with torch.no_grad():
         prefix.embedding.weight.copy_(words_embd)
     opt = torch.optim.Adam(prefix.parameters(), lr=lr)
+    good_enough = rel_tol * target.pow(2).mean().item()
     for _ in tqdm(range(fit_steps), desc="fit prefix MLP", disable=not progress):
         loss = (prefix.table() - target).pow(2).mean()
+        if loss.item() < good_enough:
+            break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -299,9 +311,7 @@ def load_adapter(model_or_config: Union[GPT, GPTConfig], directory: Union[str, o
         raise ValueError(f"{d / ADAPTER_WEIGHTS} has no {PEFT_KEY!r} tensor (found {sorted(tensors)})")
     prefix = PrefixTuning(cfg, P)
     prefix.load_table_(tensors[PEFT_KEY].float())
-    if isinstance(model_or_config, GPT):
-        prefix = prefix.to(model_or_config.device)
-    return prefix
+    return _place(prefix, model_or_config)
 
 
 # ---- the full checkpoint (with the MLP), for resuming training -------------------------------
@@ -331,9 +341,7 @@ def load_checkpoint(model_or_config: Union[GPT, GPTConfig], directory: Union[str
         raise ValueError(f"{d / CHECKPOINT_WEIGHTS} does not match its config: missing {sorted(missing)}, "
                          f"unexpected {sorted(unexpected)}")
     prefix.load_state_dict(state)
-    if isinstance(model_or_config, GPT):
-        prefix = prefix.to(model_or_config.device)
-    return prefix
+    return _place(prefix, model_or_config)
 
 
 # ---- training ----------------------------------------------------------------------------
@@ -396,8 +404,8 @@ def _new_prefix(args, model: GPT) -> PrefixTuning:
     if args.init_text:
         return init_from_text(model, args.init_text, projection=args.projection, hidden_size=args.hidden,
                               dropout=args.dropout, progress=not args.no_progress)
-    return PrefixTuning(model.config, args.num_virtual_tokens, projection=args.projection,
-                        hidden_size=args.hidden, dropout=args.dropout).to(model.device)
+    return _place(PrefixTuning(model.config, args.num_virtual_tokens, projection=args.projection,
+                               hidden_size=args.hidden, dropout=args.dropout), model)
 
 
 def cmd_train(args) -> int:

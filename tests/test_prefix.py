@@ -138,6 +138,11 @@ def test_init_from_words_with_projection_fits_the_mlp(tiny_hf, tokenizer):
     proj = init_from_text(model, "table-to-text:", projection=True, hidden_size=64, fit_steps=200, lr=1e-2)
     assert proj.num_virtual_tokens == direct.num_virtual_tokens == len(tokenizer.encode("table-to-text:"))
     assert proj.init_mse < 1e-3 * direct.table().pow(2).mean().item()
+    y = torch.tensor([[464, 3290]])
+    with torch.no_grad():
+        a = model(y, past_key_values=proj.past_key_values(1)).logits
+        b = model(y, past_key_values=direct.past_key_values(1)).logits
+    assert (a - b).abs().max().item() < 0.05  # starts out (nearly) as reading the words
 
 
 # ---- against peft ----------------------------------------------------------------------------
