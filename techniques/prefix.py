@@ -53,8 +53,8 @@ from minigpt import (GPT, GPTConfig, PastKeyValues, TrainConfig, atomic_save_dir
                      load_lm_data, load_tensors, read_json, save_history, save_tensors, split_examples, train,
                      write_json)
 
-__all__ = ["PrefixTuning", "init_from_text", "save_adapter", "load_adapter", "save_checkpoint", "load_checkpoint",
-           "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
+__all__ = ["PrefixTuning", "init_from_text", "train_prefix", "save_adapter", "load_adapter", "save_checkpoint",
+           "load_checkpoint", "past_to_table", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

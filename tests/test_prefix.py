@@ -378,20 +378,30 @@ def test_train_cli_help(capsys):
         assert opt in out
 
 
-def test_minigpt_generate_runs_a_saved_prefix(tiny_hf, tmp_path, tokenizer):
-    """`python -m minigpt generate --prefix DIR` prints what generate gives with our prefix."""
-    _, ours, folder = tiny_hf
+def test_minigpt_generate_runs_a_saved_prefix_with_lora(tiny_hf, tmp_path, tokenizer):
+    """`python -m minigpt generate --lora A --prefix B` prints what the library gives with both applied."""
+    import copy
+    from techniques.lora import apply_lora, save_adapter as save_lora
+    _, base, folder = tiny_hf
     torch.manual_seed(0)
-    prefix = PrefixTuning(ours.config, P)
+    prefix = PrefixTuning(base.config, P)
     with torch.no_grad():
         prefix.embedding.weight.mul_(4)
-    save_adapter(prefix, tmp_path)
-    r = subprocess.run([sys.executable, "-m", "minigpt", "generate", "The dog", "--weights", str(folder), "--prefix",
-                        str(tmp_path), "--greedy", "--max-new-tokens", "8", "--device", "cpu"],
+    save_adapter(prefix, tmp_path / "prefix")
+    adapted = apply_lora(copy.deepcopy(base), r=4, alpha=8, verbose=False)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if name.endswith(".B"):
+                p.normal_(0, 0.5)  # B = 0 would make LoRA a no-op
+    save_lora(adapted, tmp_path / "lora")
+    r = subprocess.run([sys.executable, "-m", "minigpt", "generate", "The dog", "--weights", str(folder),
+                        "--lora", str(tmp_path / "lora"), "--prefix", str(tmp_path / "prefix"), "--greedy",
+                        "--max-new-tokens", "8", "--device", "cpu"],
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert r.returncode == 0, r.stderr
     ids = torch.tensor([tokenizer.encode("The dog")])
-    want = generate(ours, ids, past_key_values=prefix.past_key_values(1), max_new_tokens=8)
-    assert r.stdout == tokenizer.decode(want[0]) + "\n"
-    assert not torch.equal(want, generate(ours, ids, max_new_tokens=8)), "the prefix should change the text"
+    both = generate(adapted, ids, past_key_values=prefix.past_key_values(1), max_new_tokens=8)
+    assert r.stdout == tokenizer.decode(both[0]) + "\n"
+    assert not torch.equal(both, generate(base, ids, past_key_values=prefix.past_key_values(1), max_new_tokens=8))
+    assert not torch.equal(both, generate(adapted, ids, max_new_tokens=8))
