@@ -407,6 +407,8 @@ def _as_bags(bow, tokenizer, V, device, dtype) -> tuple[list[BagOfWords], Option
     bags = [b if isinstance(b, BagOfWords) else load_bag(b, tokenizer) for b in items]
     M = torch.zeros(len(bags), V, dtype=dtype, device=device)
     for i, b in enumerate(bags):
+        if max(b.token_ids) >= V:
+            raise ValueError(f"bag {b.name!r} holds token id {max(b.token_ids)}, outside this model's vocabulary of {V}")
         M[i, b.token_ids] = 1
     return bags, M
 
@@ -419,7 +421,8 @@ def generate(model: GPT, input_ids: torch.Tensor, *, bow=None, discriminator: Op
     """PPLM decoding of every row of input_ids [B, T] (rows are independent samples).
 
     bow: a bag name, file, BagOfWords, or a list of them (their losses add).
-    discriminator + class_label: a head and the class to steer towards (name or index).
+    discriminator + class_label: a head and the class to steer towards (name or index); the head
+    is moved to the model's device and dtype.
     knobs: the PPLMConfig fields (stepsize, num_iterations, ...). Sampling draws from
     `generator` exactly as minigpt.generate does. Returns tokens and per-step diagnostics."""
     cfg = PPLMConfig(**knobs)
