@@ -334,7 +334,9 @@ def _stack(past) -> torch.Tensor:          # tuple of L (k, v) -> (L, 2, B, nh, 
 
 
 def _unstack(P: torch.Tensor) -> tuple:
-    return tuple((P[l, 0], P[l, 1]) for l in range(P.size(0)))
+    # unbind, not indexing: its backward stacks the layers' gradients once, where
+    # each P[l, 0] would fill a zero tensor the size of all of P
+    return tuple(tuple(layer.unbind(0)) for layer in P.unbind(0))
 
 
 def perturbed_loss(model: GPT, ctx: Context, delta: torch.Tensor, obj: Objective):
@@ -417,8 +419,11 @@ def generate(model: GPT, input_ids: torch.Tensor, *, bow=None, discriminator: Op
              class_label: Union[int, str, None] = None, attention_mask: Optional[torch.Tensor] = None,
              max_new_tokens: int = 100, generator: Optional[torch.Generator] = None,
              eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None, progress: bool = False,
-             **knobs) -> PPLMOutput:
+             num_samples: int = 1, **knobs) -> PPLMOutput:
     """PPLM decoding of every row of input_ids [B, T] (rows are independent samples).
+
+    num_samples > 1 reads each prompt once and then decodes num_samples rows per prompt in one
+    batch (output rows r·num_samples ... r·num_samples + num_samples - 1 continue prompt r).
 
     bow: a bag name, file, BagOfWords, or a list of them (their losses add).
     discriminator + class_label: a head and the class to steer towards (name or index); the head
@@ -428,6 +433,8 @@ def generate(model: GPT, input_ids: torch.Tensor, *, bow=None, discriminator: Op
     cfg = PPLMConfig(**knobs)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
         raise ValueError("input_ids must be a non-empty LongTensor [batch, seq]")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     B, T = input_ids.shape
     dev, dtype, V = model.device, model.transformer.wte.weight.dtype, model.config.vocab_size
     bags, M = _as_bags(bow, get_tokenizer(), V, dev, dtype)
@@ -453,7 +460,7 @@ def generate(model: GPT, input_ids: torch.Tensor, *, bow=None, discriminator: Op
         with torch.no_grad():
             obj = Objective(M, discriminator, label, cfg.kl_scale, cfg.horizon_length)
             out = _decode(model, input_ids.to(dev), _full_mask(attention_mask, B, T, dev), cfg, obj,
-                          max_new_tokens, generator, eos_token_id, pad_token_id, progress)
+                          max_new_tokens, generator, eos_token_id, pad_token_id, progress, num_samples)
             out.bags = bags
             return out
     finally:
@@ -477,10 +484,14 @@ def prompt_context(model: GPT, input_ids: torch.Tensor, attention_mask: Optional
     return Context(input_ids[:, -1:], prev, mask, x.softmax(-1), unpert, hidden_sum, count)
 
 
-def _decode(model, ids, mask, cfg, obj, max_new_tokens, generator, eos, pad, progress):
-    B, T = ids.shape
+def _decode(model, ids, mask, cfg, obj, max_new_tokens, generator, eos, pad, progress, num_samples=1):
     L = model.config.n_layer
     x, h_u, unpert, hidden_sum, count = _prompt_pass(model, ids, mask)  # p's logits, current token's hidden
+    if num_samples > 1:  # every sample of a prompt starts from the same prompt pass
+        rep = lambda t: None if t is None else t.repeat_interleave(num_samples, dim=0)
+        ids, mask, x, h_u, hidden_sum, count = map(rep, (ids, mask, x, h_u, hidden_sum, count))
+        unpert = tuple((rep(k), rep(v)) for k, v in unpert)
+    B, T = ids.shape
     P = None                    # perturbed past before the current token; None while it equals the unperturbed
     last, prev_unpert = ids[:, -1:], tuple((k[:, :, :-1], v[:, :, :-1]) for k, v in unpert)
     real = torch.ones_like(ids) if mask is None else mask

@@ -180,9 +180,9 @@ def main(argv=None) -> int:
     if args.num_samples > 1 and not args.do_sample:
         print("note: greedy decoding makes every sample the same; add --sample for different ones", file=sys.stderr)
     prompt = [EOT_ID] + ([] if args.uncond else tok.encode(args.prompt))
-    ids = torch.tensor([prompt] * args.num_samples, device=model.device)
+    ids = torch.tensor([prompt], device=model.device)
     run = dict(bow=bags or None, discriminator=head, class_label=args.class_label, max_new_tokens=args.length,
-               progress=args.progress)
+               progress=args.progress, num_samples=args.num_samples)
     plain = generate(model, ids, **run, generator=torch.Generator(model.device).manual_seed(args.seed),
                      **{**knobs, "stepsize": 0.0})
     pert = generate(model, ids, **run, generator=torch.Generator(model.device).manual_seed(args.seed), **knobs)

@@ -421,3 +421,13 @@ def test_cli_train_discriminator(saved_small, tmp_path, capsys):
     assert rc == 0 and "dev accuracy" in capsys.readouterr().out
     head = pplm.load_discriminator(tmp_path / "head")
     assert head.class_names == ["neg", "pos"] and (tmp_path / "head" / "history.json").is_file()
+
+
+def test_num_samples_reads_the_prompt_once(tiny64):
+    """num_samples=k continues each prompt k times from one prompt pass: the same as repeating the rows."""
+    ids = torch.tensor([[50256, 464, 13546], [50256, 40, 257]])
+    kw = dict(bow="science", max_new_tokens=3, stepsize=0.05, do_sample=True)
+    a = pplm.generate(tiny64, ids, num_samples=3, generator=torch.Generator().manual_seed(5), **kw)
+    b = pplm.generate(tiny64, ids.repeat_interleave(3, 0), generator=torch.Generator().manual_seed(5), **kw)
+    assert a.sequences.shape == (6, 6) and torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(a.stacked("loss"), b.stacked("loss"))
