@@ -4,13 +4,14 @@ Dathathri et al., "Plug and Play Language Models" (ICLR 2020). The language
 model p(x) stays frozen; an attribute model p(a|x) (a bag of words, or a linear
 discriminator on the mean hidden state) says how well the next token fits the
 attribute, and its gradient nudges the past H_t (every layer's keys and values)
-before each token is drawn. The paper's Eq. 3-5, per generated token:
+before each token is drawn. Per generated token (the update of step 2 is the
+paper's Eq. 3, written as descent on -log p(a|x) plus the KL term):
 
   1. Run the unperturbed model on the last token: p = p(x_{t+1} | H_t).
   2. Start from Δ = 0 and repeat num_iterations times:
        p̃    = softmax(logits of the last token under H_t + Δ)
        L    = attribute loss(p̃) + kl_scale · KL(p̃ || p)
-              BoW:    -log Σ_{w in bag} p̃(w), summed over bags          (Eq. 2 of the paper)
+              BoW:    -log Σ_{w in bag} p̃(w), summed over bags
               discr.: CE(head(mean of ln_f hidden states, with horizon_length soft tokens p̃·W_te)), class)
        g    = ∂L/∂Δ · window mask       (only the window of past positions moves; optional linear decay)
        Δ   -= stepsize · g / ‖g‖^gamma, the norm taken per layer over keys and values together;
@@ -28,7 +29,8 @@ Where this differs from the reference, and why:
 - KV cache. The reference recomputes the unperturbed model on the whole sequence at
   every token (O(n²)); here an unperturbed cache is carried beside the perturbed one,
   so each token costs 2 one-token forwards + num_iterations × (forward + backward).
-- Batches. Rows are independent samples (or prompts, left-padded with a mask). Every
+- Batches. Rows are independent samples (or prompts, left-padded with a mask), and
+  num_samples continues each prompt several times from one prompt pass. Every
   per-sample quantity of the reference is per row here: the BoW loss (the reference
   sums probabilities over the batch inside the log), the gradient norms (and their
   running max), the window, the discriminator's mean (over each row's real tokens).
@@ -175,16 +177,19 @@ def cache_features(model: GPT, texts: Sequence[str], *, batch_size: int = 32, ma
     """The frozen model's mean hidden state of "<|endoftext|>" + text for each text, (N, C), on the CPU.
     Like the reference's training script, the end-of-text token leads (generation prompts start
     with it too); texts longer than max_len tokens are cut (the reference skips them)."""
-    tok, out = get_tokenizer(), []
-    for i in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="features", unit="batch"):
-        rows = [[EOT_ID] + tok.encode(t)[:max_len - 1] for t in texts[i:i + batch_size]]
-        T = max(map(len, rows))
-        ids = torch.full((len(rows), T), EOT_ID, dtype=torch.long)
+    tok = get_tokenizer()
+    seqs = [[EOT_ID] + tok.encode(t)[:max_len - 1] for t in texts]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of similar length: little padding
+    out = torch.empty(len(seqs), model.config.n_embd)
+    for i in tqdm(range(0, len(seqs), batch_size), disable=not progress, desc="features", unit="batch"):
+        idx = order[i:i + batch_size]
+        T = max(len(seqs[j]) for j in idx)
+        ids = torch.full((len(idx), T), EOT_ID, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for r, row in enumerate(rows):  # left-padded
-            ids[r, T - len(row):], mask[r, T - len(row):] = torch.tensor(row), 1
-        out.append(mean_hidden(model, ids.to(model.device), mask.to(model.device)).float().cpu())
-    return torch.cat(out)
+        for r, j in enumerate(idx):  # left-padded
+            ids[r, T - len(seqs[j]):], mask[r, T - len(seqs[j]):] = torch.tensor(seqs[j]), 1
+        out[idx] = mean_hidden(model, ids.to(model.device), mask.to(model.device)).float().cpu()
+    return out
 
 
 def train_discriminator(model: GPT, texts: Sequence[str], labels: Sequence[int], class_names: Sequence[str], *,
