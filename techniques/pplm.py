@@ -281,6 +281,9 @@ class PPLMConfig:
                   ("horizon_length", self.horizon_length >= 1, ">= 1"), ("grad_length", self.grad_length >= 0, ">= 0"),
                   ("temperature", self.temperature >= 0, ">= 0 (0 = greedy)"), ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
                   ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 = off)")]
+        for name in ("num_iterations", "window_length", "horizon_length", "grad_length", "top_k"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"PPLM knob {name} must be an integer, got {getattr(self, name)!r}")
         for name, ok, want in checks:
             if not ok or (isinstance(getattr(self, name), float) and not math.isfinite(getattr(self, name))):
                 raise ValueError(f"PPLM knob {name} must be {want}, got {getattr(self, name)!r}")

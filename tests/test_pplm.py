@@ -366,7 +366,8 @@ def test_bag_errors(tmp_path, tok):
 def test_knob_and_input_errors(small):
     ids = torch.tensor([[1, 2]])
     for knob, value in [("gm_scale", 1.5), ("stepsize", -1), ("horizon_length", 0), ("top_k", -1),
-                        ("window_from", "middle"), ("repetition_penalty", 0), ("kl_scale", float("nan"))]:
+                        ("window_from", "middle"), ("repetition_penalty", 0), ("kl_scale", float("nan")),
+                        ("num_iterations", 2.5)]:
         with pytest.raises(ValueError, match=knob):
             pplm.generate(small, ids, bow="space", **{knob: value})
     with pytest.raises(ValueError, match="needs an attribute model"):
