@@ -425,7 +425,7 @@ def cmd_train(args) -> int:
                           warmup_steps=args.warmup_steps, eval_every=args.eval_every, seed=args.seed,
                           progress=not args.no_progress)
         history = train_prefix(model, prefix, train_ex, eval_examples=eval_ex, config=cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
         fail(str(e))
     out = Path(args.out)
     save_adapter(prefix, out, base_model_name_or_path=args.weights or args.model)
