@@ -5,12 +5,12 @@
 1. One training step (forward, backward, AdamW on A and B only; r=8 on c_attn,
    batch 8 x 128 by default), each side's natural path: minigpt's `lm_loss_fn`
    on our model with `apply_lora`, and `PeftModel(input_ids, attention_mask,
-   labels)` on transformers' GPT2LMHeadModel. Reported: median seconds per step,
-   steps/s, the ratio ours / peft (target >= 1.2x) and the peak memory a step
-   adds above the loaded model (target: ours <= peft). Each side runs in its own
-   subprocess so one side's allocations cannot count against the other; on CPU
-   the peak is the resident set sampled every millisecond during the steps, on
-   CUDA it is torch's max_memory_allocated.
+   labels)` on transformers' GPT2LMHeadModel. Both live in this process and
+   their steps alternate, so a busy machine slows both alike. Reported: median
+   seconds per step, steps/s, the ratio (peft's time / ours; target >= 1.2x),
+   and the peak memory one step adds above the loaded model (target: ours <=
+   peft), measured for each side alone in a subprocess: on CPU the resident set
+   sampled every millisecond, on CUDA torch's max_memory_allocated.
 2. Greedy decoding with minigpt: the base model, the model with LoRA unmerged,
    and after `merge_lora` (target: merged runs at base-model speed, ratio ~1.0).
 Before timing, both sides are checked to compute the same loss on these weights.
@@ -77,74 +77,94 @@ class PeakMemory:
             self.thread.join()
 
 
-def time_steps(step, n: int, device) -> tuple[float, int]:
-    """(median seconds per step, peak extra bytes) over n steps, after one warm-up step."""
-    step()
+def timed(fn, n: int, device) -> float:
+    """Median seconds of n calls, after one warm-up call."""
+    fn()
     sync(device)
     times = []
-    with PeakMemory(device) as mem:
-        for _ in range(n):
-            t = time.perf_counter()
-            step()
-            sync(device)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times), mem.peak
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
-# ---- the two sides (each runs in its own process) --------------------------------------
+# ---- the two sides -----------------------------------------------------------------------
 def batch(args, device):
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, 50257, (args.batch_size, args.seq_len), generator=g).to(device)
     return ids, torch.ones_like(ids)
 
 
-def worker_minigpt(args, device) -> dict:
+def minigpt_side(args, device):
+    """(training step, loss at the start) for our model with apply_lora, through minigpt's lm_loss_fn."""
     model = GPT.from_pretrained(args.weights, device=device)
     apply_lora(model, r=args.r, alpha=2 * args.r, targets=("c_attn",), verbose=False)
-    model.train()
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
     ids, mask = batch(args, device)
     loss_fn = lm_loss_fn(model)
     data = {"input_ids": ids, "attention_mask": mask, "loss_mask": mask}
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(data)
-        loss.backward()
-        opt.step()
-        return loss
-
-    model.eval()
     with torch.no_grad():
         first_loss = loss_fn(data).item()
     model.train()
-    sec, peak = time_steps(step, args.steps, device)
-    return {"sec": sec, "peak": peak, "loss": first_loss, **decode_speeds(args, device)}
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(data).backward()
+        opt.step()
+    return step, first_loss
 
 
-def worker_peft(args, device) -> dict:
+def peft_side(args, device):
+    """(training step, loss at the start) for transformers' GPT2LMHeadModel with peft's LoRA."""
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2LMHeadModel
     hf = GPT2LMHeadModel.from_pretrained(args.weights).to(device)
     pm = get_peft_model(hf, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=["c_attn"],
                                        fan_in_fan_out=True, lora_dropout=0.0, task_type="CAUSAL_LM"))
-    pm.train()
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
     ids, mask = batch(args, device)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = pm(input_ids=ids, attention_mask=mask, labels=ids).loss
-        loss.backward()
-        opt.step()
-        return loss
-
     pm.eval()
     with torch.no_grad():
         first_loss = pm(input_ids=ids, attention_mask=mask, labels=ids).loss.item()
     pm.train()
-    sec, peak = time_steps(step, args.steps, device)
-    return {"sec": sec, "peak": peak, "loss": first_loss}
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        pm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        opt.step()
+    return step, first_loss
+
+
+SIDES = {"minigpt": minigpt_side, "peft": peft_side}
+
+
+def memory_worker(side: str, args, device) -> dict:
+    """Peak memory one training step adds, measured alone in this process."""
+    step, _ = SIDES[side](args, device)
+    step()  # warm-up: AdamW state and allocator caches exist from here on
+    sync(device)
+    with PeakMemory(device) as mem:
+        step()
+    return {"peak": mem.peak}
+
+
+def step_times(args, device) -> tuple[dict, dict]:
+    """Median seconds per step for both sides, alternating steps so that a busy machine slows both alike."""
+    steps, losses = {}, {}
+    for side, make in SIDES.items():
+        steps[side], losses[side] = make(args, device)
+        steps[side]()  # warm-up
+    times = {side: [] for side in SIDES}
+    for i in range(args.steps):
+        for side in (SIDES if i % 2 == 0 else reversed(list(SIDES))):
+            sync(device)
+            t = time.perf_counter()
+            steps[side]()
+            sync(device)
+            times[side].append(time.perf_counter() - t)
+    return {side: statistics.median(t) for side, t in times.items()}, losses
 
 
 def decode_speeds(args, device) -> dict:
@@ -157,8 +177,7 @@ def decode_speeds(args, device) -> dict:
         def run():
             with torch.no_grad():
                 generate(model, prompt, max_new_tokens=args.new_tokens)
-        sec, _ = time_steps(run, args.decode_repeats, device)
-        return args.new_tokens / sec
+        return args.new_tokens / timed(run, args.decode_repeats, device)
 
     base = tok_per_s()
     apply_lora(model, r=args.r, alpha=2 * args.r, targets=("c_attn",), verbose=False)
@@ -179,63 +198,64 @@ def make_weights(folder: Path):
     GPT2LMHeadModel(GPT2Config(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)).save_pretrained(folder)
 
 
-def run_worker(side: str, args, weights: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", side, "--weights", str(weights), "--device", args.device,
-           "--threads", str(args.threads), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--seq-len", str(args.seq_len), "--r", str(args.r), "--new-tokens", str(args.new_tokens),
-           "--decode-repeats", str(args.decode_repeats), "--seed", str(args.seed)]
+def run_memory_worker(side: str, args) -> int:
+    cmd = [sys.executable, __file__, "--memory-worker", side, "--weights", str(args.weights), "--device", args.device,
+           "--threads", str(args.threads), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+           "--r", str(args.r), "--seed", str(args.seed)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
-        raise SystemExit(f"{side} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{side} memory worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2 timed steps and 16 decoded tokens (a few minutes on CPU)")
+    p.add_argument("--quick", action="store_true", help="3 timed steps per side, 16 decoded tokens (minutes on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: auto)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads for both sides")
-    p.add_argument("--steps", type=int, default=5, help="timed training steps per side (default: 5)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    p.add_argument("--steps", type=int, default=6, help="timed training steps per side (default: 6)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=32, help="tokens per decode measurement (default: 32)")
     p.add_argument("--decode-repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--worker", choices=["minigpt", "peft"], help=argparse.SUPPRESS)
+    p.add_argument("--memory-worker", choices=list(SIDES), help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-
-    if args.worker:
-        result = (worker_minigpt if args.worker == "minigpt" else worker_peft)(args, device)
-        print(json.dumps(result))
+    if args.memory_worker:
+        print(json.dumps(memory_worker(args.memory_worker, args, device)))
         return
     if args.quick:
-        args.steps, args.new_tokens, args.decode_repeats = 2, 16, 2
+        args.steps, args.new_tokens, args.decode_repeats = 3, 16, 2
     args.device = str(device)
     with tempfile.TemporaryDirectory() as tmp:
+        args.weights = tmp
         make_weights(Path(tmp))
         print(f"GPT-2 124M shape, random weights; LoRA r={args.r} on c_attn; batch {args.batch_size} x "
               f"{args.seq_len}; AdamW; device {device}, {args.threads} threads; {args.steps} timed steps per side")
-        ours = run_worker("minigpt", args, Path(tmp))
-        theirs = run_worker("peft", args, Path(tmp))
+        sec, losses = step_times(args, device)
+        peak = {side: run_memory_worker(side, args) for side in SIDES}
+        decode = decode_speeds(args, device)
 
-    print(f"\nsame loss before training: minigpt {ours['loss']:.6f}, peft {theirs['loss']:.6f} "
-          f"(|diff| {abs(ours['loss'] - theirs['loss']):.2e})")
+    ours, theirs = "minigpt", "peft"
+    print(f"\nsame loss before training: minigpt {losses[ours]:.6f}, peft {losses[theirs]:.6f} "
+          f"(|diff| {abs(losses[ours] - losses[theirs]):.2e})")
     mb = 2 ** 20
-    rows = [("s / training step", f"{ours['sec']:.3f}", f"{theirs['sec']:.3f}", f"{theirs['sec'] / ours['sec']:.2f}x"),
-            ("steps / s", f"{1 / ours['sec']:.3f}", f"{1 / theirs['sec']:.3f}", f"{theirs['sec'] / ours['sec']:.2f}x"),
-            ("peak extra memory (MiB)", f"{ours['peak'] / mb:.0f}", f"{theirs['peak'] / mb:.0f}",
-             f"{ours['peak'] / max(theirs['peak'], 1):.2f} (ours/peft)")]
+    speedup = sec[theirs] / sec[ours]
+    rows = [("s / training step", f"{sec[ours]:.3f}", f"{sec[theirs]:.3f}", f"{speedup:.2f}x"),
+            ("steps / s", f"{1 / sec[ours]:.3f}", f"{1 / sec[theirs]:.3f}", f"{speedup:.2f}x"),
+            ("peak extra memory (MiB)", f"{peak[ours] / mb:.0f}", f"{peak[theirs] / mb:.0f}",
+             f"{peak[ours] / max(peak[theirs], 1):.2f} (ours/peft)")]
     print(f"\n{'':26s}{'minigpt':>12s}{'peft':>12s}{'ratio':>22s}")
     for name, a, b, r in rows:
         print(f"{name:26s}{a:>12s}{b:>12s}{r:>22s}")
-    base = ours["decode_base"]
+    base = decode["decode_base"]
     print(f"\ngreedy decode, batch 1, {args.new_tokens} tokens (minigpt):")
     for name in ("base", "unmerged", "merged"):
-        v = ours[f"decode_{name}"]
+        v = decode[f"decode_{name}"]
         print(f"  {name:10s}{v:8.1f} tok/s   {v / base:.2f}x base")
 
 
