@@ -432,3 +432,19 @@ def test_num_samples_reads_the_prompt_once(tiny64):
     b = pplm.generate(tiny64, ids.repeat_interleave(3, 0), generator=torch.Generator().manual_seed(5), **kw)
     assert a.sequences.shape == (6, 6) and torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(a.stacked("loss"), b.stacked("loss"))
+
+
+def test_eos_stops_rows_like_plain_generate(small):
+    ids = torch.tensor([[50256, 464, 13546], [50256, 40, 257]])
+    free = minigpt.generate(small, ids, max_new_tokens=6)
+    eos = int(free[0, 5])  # row 0's third new token
+    ref = minigpt.generate(small, ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    out = pplm.generate(small, ids, bow="space", max_new_tokens=6, eos_token_id=eos, pad_token_id=0, stepsize=0)
+    assert torch.equal(out.sequences, ref)
+
+
+def test_cli_help(capsys):
+    for argv in (["--help"], ["train-discriminator", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            pplm.main(argv)
+        assert e.value.code == 0 and "--device" in capsys.readouterr().out
