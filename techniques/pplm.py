@@ -62,7 +62,7 @@ under H_t + Δ enters the mean detached, as in the reference.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -257,6 +257,7 @@ def window_weights(mask: torch.Tensor, window_length: int, decay: bool = False, 
 # ---- the generation loop ---------------------------------------------------------------------------
 @dataclass
 class PPLMConfig:
+    """The knobs, with the reference's defaults (see the module docstring for what each does)."""
     stepsize: float = 0.02
     num_iterations: int = 3
     window_length: int = 0
@@ -301,6 +302,12 @@ class Step:
     attribute_after: torch.Tensor          # (B,) the same under p̃ / the perturbed last hidden state
     hidden_before: torch.Tensor            # (B, C) ln_f hidden state of the current token, unperturbed
     hidden_after: torch.Tensor             # (B, C) the same under the perturbed past
+
+    def to_cpu(self) -> "Step":
+        """Diagnostics are gathered on the device and moved once, at the end (float32)."""
+        move = lambda t: t.cpu() if t.dtype == torch.long else t.detach().float().cpu()
+        return Step(**{f.name: (move(v) if isinstance(v, torch.Tensor) else v)
+                       for f in fields(self) for v in [getattr(self, f.name)]})
 
 
 @dataclass
@@ -393,9 +400,9 @@ def perturb_past(model: GPT, ctx: Context, obj: Objective, cfg: PPLMConfig, grad
         else:
             scale = norm + SMALL_CONST
         delta = (delta - cfg.stepsize * g / scale.pow(cfg.gamma)[:, None, :, None, None, None]).detach()
-        losses.append(attr.float().cpu())
-        kls.append(kl.float().cpu())
-        norms.append(norm.T.float().cpu())
+        losses.append(attr.detach())                                # kept on the device: no sync per iteration
+        kls.append(kl.detach())
+        norms.append(norm.T)
     return delta, grad_max, losses, kls, norms
 
 
@@ -405,8 +412,9 @@ def _full_mask(attention_mask, B, T, device):
     if tuple(attention_mask.shape) != (B, T):
         raise ValueError(f"attention_mask must be [batch, T] = [{B}, {T}], got {list(attention_mask.shape)}")
     m = attention_mask.to(device=device, dtype=torch.long)
-    if bool((m.sum(1) == 0).any()):
-        raise ValueError("attention_mask has a row with no real token")
+    if not bool(m[:, -1].all()):
+        raise ValueError("attention_mask: pad prompts on the LEFT (the last column must be real tokens), "
+                         "as Tokenizer.encode_batch does")
     return None if bool(m.all()) else m
 
 
@@ -536,10 +544,9 @@ def _decode(model, ids, mask, cfg, obj, max_new_tokens, generator, eos, pad, pro
             finished |= tok == eos
         before, after = _attribute(x, x_tilde, h_u, h_tilde, hidden_sum, count, obj)
         n = len(losses)
-        steps.append(Step(tok.cpu(), perturb, torch.stack(losses) if n else torch.zeros(0, B),
-                          torch.stack(kls) if n else torch.zeros(0, B),
-                          torch.stack(norms) if n else torch.zeros(0, B, L),
-                          before, after, h_u.float().cpu(), h_tilde.float().cpu()))
+        steps.append(Step(tok, perturb, torch.stack(losses) if n else x.new_zeros(0, B),
+                          torch.stack(kls) if n else x.new_zeros(0, B),
+                          torch.stack(norms) if n else x.new_zeros(0, B, L), before, after, h_u, h_tilde))
         result.append(tok[:, None])
         seen.scatter_(1, tok[:, None], True)
         if (eos is not None and bool(finished.all())) or i == max_new_tokens - 1:
@@ -551,7 +558,7 @@ def _decode(model, ids, mask, cfg, obj, max_new_tokens, generator, eos, pad, pro
             mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
         out = model(last, attention_mask=mask, past_key_values=unpert, output_hidden_states=True)
         unpert, x, h_u = out.past_key_values, out.logits[:, -1], out.hidden_states[-1][:, -1]
-    return PPLMOutput(torch.cat(result, 1), steps)
+    return PPLMOutput(torch.cat(result, 1), [s.to_cpu() for s in steps])
 
 
 def _attribute(x, x_tilde, h_u, h_tilde, hidden_sum, count, obj):
@@ -559,12 +566,12 @@ def _attribute(x, x_tilde, h_u, h_tilde, hidden_sum, count, obj):
     unperturbed / perturbed hidden state, or else the bags' mass under p / p̃."""
     if obj.head is not None:
         n = (count + 1)[:, None].to(h_u.dtype)
-        f = lambda h: obj.head((hidden_sum + h) / n).softmax(-1)[:, obj.label].float().cpu()
+        f = lambda h: obj.head((hidden_sum + h) / n).softmax(-1)[:, obj.label]
         return f(h_u), f(h_tilde)
     if obj.bags is not None:
-        mass = lambda logits: (logits.softmax(-1) @ obj.bags.T).sum(-1).float().cpu()
+        mass = lambda logits: (logits.softmax(-1) @ obj.bags.T).sum(-1)
         return mass(x), mass(x_tilde)
-    z = torch.full((x.size(0),), float("nan"))
+    z = torch.full((x.size(0),), float("nan"), device=x.device)
     return z, z
 
 
