@@ -75,6 +75,7 @@ def main(argv=None):
     model.train()
     epochs = -(-args.steps * args.batch_size // len(train_ex))
     history = train(model.parameters(), lm_loss_fn(model), train_ex, eval_examples=eval_ex[:64],
+                    eval_modules=[model],
                     config=TrainConfig(epochs=epochs, max_steps=args.steps, batch_size=args.batch_size,
                                        lr=args.lr, warmup_steps=args.steps // 20, weight_decay=0.01,
                                        eval_every=max(1, args.steps // 10), seed=args.seed))

@@ -44,8 +44,8 @@ def main(argv=None) -> int:
         model = model_from_args(args)
         past = None
         if args.lora:
-            from techniques.lora import load_adapter as load_lora
-            model = load_lora(model, args.lora)
+            from techniques.lora import load_adapter as load_lora, merge_lora
+            model = merge_lora(load_lora(model, args.lora))  # merged: decoding costs what the base model costs
         if args.prefix:
             from techniques.prefix import load_adapter as load_prefix
             prefix = load_prefix(model, args.prefix).to(model.device)

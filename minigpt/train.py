@@ -88,6 +88,9 @@ def examples_from_pairs(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], 
     out = []
     for prompt, completion in pairs:
         p, c = tokenizer.encode(prompt), tokenizer.encode(completion) + [EOT_ID]
+        if len(p) >= max_len:
+            raise ValueError(f"pair {len(out) + 1}: the prompt alone is {len(p)} tokens, which fills the block of "
+                             f"{max_len}, leaving no completion token to learn; shorten it or raise the block size")
         ids = (p + c)[:max_len]
         out.append(Example(ids, ([0] * len(p) + [1] * len(c))[:max_len]))
     return out
@@ -173,6 +176,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1 step, got {self.eval_every}")
 
 
 def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
@@ -192,18 +197,30 @@ def _to(batch, device):
 
 
 @torch.no_grad()
-def evaluate(loss_fn, examples, batch_size, collate_fn, device) -> float:
+def evaluate(loss_fn, examples, batch_size, collate_fn, device, eval_modules=()) -> float:
+    """Mean loss over `examples`, with `eval_modules` in eval mode (no dropout) meanwhile."""
+    modes = [m.training for m in eval_modules]
+    for m in eval_modules:
+        m.eval()
     total, n = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        total += float(loss_fn(_to(collate_fn(chunk), device))) * len(chunk)
-        n += len(chunk)
+    try:
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            total += float(loss_fn(_to(collate_fn(chunk), device))) * len(chunk)
+            n += len(chunk)
+    finally:
+        for m, mode in zip(eval_modules, modes):
+            m.train(mode)
     return total / max(1, n)
 
 
 def train(params, loss_fn: Callable, train_examples: Sequence, *, eval_examples: Sequence = (),
-          config: TrainConfig = TrainConfig(), collate_fn: Callable = collate_lm) -> list[dict]:
+          config: TrainConfig = TrainConfig(), collate_fn: Callable = collate_lm,
+          eval_modules: Sequence[torch.nn.Module] = ()) -> list[dict]:
     """Optimise `params` (only those that require grad) to lower loss_fn(batch).
+
+    `eval_modules` (e.g. the model) are switched to eval mode for the eval loss,
+    so dropout does not blur it, and back afterwards.
 
     Returns the history: one dict per step {step, epoch, loss, lr, grad_norm},
     with eval_loss added every `eval_every` steps and at the end.
@@ -243,7 +260,8 @@ def train(params, loss_fn: Callable, train_examples: Sequence, *, eval_examples:
             sched.step()
             step += 1
             if eval_examples and (step % config.eval_every == 0 or step == total):
-                record["eval_loss"] = evaluate(loss_fn, eval_examples, config.batch_size, collate_fn, device)
+                record["eval_loss"] = evaluate(loss_fn, eval_examples, config.batch_size, collate_fn, device,
+                                              eval_modules)
             history.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}",

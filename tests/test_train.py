@@ -1,0 +1,109 @@
+"""The shared training loop and its data helpers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minigpt import (GPT, GPTConfig, TrainConfig, causal_lm_loss, collate_lm, examples_from_pairs,
+                     examples_from_text, load_lm_data, lm_loss_fn, save_history, split_examples, train)
+
+CFG = GPTConfig(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+
+
+def tiny_run(seed=0, **kw):
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    data = examples_from_text([i % 7 for i in range(400)], 16)  # a repeating pattern: learnable
+    cfg = TrainConfig(**{"epochs": 3, "batch_size": 4, "lr": 3e-2, "seed": seed, "progress": False, **kw})
+    history = train(model.parameters(), lm_loss_fn(model), data[:-3], eval_examples=data[-3:], config=cfg,
+                    eval_modules=[model])
+    return model, history
+
+
+def test_loss_falls_and_history_is_complete():
+    _, h = tiny_run(eval_every=5)
+    assert len(h) == 3 * 6 and [r["step"] for r in h] == list(range(18))
+    assert h[-1]["loss"] < 0.5 * h[0]["loss"]
+    assert [r["step"] for r in h if "eval_loss" in r] == [4, 9, 14, 17]
+
+
+def test_seeded_runs_are_identical_and_seeds_differ():
+    a, ha = tiny_run(seed=1)
+    b, hb = tiny_run(seed=1)
+    _, hc = tiny_run(seed=2)
+    assert ha == hb and [r["loss"] for r in ha] != [r["loss"] for r in hc]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_warmup_then_linear_decay():
+    _, h = tiny_run(warmup_steps=4, max_steps=10)
+    lrs = [r["lr"] for r in h]
+    assert len(h) == 10
+    assert lrs[:4] == pytest.approx([7.5e-3, 1.5e-2, 2.25e-2, 3e-2])
+    assert lrs[4:] == pytest.approx([3e-2 * (10 - s) / 6 for s in range(4, 10)])
+
+
+def test_only_trainable_params_change_and_clipping_applies():
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n == "transformer.ln_f.bias")
+    data = examples_from_text(list(range(64)) * 2, 16)
+    h = train(model.parameters(), lm_loss_fn(model), data,
+              config=TrainConfig(batch_size=2, lr=1.0, grad_clip=1e-3, progress=False))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"transformer.ln_f.bias"}
+    assert all(r["grad_norm"] > 1e-3 for r in h)  # pre-clip norms are reported
+
+
+def test_loss_mask_counts_only_targets():
+    logits = torch.randn(1, 4, 10)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    full = causal_lm_loss(logits, ids)
+    only_last = causal_lm_loss(logits, ids, torch.tensor([[0, 0, 0, 1]]))
+    assert only_last == pytest.approx(float(torch.nn.functional.cross_entropy(logits[0, 2:3], ids[0, 3:])))
+    assert full != only_last
+
+
+def test_pairs_mask_the_prompt(tokenizer):
+    (ex,) = examples_from_pairs(tokenizer, [("name: Ann", " Hello Ann")], 32)
+    n_prompt = len(tokenizer.encode("name: Ann"))
+    assert ex.loss_mask == [0] * n_prompt + [1] * (len(ex.input_ids) - n_prompt)
+    assert ex.input_ids[-1] == 50256
+    batch = collate_lm([ex, ex])
+    assert batch["input_ids"].shape == batch["loss_mask"].shape == (2, len(ex.input_ids))
+    with pytest.raises(ValueError, match="pair 1: the prompt alone"):
+        examples_from_pairs(tokenizer, [("a b c d e f g", "x")], 4)
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("empty.txt", b"  \n", "is empty"),
+    ("latin1.txt", b"ok\nna\xefve", "line 2: not UTF-8"),
+    ("short.txt", b"just a few words", "shorter than one block"),
+    ("bad.jsonl", b'{"prompt": "a", "completion": "b"}\nnot json\n', "line 2: not valid JSON"),
+    ("field.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', "line 2: needs a string field 'completion'"),
+])
+def test_bad_data_files_name_file_and_line(tokenizer, tmp_path, name, content, match):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match) as e:
+        load_lm_data(path, tokenizer, block_size=16)
+    assert str(path) in str(e.value)
+    with pytest.raises(FileNotFoundError):
+        load_lm_data(tmp_path / "missing.txt", tokenizer, 16)
+
+
+def test_split_history_and_config_errors(tmp_path):
+    tr, ev = split_examples(list(range(20)), 0.2, seed=0)
+    assert len(ev) == 4 and sorted(tr + ev) == list(range(20))
+    path = save_history([{"step": 0, "loss": 1.0}], tmp_path / "run")
+    assert json.loads(path.read_text()) == {"history": [{"step": 0, "loss": 1.0}]}
+    for bad in (dict(lr=0), dict(epochs=0), dict(eval_every=0)):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
+    with pytest.raises(ValueError, match="nothing to train"):
+        train([torch.zeros(1)], lambda b: 0, [1])
