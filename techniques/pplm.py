@@ -524,11 +524,12 @@ def _decode(model, ids, mask, cfg, obj, max_new_tokens, generator, eos, pad, pro
         if perturb or P is not None:
             ctx = Context(last, P if P is not None else _stack(prev_unpert), mask, x.softmax(-1), unpert,
                           hidden_sum, count)
-            delta = torch.zeros_like(ctx.past)
+            past = ctx.past
             if perturb:
                 delta, grad_max, losses, kls, norms = perturb_past(model, ctx, obj, cfg, grad_max)
+                past = past + delta
             # step 3: the current token under H_t + Δ; its keys and values join the perturbed past
-            o = model(last, attention_mask=mask, past_key_values=_unstack(ctx.past + delta), output_hidden_states=True)
+            o = model(last, attention_mask=mask, past_key_values=_unstack(past), output_hidden_states=True)
             x_tilde, h_tilde, P = o.logits[:, -1], o.hidden_states[-1][:, -1], _stack(o.past_key_values)
         else:
             x_tilde, h_tilde = x, h_u
