@@ -35,7 +35,10 @@ def atomic_save_dir(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=target))
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
         for f in sorted(tmp.iterdir()):
+            os.chmod(f, 0o666 & ~umask)  # ordinary file permissions, whatever the writer used
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(f, target / f.name)
