@@ -27,15 +27,6 @@ PEFT_PREFIX = "base_model.model."
 
 
 # ---- helpers ---------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second thread only adds synchronisation, which costs seconds on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SMALL_VOCAB = 1000  # the comparisons do not need GPT-2's 50257 rows; a small head keeps them fast
 
 

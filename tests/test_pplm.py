@@ -38,15 +38,6 @@ def make_model(scale=5.0, seed=0, dtype=torch.float32, **over):
     return m.to(dtype).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster than two on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def small():
     return make_model()

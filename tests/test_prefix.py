@@ -24,15 +24,6 @@ IDS = torch.tensor([[50256, 50256, 464, 3290, 318], [40, 588, 262, 3290, 13]])
 MASK = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread only adds contention on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def positions(mask):
     """Each row's own positions (pads at 0), the way transformers' generate makes them; peft adds P."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
