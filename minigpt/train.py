@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 from .io import atomic_save_dir, write_json
 from .tokenizer import EOT_ID, Tokenizer
 
+IGNORE = -100  # cross_entropy's ignore_index: positions that are not targets
+
 __all__ = ["TrainConfig", "train", "Example", "causal_lm_loss", "collate_lm", "examples_from_text",
            "examples_from_pairs", "load_lm_data", "split_examples", "save_history", "lm_loss_fn"]
 
@@ -41,14 +43,16 @@ def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: Opt
 
     logits [B, T, V], input_ids [B, T]; loss_mask [B, T] marks the tokens that
     count as targets (1) — e.g. the completion of a prompt -> completion pair.
+    The targets are shifted left (the last position predicts nothing, -100),
+    rather than the logits right, so the [B, T, V] logits are never copied.
     """
-    targets = input_ids[:, 1:]
-    logits = logits[:, :-1, :]
-    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="none")
-    if loss_mask is None:
-        return losses.mean()
-    weight = loss_mask[:, 1:].reshape(-1).to(losses.dtype)
-    return (losses * weight).sum() / weight.sum().clamp(min=1)
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=IGNORE)  # (B, T): token t+1 is position t's target
+    if loss_mask is not None:
+        counted = F.pad(loss_mask[:, 1:], (0, 1), value=0)
+        targets = targets.masked_fill(counted == 0, IGNORE)
+    if not bool((targets != IGNORE).any()):
+        return logits.sum() * 0.0  # nothing to learn from in this batch: zero loss, zero gradient
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
 def lm_loss_fn(model, past_fn: Optional[Callable] = None) -> Callable[[dict], torch.Tensor]:
