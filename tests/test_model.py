@@ -167,3 +167,21 @@ def test_bad_past_raises(tiny_hf):
         ours(x[:1], past_key_values=past)
     with pytest.raises(ValueError, match="key, value"):
         ours(x, past_key_values=tuple((k,) for k, v in past))
+
+
+def test_inference_head_cache_follows_the_weights(tiny_hf):
+    """Without autograd the head reads a cached wteᵀ; it must give the module's logits
+    and notice any change to the tied weight."""
+    _, _, folder = tiny_hf
+    model = GPT.from_pretrained(str(folder))
+    ids = torch.randint(0, 50257, (2, 7))
+    with torch.no_grad():
+        cached = model(ids).logits
+    assert (cached - model(ids).logits.detach()).abs().max() < 1e-5  # grad-enabled: plain lm_head
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(2.0)  # in place: same tensor, new _version
+        doubled = model(ids).logits
+        model.head_cache = False
+        plain = model(ids).logits
+    assert (doubled - plain).abs().max() < 1e-5
+    assert (doubled - cached).abs().max() > 1e-3
