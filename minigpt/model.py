@@ -13,7 +13,8 @@ Module names mirror Hugging Face's (`transformer.h.0.attn.c_attn`, ...), so
 loading the public weights is a one-to-one key mapping (see pretrained.py).
 One difference in storage: HF keeps the four projections as `Conv1D` with the
 weight stored [in, out]; here they are ordinary `nn.Linear` ([out, in]), which
-is what LoRA wraps. The loader transposes.
+is what LoRA wraps. The loader hands nn.Linear a transposed view of the
+file's [in, out] tensor, so no weight is copied.
 
 The one seam for every technique is `GPT.forward(..., past_key_values=...)`:
 the past is a plain tuple over layers of `(k, v)` tensors, each
@@ -254,13 +255,15 @@ class GPT(nn.Module):
         )
 
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        """logits = x · wteᵀ. Without autograd (generation), through a cached contiguous
-        copy of wteᵀ [C, V]: a one-row matmul reads that layout about twice as fast on
-        CPU (the head is ~40% of a decode step). It costs one more copy of wte
-        (154 MB for gpt2); `head_cache = False` turns it off. The copy is rebuilt
-        whenever the weight changes (new tensor, or in-place update: its _version)."""
+        """logits = x · wteᵀ. For one row without autograd (a batch-1 decode step),
+        through a cached contiguous copy of wteᵀ [C, V]: a one-row matmul reads that
+        layout about twice as fast on CPU, and the head is ~30% of such a step. It
+        costs one more copy of wte (154 MB for gpt2); `head_cache = False` turns it
+        off. The copy is rebuilt whenever the weight changes (new tensor, or an
+        in-place update, which bumps its _version)."""
         W = self.lm_head.weight
-        if torch.is_grad_enabled() or not self.head_cache or not isinstance(self.lm_head, nn.Linear):
+        one_row = x.shape[0] * x.shape[1] == 1
+        if not one_row or torch.is_grad_enabled() or not self.head_cache or not isinstance(self.lm_head, nn.Linear):
             return self.lm_head(x)
         key = (W.data_ptr(), W._version, W.device, W.dtype)
         if self._head_t is None or self._head_t[0] != key:
