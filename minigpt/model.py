@@ -24,7 +24,7 @@ nudged one; both need it differentiable, so nothing here detaches it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -81,9 +81,6 @@ class GPTConfig:
             raise ValueError(f"unknown GPT-2 size {name!r}; choose one of {', '.join(_SIZES)}, or build GPTConfig(...) yourself")
         n_layer, n_head, n_embd = _SIZES[key]
         return cls(n_layer=n_layer, n_head=n_head, n_embd=n_embd, name_or_path=name, **overrides)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
