@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from .cli import add_model_args, fail, model_from_args
-from .generate import check_sampling, stream
+from .cli import add_model_args, model_from_args, run_command
+from .generation import check_sampling, stream
 from .tokenizer import EOT_ID, get_tokenizer
 
 
@@ -35,48 +35,66 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        if args.max_new_tokens < 1:
-            raise ValueError("--max-new-tokens must be >= 1")
-        model = model_from_args(args)
-        past = None
-        if args.lora:
-            from techniques.lora import load_adapter as load_lora, merge_lora
-            model = merge_lora(load_lora(model, args.lora))  # merged: decoding costs what the base model costs
-        if args.prefix:
-            from techniques.prefix import load_adapter as load_prefix
-            prefix = load_prefix(model, args.prefix).to(model.device)
-            with torch.no_grad():
-                past = prefix.past_key_values(1)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
+def _load(args):
+    """The model (with --lora merged in) and the prefix's past, if any."""
+    model = model_from_args(args)
+    past = None
+    if args.lora:
+        from techniques.lora import load_adapter as load_lora, merge_lora
+        model = merge_lora(load_lora(model, args.lora))  # merged: decoding costs what the base model costs
+    if args.prefix:
+        from techniques.prefix import load_adapter as load_prefix
+        prefix = load_prefix(model, args.prefix).to(model.device)
+        with torch.no_grad():
+            past = prefix.past_key_values(1)
+    return model, past
+
+
+def _check_fits(n_prompt: int, n_past: int, max_new: int, n_positions: int) -> None:
+    """Refuse, before anything is printed, a prompt (plus prefix) that does not fit with the new tokens."""
+    used = n_past + n_prompt
+    what = f"{n_prompt} prompt tokens" + (f" after a prefix of {n_past}" if n_past else "")
+    if used >= n_positions:
+        raise ValueError(f"the prompt is too long: {what} leave no room in the model's context of {n_positions} "
+                         f"positions; it is {used - n_positions + 1} token(s) over the limit, shorten it")
+    if used + max_new > n_positions:
+        raise ValueError(f"{what} + {max_new} new tokens = {used + max_new} > the model's context of "
+                         f"{n_positions}; lower --max-new-tokens to at most {n_positions - used}")
+
+
+def generate_command(args) -> None:
+    check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be >= 1")
     tok = get_tokenizer()
     ids = tok.encode(args.prompt)
     if not ids:
-        fail("the prompt is empty; give some text to continue")
+        raise ValueError("the prompt is empty; give some text to continue")
+    model, past = _load(args)
+    n_past = 0 if past is None else past[0][0].size(2)
+    _check_fits(len(ids), n_past, args.max_new_tokens, model.config.n_positions)
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
     input_ids = torch.tensor([ids], device=model.device)
+    tokens = stream(model, input_ids, max_new_tokens=args.max_new_tokens, past_key_values=past,
+                    do_sample=not args.greedy and args.temperature > 0, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, generator=generator,
+                    eos_token_id=EOT_ID if args.stop_at_eos else None)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     new, shown = [], ""
-    try:
-        for tok_id in stream(model, input_ids, max_new_tokens=args.max_new_tokens, past_key_values=past,
-                             do_sample=not args.greedy and args.temperature > 0, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, generator=generator,
-                             eos_token_id=EOT_ID if args.stop_at_eos else None):
-            new.append(int(tok_id[0]))
-            text = tok.decode(new)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[len(shown):])
-                sys.stdout.flush()
-                shown = text
-    except ValueError as e:
-        fail(str(e))
+    for tok_id in tokens:
+        new.append(int(tok_id[0]))
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
     sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
-    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: generate_command(args))
 
 
 if __name__ == "__main__":

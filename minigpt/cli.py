@@ -1,22 +1,83 @@
-"""Command-line plumbing shared by `python -m minigpt` and the techniques' commands."""
+"""What every command line shares: model options, training options, and one error policy.
+
+The commands (`python -m minigpt`, `python -m techniques.lora|prefix|pplm`,
+the demos) are thin: they parse arguments with the helpers here, call the
+library, and print. They all fail the same way, through `run_command`:
+
+- a user's mistake (a bad option, a missing or damaged file, a prompt that does
+  not fit, a loss that diverges) is one line on stderr, `error: ...`, naming
+  the file or option and the fix, and exit code 2, never a traceback;
+- Ctrl-C is one line and exit code 130; every save is atomic, so nothing is
+  left half-written;
+- anything else is a bug in the project and keeps its traceback.
+
+Library functions signal a user's mistake with ValueError (bad values),
+OSError (FileNotFoundError, PermissionError, ...: files) or FloatingPointError
+(a diverging loss), with a message that already names the problem and the fix.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from .device import resolve_device
 from .model import GPT
+from .training import TrainConfig, plan_steps, split_examples
 
-__all__ = ["add_model_args", "model_from_args", "fail"]
+__all__ = ["add_model_args", "model_from_args", "add_train_args", "train_config_from_args", "split_from_args",
+           "describe_plan", "run_command", "fail", "USER_ERRORS", "positive_int"]
+
+# What a user's mistake raises (see the module docstring); everything else is a bug.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+# ---- the error policy -----------------------------------------------------------------------
+def fail(message: str, code: int = 2):
+    """Print a one-line error (no traceback) and exit: for user mistakes."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def run_command(command: Callable[[], object], *, out: Optional[str] = None) -> int:
+    """Run a command's body under the error policy; returns the exit code.
+
+    `out` is the folder the command writes, if any: the messages then say
+    that nothing was saved there (saves happen last, and atomically).
+    """
+    nothing = f"; nothing was saved to {out}" if out else ""
+    try:
+        command()
+    except USER_ERRORS as e:
+        message = str(e) or type(e).__name__
+        print(f"error: {message}{nothing}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted{nothing}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+# ---- the model ------------------------------------------------------------------------------
+def add_model_args(parser: argparse.ArgumentParser, default_model: str = "gpt2") -> None:
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="gpt2",
-                   help="GPT-2 size to load from the Hugging Face cache (gpt2, gpt2-medium, gpt2-large, gpt2-xl), "
-                        "downloaded once if online (default: gpt2)")
+    g.add_argument("--model", default=default_model,
+                   help="tiny (the small model bundled with the package, offline), or a GPT-2 size from the "
+                        "Hugging Face cache: gpt2, gpt2-medium, gpt2-large, gpt2-xl, downloaded once if online "
+                        f"(default: {default_model})")
     g.add_argument("--weights", metavar="DIR",
                    help="a local folder with config.json + model.safetensors (Hugging Face layout); overrides --model")
     g.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: auto = cuda, then mps, then cpu)")
@@ -31,7 +92,64 @@ def model_from_args(args) -> GPT:
     return model.eval()
 
 
-def fail(message: str, code: int = 2):
-    """Print a one-line error (no traceback) and exit: for user mistakes."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(code)
+# ---- training -------------------------------------------------------------------------------
+def add_train_args(parser: argparse.ArgumentParser, *, lr: Optional[float], lr_help: str = "",
+                   epochs: int = 1, batch_size: int = 8, eval_every: int = 50, eval_fraction: float = 0.1,
+                   weight_decay: float = 0.0) -> None:
+    """The training options every training command shares, with the same names and help."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--epochs", type=positive_int, default=epochs,
+                   help=f"passes over the training examples (default: {epochs}); ignored when --max-steps is given")
+    g.add_argument("--max-steps", type=positive_int, default=None,
+                   help="train exactly this many optimizer steps, going over the data as many times as that "
+                        "takes (overrides --epochs)")
+    g.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help=f"examples per optimizer step (default: {batch_size})")
+    g.add_argument("--lr", type=float, default=lr,
+                   help=f"AdamW peak learning rate (default: {lr_help or lr})")
+    g.add_argument("--warmup-steps", type=int, default=0,
+                   help="steps of linear warmup to the peak learning rate, then linear decay to 0 (default: 0)")
+    g.add_argument("--weight-decay", type=float, default=weight_decay,
+                   help=f"AdamW weight decay (default: {weight_decay:g})")
+    g.add_argument("--eval-fraction", type=float, default=eval_fraction,
+                   help=f"share of the examples held out for the eval loss, in [0, 1); 0 = none "
+                        f"(default: {eval_fraction:g})")
+    g.add_argument("--eval-every", type=positive_int, default=eval_every,
+                   help=f"steps between eval losses; one is also taken at the end (default: {eval_every})")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_config_from_args(args, **overrides) -> TrainConfig:
+    """A TrainConfig from add_train_args' options (and --seed); `overrides` win (e.g. a default lr)."""
+    if not 0.0 <= args.eval_fraction < 1.0:
+        raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    if args.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.weight_decay < 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    values = dict(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+                  weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
+                  seed=args.seed, progress=not args.no_progress)
+    values.update(overrides)
+    if values["lr"] is None or values["lr"] <= 0:
+        raise ValueError(f"--lr must be > 0, got {values['lr']}")
+    return TrainConfig(**values)
+
+
+def split_from_args(examples: Sequence, args) -> tuple[list, list]:
+    """Training and eval examples as --eval-fraction says (0: all of them train, no eval loss)."""
+    if not args.eval_fraction:
+        return list(examples), []
+    if len(examples) < 2:
+        raise ValueError(f"only {len(examples)} example: too few to hold out an eval share; add data "
+                         "or pass --eval-fraction 0")
+    return split_examples(list(examples), args.eval_fraction, args.seed)
+
+
+def describe_plan(n_train: int, n_eval: int, config: TrainConfig) -> str:
+    """One line, printed before training starts: the real number of steps and what it means."""
+    steps, epochs = plan_steps(n_train, config)
+    per_epoch = -(-n_train // config.batch_size)
+    return (f"training {steps} step{'s' if steps != 1 else ''} ({epochs:g} epoch{'s' if epochs != 1 else ''} of "
+            f"{per_epoch} step{'s' if per_epoch != 1 else ''}, batch {config.batch_size}) on {n_train} examples"
+            + (f"; eval loss on {n_eval} held-out examples" if n_eval else "; no eval split"))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 __all__ = ["atomic_save_dir", "write_json", "read_json", "save_tensors", "load_tensors"]
@@ -68,7 +69,13 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing file is FileNotFoundError, a damaged one
+    (truncated, or not safetensors at all) a ValueError that names it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
-    return load_file(str(path), device=str(device))
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as e:
+        raise ValueError(f"{path} is damaged and cannot be read (truncated, or not a safetensors file: {e}); "
+                         "save or download it again") from None

@@ -24,64 +24,18 @@ nudged one; both need it differentiable, so nothing here detaches it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["GPTConfig", "GPT", "GPTOutput", "PastKeyValues"]
+from .config import GPTConfig
+from .past import PastKeyValues
+from .pretrained import hf_to_minigpt_state_dict, read_checkpoint, write_checkpoint
 
-# One (k, v) pair per layer, each [B, n_head, T_past, head_dim].
-PastKeyValues = tuple[tuple[torch.Tensor, torch.Tensor], ...]
-
-_SIZES = {  # name: (n_layer, n_head, n_embd)
-    "gpt2": (12, 12, 768),
-    "gpt2-medium": (24, 16, 1024),
-    "gpt2-large": (36, 20, 1280),
-    "gpt2-xl": (48, 25, 1600),
-}
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 50257
-    n_positions: int = 1024
-    n_embd: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    n_inner: Optional[int] = None  # MLP width; None means 4 * n_embd, as in GPT-2
-    layer_norm_epsilon: float = 1e-5
-    embd_pdrop: float = 0.1
-    attn_pdrop: float = 0.1
-    resid_pdrop: float = 0.1
-    name_or_path: str = field(default="", compare=False)
-
-    def __post_init__(self):
-        for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            if int(getattr(self, k)) < 1:
-                raise ValueError(f"GPTConfig.{k} must be a positive integer, got {getattr(self, k)!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def mlp_dim(self) -> int:
-        return self.n_inner or 4 * self.n_embd
-
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> "GPTConfig":
-        """The four public GPT-2 sizes: gpt2, gpt2-medium, gpt2-large, gpt2-xl."""
-        key = name.split("/")[-1]
-        if key not in _SIZES:
-            raise ValueError(f"unknown GPT-2 size {name!r}; choose one of {', '.join(_SIZES)}, or build GPTConfig(...) yourself")
-        n_layer, n_head, n_embd = _SIZES[key]
-        return cls(n_layer=n_layer, n_head=n_head, n_embd=n_embd, name_or_path=name, **overrides)
-
+__all__ = ["GPTConfig", "GPT", "GPTOutput", "PastKeyValues", "load_pretrained", "save_pretrained"]
 
 @dataclass
 class GPTOutput:
@@ -334,14 +288,33 @@ class GPT(nn.Module):
         keep = attention_mask.bool()[:, None, None, :]                     # (B, 1, 1, T_past + T)
         return (allowed & keep) | (k_idx == q_idx)                         # (B, 1, T, T_past + T)
 
-    # ---- loading and saving (see pretrained.py) --------------------------------------
+    # ---- loading and saving (the files: see pretrained.py) ------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, device=None, dtype=None) -> "GPT":
-        """Load GPT-2 weights from a Hugging Face folder or the hub cache (gpt2, gpt2-medium, ...)."""
-        from .pretrained import load_pretrained
-        return load_pretrained(name_or_path, device=device, dtype=dtype)
+        """Load GPT-2 weights: "tiny" (bundled), a Hugging Face folder, or a hub name (gpt2, gpt2-medium, ...).
+
+        The weights load as float32 unless `dtype` says otherwise, whatever the file
+        stores (the bundled model is saved in float16 to stay small).
+        """
+        config, sd = read_checkpoint(name_or_path)
+        with torch.device("meta"):  # shapes only, no memory
+            model = cls(config)
+        sd = hf_to_minigpt_state_dict(sd, {k: v.shape for k, v in model.state_dict().items()})
+        model.load_state_dict(sd, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight  # re-tie after assign
+        model.to(device=device, dtype=dtype or torch.float32)
+        return model.eval()
 
     def save_pretrained(self, directory: str) -> None:
         """Write config.json + model.safetensors in Hugging Face's layout, atomically."""
-        from .pretrained import save_pretrained
-        save_pretrained(self, directory)
+        write_checkpoint(self.config, self.state_dict(), directory)
+
+
+def load_pretrained(name_or_path: str, *, device=None, dtype=None) -> GPT:
+    """The same as GPT.from_pretrained."""
+    return GPT.from_pretrained(name_or_path, device=device, dtype=dtype)
+
+
+def save_pretrained(model: GPT, directory: str) -> None:
+    """The same as model.save_pretrained(directory)."""
+    model.save_pretrained(directory)

@@ -18,19 +18,21 @@ transpose, which is why the tests compare logits.
 from __future__ import annotations
 
 import os
+from importlib import resources
 from pathlib import Path
 
 import torch
 
+from .config import GPT2_SIZES, GPTConfig
 from .io import atomic_save_dir, load_tensors, read_json, save_tensors, write_json
-from .model import GPT, GPTConfig, _SIZES
 
-__all__ = ["load_pretrained", "save_pretrained", "resolve_weights_dir", "config_from_hf", "config_to_hf",
-           "hf_to_minigpt_state_dict", "minigpt_to_hf_state_dict"]
+__all__ = ["resolve_weights_dir", "read_checkpoint", "write_checkpoint", "config_from_hf", "config_to_hf",
+           "hf_to_minigpt_state_dict", "minigpt_to_hf_state_dict", "BUNDLED"]
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 SKIPPED = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of old checkpoints
-HUB_REPOS = {name: [f"openai-community/{name}", name] for name in _SIZES}
+HUB_REPOS = {name: [f"openai-community/{name}", name] for name in GPT2_SIZES}
+BUNDLED = {"tiny": "tiny"}  # name -> folder under minigpt/weights/, shipped with the package
 
 
 # ---- config.json -----------------------------------------------------------------------
@@ -66,13 +68,13 @@ def config_to_hf(cfg: GPTConfig) -> dict:
 
 
 # ---- state dicts -------------------------------------------------------------------------
-def hf_to_minigpt_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+def hf_to_minigpt_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
     """Map HF keys (either layout) to ours, transpose Conv1D weights, check everything.
 
+    `expected` is our model's state-dict shapes (GPT(config) on the meta device).
     Every missing, unexpected or wrongly shaped tensor is named in one error.
     """
-    with torch.device("meta"):  # shapes only, no memory
-        expected = {k: v.shape for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
+    expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
 
     out, unexpected, bad_shape = {}, [], []
     for key, t in sd.items():
@@ -105,11 +107,11 @@ def hf_to_minigpt_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> 
     return out
 
 
-def minigpt_to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+def minigpt_to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict in GPT2LMHeadModel's key names, Conv1D weights as [in, out].
     The tied lm_head is left out, as transformers saves it."""
     sd = {}
-    for key, t in model.state_dict().items():
+    for key, t in state_dict.items():
         if key == "lm_head.weight":
             continue
         sd[key] = t.t() if key.endswith(CONV1D) else t
@@ -117,16 +119,28 @@ def minigpt_to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 
 # ---- finding and reading files ------------------------------------------------------------
+def bundled_dir(name: str) -> Path:
+    """The folder of a model shipped inside the package (see minigpt/weights/)."""
+    return Path(str(resources.files("minigpt") / "weights" / BUNDLED[name]))
+
+
 def resolve_weights_dir(name_or_path: str | os.PathLike) -> Path:
-    """A folder as given, or a GPT-2 name found in (or fetched into) the hub cache."""
+    """A folder as given, a bundled model ("tiny"), or a GPT-2 name found in (or fetched into) the hub cache."""
+    name = str(name_or_path)
+    if name in BUNDLED:
+        d = bundled_dir(name)
+        if not (d / "config.json").is_file():
+            raise FileNotFoundError(f"the bundled model {name!r} is missing from {d}; reinstall minigpt, or "
+                                    "re-create it with `python -m demos.shakespeare_from_scratch --bundle`")
+        return d
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        _check_model_dir(path)
         return path
-    name = str(name_or_path)
     if name not in HUB_REPOS:
         raise FileNotFoundError(
-            f"{name!r} is neither a folder nor one of {', '.join(HUB_REPOS)}; pass a folder with config.json "
-            "and model.safetensors (e.g. --weights DIR)")
+            f"{name!r} is neither a folder nor a known model ({', '.join([*BUNDLED, *HUB_REPOS])}); pass a folder "
+            "with config.json and model.safetensors (e.g. --weights DIR), or --model tiny to run offline")
     from huggingface_hub import snapshot_download
     patterns = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
     for local_only in (True, False):
@@ -139,9 +153,26 @@ def resolve_weights_dir(name_or_path: str | os.PathLike) -> Path:
                 return d
     raise FileNotFoundError(
         f"GPT-2 weights {name!r} are not in the Hugging Face cache and could not be downloaded "
-        f"(offline?). Download them once on a connected machine (e.g. `huggingface-cli download "
-        f"openai-community/{name}`), or pass a local folder with config.json and model.safetensors "
-        f"via --weights DIR / GPT.from_pretrained('path/to/dir').")
+        f"(offline?). Use --model tiny (bundled, offline), download them once on a connected machine "
+        f"(e.g. `huggingface-cli download openai-community/{name}`), or pass a local folder with config.json and "
+        f"model.safetensors via --weights DIR / GPT.from_pretrained('path/to/dir').")
+
+
+def _check_model_dir(d: Path) -> None:
+    """A folder that is an adapter, not a model, is named as such (with the flag that loads it)."""
+    if (d / "config.json").is_file():
+        return
+    if (d / "adapter_config.json").is_file():
+        try:
+            kind = read_json(d / "adapter_config.json").get("peft_type")
+        except ValueError:
+            kind = None
+        flag = {"LORA": "--lora", "PREFIX_TUNING": "--prefix"}.get(kind, "--lora or --prefix")
+        raise FileNotFoundError(f"{d} is a {kind or 'peft'} adapter, not a model (it has adapter_config.json, "
+                                f"no config.json): load a base model with --model/--weights and pass this "
+                                f"folder with {flag}")
+    raise FileNotFoundError(f"{d} has no config.json: --weights needs a model folder in Hugging Face's layout "
+                            "(config.json + model.safetensors)")
 
 
 def read_state_dict(d: Path) -> dict[str, torch.Tensor]:
@@ -162,21 +193,16 @@ def read_state_dict(d: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{d} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def load_pretrained(name_or_path, *, device=None, dtype=None) -> GPT:
+def read_checkpoint(name_or_path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """(config, state dict in the file's key names) of a folder, a hub name or a bundled model."""
     d = resolve_weights_dir(name_or_path)
     config = config_from_hf(read_json(d / "config.json"))
     config.name_or_path = str(name_or_path)
-    sd = hf_to_minigpt_state_dict(read_state_dict(d), config)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.load_state_dict(sd, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # re-tie after assign
-    if dtype is not None or device is not None:
-        model.to(device=device, dtype=dtype)
-    return model.eval()
+    return config, read_state_dict(d)
 
 
-def save_pretrained(model: GPT, directory) -> None:
+def write_checkpoint(config: GPTConfig, state_dict: dict[str, torch.Tensor], directory) -> None:
+    """config.json + model.safetensors in Hugging Face's layout, atomically."""
     with atomic_save_dir(directory) as tmp:
-        write_json(config_to_hf(model.config), tmp / "config.json")
-        save_tensors(minigpt_to_hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        write_json(config_to_hf(config), tmp / "config.json")
+        save_tensors(minigpt_to_hf_state_dict(state_dict), tmp / "model.safetensors", metadata={"format": "pt"})

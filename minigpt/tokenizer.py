@@ -16,6 +16,8 @@ import tiktoken
 import torch
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
+from .past import left_pad
+
 __all__ = ["Tokenizer", "get_tokenizer", "EOT_ID"]
 
 EOT = "<|endoftext|>"
@@ -69,13 +71,7 @@ class Tokenizer:
         rows = [self.encode(t) for t in texts]
         if any(len(r) == 0 for r in rows):
             raise ValueError("encode_batch: every text must give at least one token (got an empty string)")
-        T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), EOT_ID, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, T - len(r):] = 1
-        return ids.to(device), mask.to(device)
+        return left_pad(rows, EOT_ID, device)
 
 
 def data_file(name: str) -> str:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from minigpt import generate, stream
-from minigpt.generate import sample_next_token
+from minigpt import sample_next_token
 
 
 def test_greedy_equals_transformers_left_padded_batch(tiny_hf, tokenizer):

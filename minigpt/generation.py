@@ -13,7 +13,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from .model import GPT, PastKeyValues
+from .model import GPT
+from .past import PastKeyValues, extend_mask, mask_with_past, past_length
 
 __all__ = ["generate", "stream", "sample_next_token", "check_sampling"]
 
@@ -49,20 +50,6 @@ def sample_next_token(logits: torch.Tensor, *, do_sample: bool = False, temperat
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _full_mask(attention_mask, B, T, T_past, device):
-    """Accept a mask over the prompt only ([B, T]: the past is then fully attended)
-    or over past + prompt ([B, T_past + T]). Returns None where nothing is padded."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2 or attention_mask.size(0) != B or attention_mask.size(1) not in (T, T_past + T):
-        raise ValueError(f"attention_mask must be [batch, T] = [{B}, {T}] or [batch, T_past + T] = "
-                         f"[{B}, {T_past + T}], got {list(attention_mask.shape)}")
-    attention_mask = attention_mask.to(device=device, dtype=torch.long)
-    if attention_mask.size(1) == T and T_past:
-        attention_mask = torch.cat([attention_mask.new_ones(B, T_past), attention_mask], dim=1)
-    return None if bool(attention_mask.all()) else attention_mask
-
-
 @torch.no_grad()
 def stream(model: GPT, input_ids: torch.Tensor, *, max_new_tokens: int,
            attention_mask: Optional[torch.Tensor] = None, past_key_values: Optional[PastKeyValues] = None,
@@ -76,12 +63,16 @@ def stream(model: GPT, input_ids: torch.Tensor, *, max_new_tokens: int,
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a LongTensor [batch, seq]; wrap a single prompt as [[ids...]]")
     B, T = input_ids.shape
-    T_past = 0 if past_key_values is None else past_key_values[0][0].size(2)
+    T_past = past_length(past_key_values)
     n_pos = model.config.n_positions
+    if T_past + T > n_pos:
+        raise ValueError(f"the prompt is too long: {T_past} past + {T} prompt tokens = {T_past + T} > n_positions "
+                         f"{n_pos}, {T_past + T - n_pos} over the limit; shorten the prompt")
     if T_past + T + max_new_tokens > n_pos:
         raise ValueError(f"{T_past} past + {T} prompt + {max_new_tokens} new tokens = "
-                         f"{T_past + T + max_new_tokens} > n_positions {n_pos}; lower max_new_tokens")
-    mask = _full_mask(attention_mask, B, T, T_past, input_ids.device)
+                         f"{T_past + T + max_new_tokens} > n_positions {n_pos}; lower max_new_tokens to at most "
+                         f"{n_pos - T_past - T}")
+    mask = mask_with_past(attention_mask, B, T, T_past, input_ids.device)
     pad = eos_token_id if pad_token_id is None else pad_token_id
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     ids, past = input_ids, past_key_values
@@ -98,7 +89,7 @@ def stream(model: GPT, input_ids: torch.Tensor, *, max_new_tokens: int,
             return
         ids = tok[:, None]
         if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            mask = extend_mask(mask, after=1)
 
 
 def generate(model: GPT, input_ids: torch.Tensor, *, max_new_tokens: int, **kwargs) -> torch.Tensor:

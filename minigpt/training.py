@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .io import atomic_save_dir, write_json
+from .past import extend_mask
 from .tokenizer import EOT_ID, Tokenizer
 
 IGNORE = -100  # cross_entropy's ignore_index: positions that are not targets
 
-__all__ = ["TrainConfig", "train", "Example", "causal_lm_loss", "collate_lm", "examples_from_text",
+__all__ = ["TrainConfig", "train", "plan_steps", "evaluate", "Example", "causal_lm_loss", "collate_lm", "examples_from_text",
            "examples_from_pairs", "load_lm_data", "split_examples", "save_history", "lm_loss_fn"]
 
 
@@ -63,7 +64,7 @@ def lm_loss_fn(model, past_fn: Optional[Callable] = None) -> Callable[[dict], to
         past = None
         if past_fn is not None:
             past, n_past = past_fn(ids.size(0))
-            mask = torch.cat([mask.new_ones(ids.size(0), n_past), mask], dim=1)
+            mask = extend_mask(mask, before=n_past)
         out = model(ids, attention_mask=mask, past_key_values=past)
         return causal_lm_loss(out.logits, ids, batch["loss_mask"])
     return loss_fn
@@ -162,7 +163,7 @@ def split_examples(examples: list, eval_fraction: float = 0.1, seed: int = 0) ->
 @dataclass
 class TrainConfig:
     epochs: int = 1
-    max_steps: Optional[int] = None   # stop early after this many optimizer steps
+    max_steps: Optional[int] = None   # exactly this many optimizer steps (overrides epochs; the data is cycled)
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -182,6 +183,15 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1 step, got {self.eval_every}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 (or None for whole epochs), got {self.max_steps}")
+
+
+def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, float]:
+    """(optimizer steps, epochs they make) for n_examples: max_steps when given, else whole epochs."""
+    per_epoch = math.ceil(n_examples / config.batch_size)
+    total = config.max_steps if config.max_steps is not None else per_epoch * config.epochs
+    return total, total / per_epoch
 
 
 def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
@@ -238,15 +248,12 @@ def train(params, loss_fn: Callable, train_examples: Sequence, *, eval_examples:
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train_examples) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
+    total, epochs = plan_steps(len(train_examples), config)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, config))
 
     history, step = [], 0
     bar = tqdm(total=total, disable=not config.progress, desc="train", unit="step")
-    for epoch in range(config.epochs):
+    for epoch in range(math.ceil(epochs)):
         order = torch.randperm(len(train_examples), generator=g).tolist()
         for i in range(0, len(order), config.batch_size):
             if step >= total:
