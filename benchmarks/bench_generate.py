@@ -11,29 +11,15 @@ once, so tokens/s can be at most (read bandwidth) / (bytes of weights) per row.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minigpt import GPT, generate  # noqa: E402
-
-
-def timed(fn, repeats: int, sync) -> float:
-    """Median seconds of `repeats` calls, after one warm-up call."""
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from timing import device_sync, timed  # noqa: E402
 
 
 def read_bandwidth(device, sync) -> float:
@@ -55,7 +41,7 @@ def main(argv=None):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     torch.manual_seed(0)
     folder = Path(tempfile.mkdtemp(prefix="bench-gpt2-"))
     GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)  # random weights, the 124M shape

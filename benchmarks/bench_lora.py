@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,12 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from minigpt import GPT, generate, lm_loss_fn, resolve_device  # noqa: E402
 from techniques.lora import apply_lora, lora_parameters, merge_lora  # noqa: E402
+from timing import device_sync, timed, timed_alternating  # noqa: E402
 
 
 # ---- measuring -------------------------------------------------------------------------
 def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    device_sync(device)()
 
 
 def rss_bytes() -> int:
@@ -77,20 +76,6 @@ class PeakMemory:
             self.thread.join()
 
 
-def timed(fn, n: int, device) -> float:
-    """Median seconds of n calls, after one warm-up call."""
-    fn()
-    sync(device)
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-# ---- the two sides -----------------------------------------------------------------------
 def batch(args, device):
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, 50257, (args.batch_size, args.seq_len), generator=g).to(device)
@@ -155,16 +140,7 @@ def step_times(args, device) -> tuple[dict, dict]:
     steps, losses = {}, {}
     for side, make in SIDES.items():
         steps[side], losses[side] = make(args, device)
-        steps[side]()  # warm-up
-    times = {side: [] for side in SIDES}
-    for i in range(args.steps):
-        for side in (SIDES if i % 2 == 0 else reversed(list(SIDES))):
-            sync(device)
-            t = time.perf_counter()
-            steps[side]()
-            sync(device)
-            times[side].append(time.perf_counter() - t)
-    return {side: statistics.median(t) for side, t in times.items()}, losses
+    return timed_alternating(steps, args.steps, device_sync(device)), losses
 
 
 def decode_speeds(args, device) -> dict:
@@ -177,7 +153,7 @@ def decode_speeds(args, device) -> dict:
         def run():
             with torch.no_grad():
                 generate(model, prompt, max_new_tokens=args.new_tokens)
-        return args.new_tokens / timed(run, args.decode_repeats, device)
+        return args.new_tokens / timed(run, args.decode_repeats, device_sync(device))
 
     base = tok_per_s()
     apply_lora(model, r=args.r, alpha=2 * args.r, targets=("c_attn",), verbose=False)

@@ -18,7 +18,6 @@ it is not timed; its algorithmic difference (the O(n²) recompute) is row 3.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -30,23 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minigpt  # noqa: E402
 from minigpt import GPT, GPTConfig  # noqa: E402
 from techniques import pplm  # noqa: E402
-
-
-CLOCK = time.perf_counter
-
-
-def timed(fn, repeats: int, sync, warmup: bool = True) -> float:
-    """Median seconds of `repeats` calls, after one warm-up call."""
-    if warmup:
-        fn()
-        sync()
-    times = []
-    for _ in range(repeats):
-        t = CLOCK()
-        fn()
-        sync()
-        times.append(CLOCK() - t)
-    return statistics.median(times)
+import timing  # noqa: E402
+from timing import device_sync  # noqa: E402
 
 
 def main(argv=None):
@@ -65,10 +49,12 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    global CLOCK
     use_process = args.clock == "process" or (args.clock == "auto" and device.type == "cpu" and args.threads == 1)
-    CLOCK = time.process_time if use_process else time.perf_counter
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = time.process_time if use_process else time.perf_counter
+    sync = device_sync(device)
+
+    def timed(fn, repeats, sync, warmup=True):
+        return timing.timed(fn, repeats, sync, warmup=warmup, clock=clock)
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_name("gpt2", embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)).to(device).eval()
     for q in model.parameters():
@@ -112,7 +98,7 @@ def main(argv=None):
         t_full = timed(lambda: model(full), max(3, args.repeats), sync)
     t_hf = None
     if not args.no_transformers:
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import GPT2LMHeadModel
         folder = Path(tempfile.mkdtemp(prefix="bench-pplm-"))
         model.save_pretrained(str(folder))
         hf = GPT2LMHeadModel.from_pretrained(folder).to(device).eval()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -24,22 +23,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minigpt import GPT, causal_lm_loss, generate  # noqa: E402
 from techniques.prefix import PrefixTuning  # noqa: E402
+from timing import device_sync, timed_alternating  # noqa: E402
 
 
 def timed_pair(fa, fb, repeats: int, sync) -> tuple[float, float]:
-    """Best-of-`repeats` seconds of fa and of fb, measured alternately (a, b, a, b, ...) after a
-    warm-up of each. On a shared machine the minimum measures the code, not the neighbours."""
-    for f in (fa, fb, fa, fb):
-        f()
-    sync()
-    ta, tb = [], []
-    for _ in range(repeats):
-        for f, times in ((fa, ta), (fb, tb)):
-            t = time.perf_counter()
-            f()
-            sync()
-            times.append(time.perf_counter() - t)
-    return min(ta), min(tb)
+    """Best-of-`repeats` seconds of fa and of fb, measured in turns after a warm-up of each.
+    On a shared machine the minimum measures the code, not the neighbours."""
+    t = timed_alternating({"a": fa, "b": fb}, repeats, sync, reduce=min)
+    return t["a"], t["b"]
 
 
 def make_batch(B: int, T: int, device, seed: int = 0):
@@ -80,7 +71,7 @@ def main(argv=None):
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device)
     torch.manual_seed(args.seed)
     folder = Path(tempfile.mkdtemp(prefix="bench-prefix-"))
     GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)  # random weights, the 124M shape
