@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from minigpt import generate
@@ -58,8 +59,78 @@ def test_bad_input_gives_one_line_errors(tiny_hf, capsys):
     code, _, err = main(capsys, "generate", "x", "--weights", folder, "--top-p", "2")
     assert code == 2 and err.startswith("error: top_p")
     code, _, err = main(capsys, "generate", "x", "--weights", folder, "--max-new-tokens", "500")
-    assert code == 2 and "n_positions" in err
+    assert code == 2 and "lower --max-new-tokens to at most 63" in err
     code, _, err = main(capsys, "generate", "x", "--weights", folder, "--device", "tpu")
     assert code == 2 and "unknown device" in err
     code, _, err = main(capsys, "generate", "x", "--weights", folder + "-missing")
     assert code == 2 and "neither a folder" in err
+
+
+
+def one_line_error(code, out, err, *words):
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_too_long_prompt_says_by_how_much_and_prints_nothing(tiny_hf, capsys):
+    """n_positions is 64: a 70-token prompt is 7 over (it must leave room for one new token)."""
+    folder = str(tiny_hf[2])
+    code, out, err = main(capsys, "generate", " a" * 70, "--weights", folder)
+    one_line_error(code, out, err, "prompt is too long", "70 prompt tokens", "7 token(s) over the limit")
+    assert out == ""  # the prompt is not echoed before the refusal
+
+
+def test_damaged_weights_file_is_one_line(tiny_hf, tmp_path, capsys):
+    folder = tiny_hf[2]
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+    code, out, err = main(capsys, "generate", "x", "--weights", str(tmp_path))
+    one_line_error(code, out, err, str(tmp_path / "model.safetensors"), "damaged and cannot be read")
+
+
+def test_adapter_folder_as_weights_points_to_the_flag(tmp_path, capsys):
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
+    code, out, err = main(capsys, "generate", "x", "--weights", str(tmp_path))
+    one_line_error(code, out, err, "adapter, not a model", "--prefix")
+
+
+def test_error_policy_user_mistakes_interrupts_and_bugs(capsys):
+    from minigpt.cli import run_command
+
+    def raises(e):
+        def body():
+            raise e
+        return body
+
+    assert run_command(raises(ValueError("--lr must be > 0")), out="runs/x") == 2
+    assert capsys.readouterr().err == "error: --lr must be > 0; nothing was saved to runs/x\n"
+    assert run_command(raises(FileNotFoundError("data.txt not found"))) == 2
+    assert capsys.readouterr().err == "error: data.txt not found\n"
+    assert run_command(raises(KeyboardInterrupt()), out="runs/x") == 130
+    assert capsys.readouterr().err == "interrupted; nothing was saved to runs/x\n"
+    with pytest.raises(RuntimeError):  # a bug in the project keeps its traceback
+        run_command(raises(RuntimeError("shape mismatch")))
+    assert run_command(lambda: None) == 0
+
+
+def test_shared_training_options_and_plan():
+    import argparse
+
+    from minigpt import TrainConfig
+    from minigpt.cli import add_train_args, describe_plan, train_config_from_args
+    p = argparse.ArgumentParser()
+    p.add_argument("--seed", type=int, default=0)
+    add_train_args(p, lr=2e-4)
+    help_text = p.format_help()
+    for opt in ("--epochs", "--max-steps", "--batch-size", "--lr", "--warmup-steps", "--weight-decay",
+                "--eval-fraction", "--eval-every", "--no-progress"):
+        assert opt in help_text
+    cfg = train_config_from_args(p.parse_args(["--max-steps", "6"]))
+    assert isinstance(cfg, TrainConfig) and cfg.max_steps == 6 and cfg.lr == 2e-4
+    assert describe_plan(10, 2, cfg).startswith("training 6 steps (3 epochs of 2 steps, batch 8) on 10 examples")
+    with pytest.raises(ValueError, match="--eval-fraction"):
+        train_config_from_args(p.parse_args(["--eval-fraction", "1.5"]))
+    with pytest.raises(SystemExit):
+        p.parse_args(["--max-steps", "0"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from conftest import ODD_HEADS, make_hf_model
+from helpers import ODD_HEADS, make_hf_model
 from minigpt import GPT, GPTConfig
 
 FULL_124M = dict(n_positions=1024, n_embd=768, n_layer=12, n_head=12)

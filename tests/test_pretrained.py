@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_hf_model
+from helpers import make_hf_model
 from minigpt import GPT, generate
 from minigpt import pretrained
 
@@ -88,8 +88,8 @@ def test_pickled_code_is_refused(tmp_path, hf_and_ids):
 def test_untransposed_square_c_proj_is_caught_by_values(hf_and_ids):
     """attn.c_proj is square, so only values can catch a missing transpose."""
     hf, folder, ids = hf_and_ids
-    sd = pretrained.hf_to_minigpt_state_dict(hf.state_dict(), GPT.from_pretrained(str(folder)).config)
     model = GPT.from_pretrained(str(folder))
+    sd = pretrained.hf_to_minigpt_state_dict(hf.state_dict(), {k: v.shape for k, v in model.state_dict().items()})
     w = model.transformer.h[0].attn.c_proj.weight
     assert w.shape[0] == w.shape[1] and not torch.equal(w, w.t())
     assert torch.equal(sd["transformer.h.0.attn.c_proj.weight"], hf.transformer.h[0].attn.c_proj.weight.t())
@@ -123,8 +123,41 @@ def test_config_errors(tmp_path, hf_and_ids):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         GPT.from_pretrained(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="neither a folder nor one of gpt2"):
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a known model .tiny, gpt2"):
         GPT.from_pretrained(str(tmp_path / "nope"))
+
+
+def test_damaged_weights_are_named(hf_and_ids, tmp_path):
+    """A truncated or garbage model.safetensors: one ValueError naming the file, not safetensors' traceback."""
+    _, folder, _ = hf_and_ids
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    data = (folder / "model.safetensors").read_bytes()
+    for damaged in (data[:len(data) // 2], b"not a safetensors file at all", data[:5]):
+        (tmp_path / "model.safetensors").write_bytes(damaged)
+        with pytest.raises(ValueError, match="model.safetensors is damaged and cannot be read"):
+            GPT.from_pretrained(str(tmp_path))
+
+
+def test_adapter_folder_is_not_a_model(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(FileNotFoundError, match="is a LORA adapter, not a model.*--lora"):
+        GPT.from_pretrained(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
+    with pytest.raises(FileNotFoundError, match="--prefix"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_half_precision_files_load_as_float32(hf_and_ids, tmp_path):
+    """The bundled model is stored in float16; from_pretrained gives float32 unless asked otherwise."""
+    hf, folder, ids = hf_and_ids
+    model = GPT.from_pretrained(str(folder))
+    model.half().save_pretrained(tmp_path)
+    back = GPT.from_pretrained(str(tmp_path))
+    assert all(p.dtype == torch.float32 for p in back.parameters())
+    assert back.lm_head.weight is back.transformer.wte.weight
+    for (name, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a.float(), b), name
+    assert GPT.from_pretrained(str(tmp_path), dtype=torch.float16).transformer.wte.weight.dtype == torch.float16
 
 
 def test_save_is_atomic(hf_and_ids, tmp_path, monkeypatch):

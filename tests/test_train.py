@@ -46,6 +46,20 @@ def test_warmup_then_linear_decay():
     assert lrs[4:] == pytest.approx([3e-2 * (10 - s) / 6 for s in range(4, 10)])
 
 
+def test_max_steps_is_exact_and_overrides_epochs():
+    """22 training examples in batches of 4 make 6 steps an epoch: max_steps=14 with epochs=1 runs
+    two whole epochs and two steps of a third."""
+    from minigpt import plan_steps
+    _, h = tiny_run(epochs=1, max_steps=14)
+    assert len(h) == 14 and [r["epoch"] for r in h] == [0] * 6 + [1] * 6 + [2] * 2
+    assert plan_steps(22, TrainConfig(epochs=1, max_steps=14, batch_size=4)) == (14, 14 / 6)
+    assert plan_steps(6, TrainConfig(epochs=3, batch_size=4)) == (6, 3.0)
+    _, h = tiny_run(epochs=5, max_steps=3)  # fewer than the epochs would give: stops at 3
+    assert len(h) == 3
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig(max_steps=0)
+
+
 def test_only_trainable_params_change_and_clipping_applies():
     torch.manual_seed(0)
     model = GPT(CFG)

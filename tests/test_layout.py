@@ -1,0 +1,100 @@
+"""The layout rules of DESIGN.md, checked on the source: no import circles, no command line
+inside library modules, and the one direction of imports (techniques -> minigpt's public names)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("minigpt", "techniques")
+# Modules that are command lines (they compose the pieces and may use argparse).
+COMMANDS = {"minigpt.__main__", "minigpt.cli", "minigpt.check", "techniques.lora.__main__",
+            "techniques.prefix.__main__", "techniques.pplm.__main__"}
+
+
+def project_modules() -> dict[str, Path]:
+    mods = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods[".".join(parts)] = path
+    return mods
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """Project modules that `name` imports, anywhere in the file (lazy imports included)."""
+    is_pkg = path.name == "__init__.py"
+    package = name if is_pkg else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[:len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            # `from pkg import sub` imports the submodule sub when there is one
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in modules:  # a.b.c -> the nearest project module
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                found.add(t)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def test_the_expected_modules_exist():
+    mods = project_modules()
+    for m in ("minigpt.past", "minigpt.cli", "minigpt.config", "techniques.lora.lora", "techniques.lora.peft_files",
+              "techniques.prefix.prefix", "techniques.pplm.pplm", "techniques.pplm.attributes", *COMMANDS):
+        assert m in mods, m
+
+
+def test_no_import_circles():
+    g = graph()
+    done, stack = set(), []
+
+    def visit(m):
+        if m in stack:
+            raise AssertionError("import circle: " + " -> ".join(stack[stack.index(m):] + [m]))
+        if m in done:
+            return
+        stack.append(m)
+        for n in sorted(g[m]):
+            # a package's own submodules are its parts, not a circle back to it
+            if not n.startswith(m + "."):
+                visit(n)
+        stack.pop()
+        done.add(m)
+
+    for m in sorted(g):
+        visit(m)
+
+
+def test_library_modules_have_no_command_line():
+    for name, path in project_modules().items():
+        if name in COMMANDS:
+            continue
+        source = path.read_text(encoding="utf-8")
+        assert "argparse" not in source, f"{path} is a library module but uses argparse"
+        assert "def main(" not in source, f"{path} is a library module but has a main()"
+
+
+def test_imports_go_one_way():
+    for name, deps in graph().items():
+        if name.startswith("techniques") and name not in COMMANDS:
+            minigpt_deps = {d for d in deps if d.startswith("minigpt")}
+            assert minigpt_deps <= {"minigpt"}, f"{name} reaches into {minigpt_deps - {'minigpt'}}; use minigpt's public names"
+        if name.startswith("minigpt") and name not in COMMANDS:
+            assert not any(d.startswith("techniques") for d in deps), f"library module {name} imports techniques"
