@@ -1,12 +1,17 @@
-"""LoRA (techniques/lora.py): against the math, against peft, adapter files both ways, and training.
+"""LoRA (techniques/lora/): against the math, against peft, adapter files both ways, training, the command.
 
 peft and transformers appear only here, as the reference."""
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +21,8 @@ from hypothesis import strategies as st
 
 from minigpt import GPT, Example, TrainConfig, causal_lm_loss, collate_lm, lm_loss_fn, train
 from techniques.lora import (LoRALinear, LoRAQKV, apply_lora, load_adapter, lora_modules, lora_parameters,
-                             lora_summary, main, merge_lora, save_adapter)
+                             lora_summary, merge_lora, save_adapter)
+from techniques.lora.__main__ import build_parser, main
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -24,6 +30,7 @@ from peft.tuners.lora import LoraLayer  # noqa: E402
 from transformers import GPT2LMHeadModel  # noqa: E402
 
 PEFT_PREFIX = "base_model.model."
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -33,7 +40,7 @@ SMALL_VOCAB = 1000  # the comparisons do not need GPT-2's 50257 rows; a small he
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A random GPT-2 (TINY shape, 1000-token vocabulary) saved by transformers."""
-    from conftest import make_hf_model
+    from helpers import make_hf_model
     return make_hf_model(tmp_path_factory.mktemp("lora_small"), seed=3, vocab_size=SMALL_VOCAB)[1]
 
 
@@ -382,7 +389,7 @@ def good_adapter(tmp_path_factory, folder):
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"layers_to_transform": [0]}, "layers_to_transform"),
     ({"init_lora_weights": "pissa"}, "init_lora_weights"),
-    ({"peft_type": "PREFIX_TUNING"}, "not LoRA"),
+    ({"peft_type": "PREFIX_TUNING"}, "not 'LORA'"),
     ({"task_type": "SEQ_CLS"}, "task_type"),
     ({"use_something_new": True}, "use_something_new"),
     ({"r": 3}, "shape"),
@@ -418,8 +425,9 @@ def test_adapter_file_problems(folder, good_adapter, tmp_path):
         load_adapter(model, d)
     (d / "adapter_model.bin").rename(d / "adapter_model.safetensors")
     (d / "adapter_model.safetensors").write_bytes(b"\x00garbage")
-    with pytest.raises(ValueError, match="not a readable safetensors"):
+    with pytest.raises(ValueError, match="damaged and cannot be read") as e:
         load_adapter(model, d)
+    assert str(d / "adapter_model.safetensors") in str(e.value)
     (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")
     (d / "adapter_config.json").write_text("{not json")
     (d / "adapter_model.bin").rename(d / "adapter_model.safetensors")
@@ -457,13 +465,18 @@ def test_training_lowers_loss_and_leaves_base_weights_bit_identical(folder, toke
 
 
 # ---- command line ----------------------------------------------------------------------
-def run_cli(argv, capsys):
+def run_cli_of(command_main, argv, capsys):
+    """A command in-process (no interpreter start-up): (exit code, stdout, stderr)."""
     try:
-        code = main(argv)
+        code = command_main(argv)
     except SystemExit as e:
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def run_cli(argv, capsys):
+    return run_cli_of(main, argv, capsys)
 
 
 def cli_args(data, folder, out, *extra):
@@ -542,3 +555,92 @@ def test_cli_eval_fraction_zero_trains_on_everything(full_folder, tmp_path, caps
 def test_cli_help(capsys):
     code, stdout, _ = run_cli(["train", "--help"], capsys)
     assert code == 0 and "--data" in stdout and "--device" in stdout and "--seed" in stdout and "--qkv" in stdout
+
+
+def assert_one_line_error(code, err, *words):
+    """The error policy: exit code 2, one line on stderr starting with 'error:', no traceback."""
+    assert code == 2, err
+    assert err.startswith("error:") and err.count("\n") == 1 and err.endswith("\n"), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_cli_max_steps_trains_exactly_that_many_steps(full_folder, tmp_path, capsys):
+    """--max-steps 6 with the default single epoch: 6 steps, cycling the data, announced before training."""
+    data = tmp_path / "text.txt"
+    data.write_text("a short text to go over again and again. " * 6)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(cli_args(data, full_folder, out, "--max-steps", "6"), capsys)
+    assert code == 0, err
+    lines = stdout.splitlines()
+    assert lines[0].startswith("LoRA r=8 on c_attn: ") and "trainable of" in lines[0]
+    assert lines[1].startswith("training 6 steps (")
+    history = json.loads((out / "history.json").read_text())["history"]
+    assert [h["step"] for h in history] == list(range(6))
+    assert history[-1]["epoch"] > 0  # one epoch is fewer than 6 steps here: the data was cycled
+    assert "after 6 steps" in lines[-1]
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2] if how == "truncated" else b"\x00garbage, not safetensors")
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_damaged_adapter_weights_give_one_line(full_folder, good_adapter, tmp_path, capsys, how):
+    d = tmp_path / "ad"
+    shutil.copytree(good_adapter, d)
+    weights = d / "adapter_model.safetensors"
+    damage(weights, how)
+
+    from minigpt.__main__ import main as minigpt_main
+    code, stdout, err = run_cli_of(minigpt_main, ["generate", "Hello", "--weights", str(full_folder), "--lora", str(d),
+                                                  "--device", "cpu", "--max-new-tokens", "3"], capsys)
+    assert_one_line_error(code, err, str(weights), "damaged")
+    assert stdout == ""
+
+    merged = tmp_path / "merged"
+    code, stdout, err = run_cli(["merge", "--lora", str(d), "--weights", str(full_folder), "--out", str(merged),
+                                 "--device", "cpu"], capsys)
+    assert_one_line_error(code, err, str(weights), "damaged", f"nothing was saved to {merged}")
+    assert not merged.exists()
+
+
+def test_cli_train_with_damaged_model_weights_gives_one_line(full_folder, tmp_path, capsys):
+    weights_dir = tmp_path / "weights"
+    shutil.copytree(full_folder, weights_dir)
+    damage(weights_dir / "model.safetensors", "truncated")
+    data = tmp_path / "text.txt"
+    data.write_text("some ordinary words to learn from, repeated. " * 30)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(cli_args(data, weights_dir, out, "--max-steps", "2"), capsys)
+    assert_one_line_error(code, err, str(weights_dir / "model.safetensors"), "damaged",
+                          f"nothing was saved to {out}")
+    assert "training" not in stdout and not out.exists()
+
+
+def shared_training_options() -> dict[str, argparse.Action]:
+    """What minigpt.cli.add_train_args gives every training command, with LoRA's default lr."""
+    from minigpt.cli import add_train_args
+    reference = argparse.ArgumentParser()
+    add_train_args(reference, lr=2e-4, lr_help="2e-4")
+    return {a.option_strings[0]: a for a in reference._actions if a.option_strings[0] != "-h"}
+
+
+def test_cli_train_help_shows_every_shared_training_option(capsys):
+    code, stdout, _ = run_cli(["train", "--help"], capsys)
+    assert code == 0
+    train_parser = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    ours = {a.option_strings[0]: a for a in train_parser._actions if a.option_strings}
+    for option, shared in shared_training_options().items():
+        assert option in stdout, option
+        assert ours[option].help == shared.help and ours[option].default == shared.default, option
+    assert ours["--lr"].default == 2e-4 and ours["--epochs"].default == 1 and ours["--max-steps"].default is None
+
+
+def test_python_dash_m_techniques_lora_help():
+    r = subprocess.run([sys.executable, "-m", "techniques.lora", "--help"], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "train" in r.stdout and "merge" in r.stdout and r.stderr == ""

@@ -1,4 +1,4 @@
-"""LoRA: low-rank adaptation of GPT-2's projections, written by hand.
+"""LoRA: low-rank adaptation of GPT-2's projections, written by hand (the layer math).
 
 Hu et al. 2021 (arXiv:2106.09685), eq. (3): a frozen weight W0 [out, in] is
 adapted by a trainable low-rank product,
@@ -12,38 +12,30 @@ the LoRA branch's input x only. Merging folds Δ = (alpha/r)·B·A into W0, afte
 which inference costs exactly what the base model costs.
 
 Reading order: the layer (`LoRALinear`), its per-projection variant for the fused
-q|k|v `c_attn` (`LoRAQKV`), injection (`apply_lora`, `merge_lora`), the adapter
-files in peft's format (`save_adapter`, `load_adapter`), and the command line.
+q|k|v `c_attn` (`LoRAQKV`), where it goes (`apply_lora`, `lora_parameters`,
+`lora_summary`) and how it leaves (`merge_lora`). The adapter files in peft's
+format are in `peft_files.py`; the command line is `python -m techniques.lora`
+(`__main__.py`).
 
 Where this differs from peft, and why:
 - peft keeps GPT-2's projections as `Conv1D` (weight [in, out]) and so needs
   `fan_in_fan_out=True` to transpose Δ when merging. Our projections are
   `nn.Linear` ([out, in]), so Δ = s·B·A needs no transpose. A and B have the same
-  shapes in both, so adapter files carry over unchanged; we write
-  `fan_in_fan_out: true` because that is what peft needs for GPT-2.
+  shapes in both, so adapter files carry over unchanged.
 - `LoRAQKV` gives q, k and v their own A and B (the paper's setting, and loralib's
-  MergedLinear); peft can only adapt the fused c_attn as a whole. We save it by an
-  exact conversion to the fused form (see `_fused_factors`).
-- Only plain LoRA is implemented; a peft adapter that uses DoRA, rank_pattern,
-  alpha_pattern, trainable biases, modules_to_save, ... is refused with an error
-  that names the option, rather than loaded with the wrong math.
+  MergedLinear); peft can only adapt the fused c_attn as a whole. `peft_files.py`
+  saves it by an exact conversion to the fused form.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import re
-from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from minigpt import (TrainConfig, atomic_save_dir, get_tokenizer, lm_loss_fn, load_lm_data, load_tensors, read_json,
-                     save_history, save_tensors, split_examples, train, write_json)
-
-__all__ = ["LoRALinear", "LoRAQKV", "apply_lora", "merge_lora", "lora_modules", "lora_parameters", "lora_summary",
-           "save_adapter", "load_adapter"]
+__all__ = ["LoRALinear", "LoRAQKV", "apply_lora", "merge_lora", "lora_modules", "lora_parameters", "lora_summary"]
 
 Targets = Union[Sequence[str], str]  # a list of module-name suffixes, or one regex over full names (as in peft)
 QKV = "qkv"
@@ -248,6 +240,7 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16, dropout: floa
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """(name, layer) for every LoRA layer of `model`, in module order."""
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
 
 
@@ -285,274 +278,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if hasattr(model, "lora_targets"):
         del model.lora_targets
     return model
-
-
-# ---- adapter files in peft's format ----------------------------------------------------
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."  # peft's PeftModelForCausalLM -> LoraModel -> our module names
-
-# LoraConfig fields (peft 0.21) and the value meaning "off"; a file that turns any of them on
-# asks for math this module does not do, so loading refuses it.
-_MUST_BE_OFF = {
-    "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none", "lora_bias": False,
-    "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
-    "exclude_modules": None, "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
-    "use_bdlora": None, "alora_invocation_tokens": None, "arrow_config": None, "kasa_config": None,
-    "velora_config": None, "monteclora_config": None, "megatron_config": None,
-}
-# Fields that do not change the math of a trained adapter.
-_HARMLESS = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "fan_in_fan_out",
-             "use_rslora", "init_lora_weights", "base_model_name_or_path", "revision", "inference_mode",
-             "auto_mapping", "peft_version", "megatron_core", "loftq_config", "eva_config", "corda_config",
-             "lora_ga_config", "qalora_group_size", "ensure_weight_tying", "runtime_config"}
-# init_lora_weights values that leave W0 alone (pissa, olora, corda, loftq, lora_ga rewrite it).
-_PLAIN_INITS = (True, False, "gaussian", "eva")
-
-
-def _uniform(layers: list[LoRALinear]) -> LoRALinear:
-    first = layers[0]
-    for layer in layers[1:]:
-        if (layer.r, layer.scaling, layer.rslora, repr(layer.dropout)) != \
-                (first.r, first.scaling, first.rslora, repr(first.dropout)):
-            raise ValueError("peft's adapter_config.json holds one r/alpha/dropout for all layers, but these LoRA "
-                             "layers differ; build them with one apply_lora call")
-    return first
-
-
-def _fused_factors(layer: LoRALinear, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) as peft's one-adapter-per-layer form of rank `rank`, with the same B·A.
-
-    Per projection (parts p1..pm, each rank r) becomes one rank m·r adapter:
-        A = [A_p1; ...; A_pm]                 (m·r, in)
-        B = block matrix, B_pj in p_j's rows and columns j·r..(j+1)·r, zero elsewhere   (3C, m·r)
-    so B·A = [B_q·A_q ; 0 ; B_v·A_v] exactly. A whole layer of smaller rank is
-    padded with zero rows of A and zero columns of B, which adds exact zeros.
-    """
-    if isinstance(layer, LoRAQKV):
-        C, r = layer.out_features // 3, layer.r
-        A = torch.cat([layer.A[p] for p in layer.parts], dim=0)
-        B = layer.A[layer.parts[0]].new_zeros(layer.out_features, len(layer.parts) * r)
-        for j, p in enumerate(layer.parts):
-            i = QKV.index(p)
-            B[i * C:(i + 1) * C, j * r:(j + 1) * r] = layer.B[p]
-    else:
-        A, B = layer.A, layer.B
-    pad = rank - A.shape[0]
-    return (torch.cat([A, A.new_zeros(pad, A.shape[1])], dim=0),
-            torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1))
-
-
-def _adapter_files(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The adapter_config.json dict and the safetensors tensors, in peft's layout."""
-    layers = dict(lora_modules(model))
-    if not layers:
-        raise ValueError("this model has no LoRA layers to save; call apply_lora(model, ...) first")
-    first = _uniform(list(layers.values()))
-    m = max(len(l.parts) if isinstance(l, LoRAQKV) else 1 for l in layers.values())
-    rank = m * first.r
-    # keep s = alpha/r (or alpha/sqrt(r)) when the rank grows m-fold
-    alpha = first.alpha * (math.sqrt(m) if first.rslora else m)
-    tensors = {}
-    for name, layer in layers.items():
-        A, B = _fused_factors(layer, rank)
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A  # (rank, in)
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B  # (out, rank)
-    targets = getattr(model, "lora_targets", None) or sorted({n.rsplit(".", 1)[-1] for n in layers})
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-        "lora_dropout": float(getattr(first.dropout, "p", 0.0)), "target_modules": targets,
-        "fan_in_fan_out": True, "use_rslora": first.rslora, "bias": "none", "init_lora_weights": True,
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
-        "inference_mode": True, "revision": None, "auto_mapping": None, "megatron_core": "megatron.core",
-        "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
-        "qalora_group_size": 16, "ensure_weight_tying": False, **_MUST_BE_OFF,
-    }
-    return config, tensors
-
-
-def save_adapter(model: nn.Module, directory) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors (peft's layout), atomically.
-
-    Per-projection adapters are converted exactly to peft's fused form (see
-    `_fused_factors`): rank and alpha grow so that the scaling, and the logits, stay the same.
-    """
-    config, tensors = _adapter_files(model)
-    with atomic_save_dir(directory) as tmp:
-        write_json(config, tmp / CONFIG_FILE)
-        save_tensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-    return Path(directory)
-
-
-def _is_off(value, off) -> bool:
-    return value is None or value is False or value == off or (isinstance(value, (dict, list)) and not value)
-
-
-def _check_peft_config(cfg: dict, path: Path) -> None:
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{path} is a {cfg.get('peft_type')!r} adapter, not LoRA; load it with the matching technique")
-    if cfg.get("task_type") not in (None, "CAUSAL_LM"):
-        raise ValueError(f"{path} has task_type {cfg['task_type']!r}; only CAUSAL_LM adapters fit GPT-2's LM head")
-    for key, off in _MUST_BE_OFF.items():
-        if not _is_off(cfg.get(key), off):
-            raise ValueError(f"{path} sets {key}={cfg[key]!r}, a peft option this LoRA does not implement; "
-                             f"retrain without it (or merge it in peft: merge_and_unload()) and load the result")
-    if cfg.get("init_lora_weights", True) not in _PLAIN_INITS:
-        raise ValueError(f"{path} sets init_lora_weights={cfg['init_lora_weights']!r}, which rewrites the base "
-                         "weights in peft; this LoRA assumes the original W0. Save it from peft with the "
-                         "conversion to plain LoRA (path_initial_model_for_weight_conversion)")
-    unknown = sorted(k for k, v in cfg.items() if k not in _HARMLESS and k not in _MUST_BE_OFF and not _is_off(v, None))
-    if unknown:
-        raise ValueError(f"{path} sets {', '.join(unknown)}, unknown to this LoRA (written by a newer peft?); "
-                         "refusing rather than guessing the math")
-    if not cfg.get("target_modules"):
-        raise ValueError(f"{path} names no target_modules")
-    try:
-        _check_hyper(cfg.get("r"), cfg.get("lora_alpha"), cfg.get("lora_dropout") or 0.0)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; a LoRA adapter folder needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        return load_tensors(path)
-    except Exception as e:  # safetensors raises its own error type for a damaged file
-        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
-
-
-def _check_tensors(model: nn.Module, names: list[str], tensors: dict, r: int, path: Path) -> None:
-    """Before touching the model: each target has its A [r, in] and B [out, r], and nothing is left over."""
-    left = set(tensors)
-    for name in names:
-        base = model.get_submodule(name)
-        for key, shape in ((f"{PEFT_PREFIX}{name}.lora_A.weight", (r, base.in_features)),
-                           (f"{PEFT_PREFIX}{name}.lora_B.weight", (base.out_features, r))):
-            if key not in tensors:
-                raise ValueError(f"{path} has no tensor {key}, which its config's target_modules ask for")
-            if tuple(tensors[key].shape) != shape:
-                raise ValueError(f"{key} in {path} has shape {list(tensors[key].shape)}, but r={r} and this model "
-                                 f"need {list(shape)} (an adapter for another GPT-2 size?)")
-            left.discard(key)
-    if left:
-        raise ValueError(f"{path} has {len(left)} tensor(s) no LoRA layer takes, e.g. {sorted(left)[0]} "
-                         "(lora_embedding_*, biases and modules_to_save are not supported)")
-
-
-def load_adapter(model: nn.Module, directory) -> nn.Module:
-    """Inject LoRA as adapter_config.json says and load the A, B tensors; returns the model.
-
-    Reads adapters saved by peft (`PeftModel.save_pretrained`) or by `save_adapter`.
-    Every tensor must find its layer and every layer its two tensors, with the right shapes.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"LoRA adapter folder {directory} does not exist")
-    if not (directory / WEIGHTS_FILE).is_file() and (directory / "adapter_model.bin").is_file():
-        raise ValueError(f"{directory} holds a pickled adapter_model.bin, which is never unpickled here; "
-                         "re-save it in peft with save_pretrained(..., safe_serialization=True)")
-    cfg = read_json(directory / CONFIG_FILE)
-    _check_peft_config(cfg, directory / CONFIG_FILE)
-    tensors = _read_weights(directory / WEIGHTS_FILE)
-    targets = cfg["target_modules"] if isinstance(cfg["target_modules"], str) else sorted(cfg["target_modules"])
-    _check_tensors(model, _find_targets(model, targets), tensors, cfg["r"], directory / WEIGHTS_FILE)
-    apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
-               targets=targets, rslora=bool(cfg.get("use_rslora", False)), verbose=False)
-    with torch.no_grad():
-        for name, layer in lora_modules(model):
-            layer.A.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"])
-            layer.B.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
-    return model
-
-
-# ---- command line: python -m techniques.lora train ... ---------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    from minigpt.cli import add_model_args
-    p = argparse.ArgumentParser(prog="python -m techniques.lora", description="LoRA fine-tuning of GPT-2.")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a LoRA adapter on a text or prompt/completion file",
-                       description="Train LoRA on --data and save a peft-format adapter in --out.")
-    t.add_argument("--data", required=True, metavar="FILE",
-                   help=".txt (cut into blocks) or .jsonl with 'prompt' and 'completion' fields")
-    t.add_argument("--out", required=True, metavar="DIR", help="where adapter_config.json, "
-                   "adapter_model.safetensors and history.json go (written only once training has finished)")
-    add_model_args(t)
-    t.add_argument("--r", type=int, default=8, help="rank of B·A (default: 8)")
-    t.add_argument("--alpha", type=float, default=16, help="scaling numerator: s = alpha/r (default: 16)")
-    t.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA branch's input (default: 0)")
-    t.add_argument("--targets", default="c_attn",
-                   help="comma-separated: c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj, c_proj (default: c_attn)")
-    t.add_argument("--qkv", default=None, help="adapt q/k/v of c_attn separately, e.g. qv (default: c_attn whole)")
-    t.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r)")
-    t.add_argument("--epochs", type=int, default=1, help="passes over the training data (default: 1)")
-    t.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    t.add_argument("--block-size", type=int, default=128, help="tokens per training sequence (default: 128)")
-    t.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
-    t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: 2e-4)")
-    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
-    t.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps (default: 0)")
-    t.add_argument("--eval-fraction", type=float, default=0.1, help="share of examples held out (default: 0.1)")
-    t.add_argument("--eval-every", type=int, default=50, help="steps between eval losses (default: 50)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    m = sub.add_parser("merge", help="fold an adapter into the weights and save a plain checkpoint",
-                       description="Load --model/--weights, apply --lora DIR, merge it and save_pretrained to --out.")
-    m.add_argument("--lora", required=True, metavar="DIR", help="the adapter folder (peft format)")
-    m.add_argument("--out", required=True, metavar="DIR", help="where the merged config.json + model.safetensors go")
-    add_model_args(m)
-    return p
-
-
-def _train_command(args) -> None:
-    from minigpt.cli import model_from_args
-    if not 0.0 <= args.eval_fraction < 1.0:
-        raise ValueError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
-    if args.eval_every < 1 or (args.max_steps is not None and args.max_steps < 1):
-        raise ValueError("--eval-every and --max-steps must be >= 1")
-    examples = load_lm_data(args.data, get_tokenizer(), args.block_size)
-    model = model_from_args(args)
-    if args.block_size > model.config.n_positions:
-        raise ValueError(f"--block-size {args.block_size} exceeds the model's n_positions {model.config.n_positions}")
-    apply_lora(model, r=args.r, alpha=args.alpha, dropout=args.dropout,
-               targets=[t.strip() for t in args.targets.split(",") if t.strip()], qkv=args.qkv, rslora=args.rslora)
-    # split_examples holds out at least one example; --eval-fraction 0 means none
-    train_set, eval_set = split_examples(examples, args.eval_fraction, args.seed) if args.eval_fraction else (examples, [])
-    lm_loss = lm_loss_fn(model)
-
-    def loss_fn(batch):
-        model.train(torch.is_grad_enabled())  # `train` evaluates under no_grad: no dropout there
-        return lm_loss(batch)
-
-    config = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
-                         seed=args.seed, progress=not args.no_progress)
-    history = train(lora_parameters(model), loss_fn, train_set, eval_examples=eval_set, config=config)
-    model.eval()
-    save_adapter(model, args.out)  # only now, after the last step: an interrupted run writes nothing
-    save_history(history, args.out)
-    last = history[-1]
-    print(f"saved LoRA adapter to {args.out} after {len(history)} steps; last loss {last['loss']:.4f}"
-          + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
-
-
-def _merge_command(args) -> None:
-    from minigpt.cli import model_from_args
-    model = merge_lora(load_adapter(model_from_args(args), args.lora))
-    model.save_pretrained(args.out)
-    print(f"merged {args.lora} into the weights; saved to {args.out}")
-
-
-def main(argv=None) -> int:
-    from minigpt.cli import fail
-    args = build_parser().parse_args(argv)
-    try:
-        (_train_command if args.command == "train" else _merge_command)(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        fail(f"{e} (nothing was saved)" if args.command == "train" else str(e))
-    except KeyboardInterrupt:
-        fail(f"interrupted; nothing was saved to {args.out}", code=130)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

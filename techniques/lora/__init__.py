@@ -1,0 +1,7 @@
+"""LoRA (Hu et al. 2021), by hand: the layer math in `lora.py`, peft's adapter files in
+`peft_files.py`, and the command `python -m techniques.lora train|merge` in `__main__.py`."""
+from .lora import LoRALinear, LoRAQKV, apply_lora, lora_modules, lora_parameters, lora_summary, merge_lora
+from .peft_files import load_adapter, save_adapter
+
+__all__ = ["LoRALinear", "LoRAQKV", "apply_lora", "merge_lora", "lora_modules", "lora_parameters", "lora_summary",
+           "save_adapter", "load_adapter"]

@@ -1,0 +1,90 @@
+"""python -m techniques.lora train | merge: LoRA fine-tuning of GPT-2 from the command line.
+
+    train  LoRA on a .txt or prompt/completion .jsonl file; saves a peft-format adapter
+           (adapter_config.json + adapter_model.safetensors) and history.json in --out,
+           only once training has finished.
+    merge  fold an adapter into the weights (W0 <- W0 + (alpha/r)·B·A) and save a plain checkpoint.
+
+The options shared with the other commands (model, training) come from
+`minigpt.cli`, and so does the error policy: a user's mistake is one line
+`error: ...` and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+
+from minigpt import get_tokenizer, lm_loss_fn, load_lm_data, save_history, train
+from minigpt.cli import (add_model_args, add_train_args, describe_plan, model_from_args, positive_int, run_command,
+                         split_from_args, train_config_from_args)
+
+from .lora import apply_lora, lora_parameters, lora_summary, merge_lora
+from .peft_files import load_adapter, save_adapter
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m techniques.lora", description="LoRA fine-tuning of GPT-2.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a LoRA adapter on a text or prompt/completion file",
+                       description="Train LoRA on --data and save a peft-format adapter in --out.")
+    t.add_argument("--data", required=True, metavar="FILE",
+                   help=".txt (cut into blocks) or .jsonl with 'prompt' and 'completion' fields")
+    t.add_argument("--block-size", type=positive_int, default=128, help="tokens per training sequence (default: 128)")
+    t.add_argument("--out", required=True, metavar="DIR", help="where adapter_config.json, "
+                   "adapter_model.safetensors and history.json go (written only once training has finished)")
+    add_model_args(t)
+    lora = t.add_argument_group("LoRA")
+    lora.add_argument("--r", type=int, default=8, help="rank of B·A (default: 8)")
+    lora.add_argument("--alpha", type=float, default=16, help="scaling numerator: s = alpha/r (default: 16)")
+    lora.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA branch's input (default: 0)")
+    lora.add_argument("--targets", default="c_attn",
+                      help="comma-separated: c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj, c_proj (default: c_attn)")
+    lora.add_argument("--qkv", default=None,
+                      help="adapt q/k/v of c_attn separately, e.g. qv (default: c_attn whole)")
+    lora.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r)")
+    add_train_args(t, lr=2e-4, lr_help="2e-4")
+
+    m = sub.add_parser("merge", help="fold an adapter into the weights and save a plain checkpoint",
+                       description="Load --model/--weights, apply --lora DIR, merge it and save_pretrained to --out.")
+    m.add_argument("--lora", required=True, metavar="DIR", help="the adapter folder (peft format)")
+    m.add_argument("--out", required=True, metavar="DIR", help="where the merged config.json + model.safetensors go")
+    add_model_args(m)
+    return p
+
+
+def train_command(args) -> None:
+    config = train_config_from_args(args)  # checks the training options before anything is loaded
+    examples = load_lm_data(args.data, get_tokenizer(), args.block_size)
+    model = model_from_args(args)
+    if args.block_size > model.config.n_positions:
+        raise ValueError(f"--block-size {args.block_size} exceeds the model's n_positions {model.config.n_positions}")
+    apply_lora(model, r=args.r, alpha=args.alpha, dropout=args.dropout,
+               targets=[t.strip() for t in args.targets.split(",") if t.strip()], qkv=args.qkv, rslora=args.rslora,
+               verbose=False)
+    train_set, eval_set = split_from_args(examples, args)
+    print(lora_summary(model))
+    print(describe_plan(len(train_set), len(eval_set), config), flush=True)
+    model.train()  # dropout on for the steps; `train` puts eval_modules in eval mode for the eval losses
+    history = train(lora_parameters(model), lm_loss_fn(model), train_set, eval_examples=eval_set, config=config,
+                    eval_modules=[model])
+    model.eval()
+    save_adapter(model, args.out)  # only now, after the last step: an interrupted run writes nothing
+    save_history(history, args.out)
+    last = history[-1]
+    print(f"saved LoRA adapter to {args.out} after {len(history)} steps; last loss {last['loss']:.4f}"
+          + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
+
+
+def merge_command(args) -> None:
+    model = merge_lora(load_adapter(model_from_args(args), args.lora))
+    model.save_pretrained(args.out)
+    print(f"merged {args.lora} into the weights; saved to {args.out}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    body = train_command if args.command == "train" else merge_command
+    return run_command(lambda: body(args), out=args.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
