@@ -14,8 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minigpt import GPT, GPTConfig, Example, TrainConfig, causal_lm_loss, collate_lm, generate, lm_loss_fn
-from techniques.prefix import (PrefixTuning, init_from_text, load_adapter, load_checkpoint, main, save_adapter,
-                               save_checkpoint, train_prefix)
+from techniques.prefix import (PrefixTuning, init_from_text, load_adapter, load_checkpoint, past_to_table,
+                               save_adapter, save_checkpoint, train_prefix)
+from techniques.prefix.__main__ import main
 
 TOL = 1e-5
 P, HIDDEN = 3, 16
@@ -106,6 +107,16 @@ def test_past_layout_is_the_table_split_per_layer(tiny_hf):
         for b in range(3):
             assert torch.equal(k[b], table[:, 2 * layer].transpose(0, 1))
             assert torch.equal(v[b], table[:, 2 * layer + 1].transpose(0, 1))
+
+
+def test_past_to_table_inverts_the_past(tiny_hf):
+    """past_to_table(past_key_values(1)) is P_theta itself, through minigpt's one stacked layout."""
+    cfg = tiny_hf[1].config
+    torch.manual_seed(0)
+    prefix = PrefixTuning(cfg, 5)
+    assert torch.equal(past_to_table(prefix.past_key_values(1)), prefix.table())
+    with pytest.raises(ValueError, match="batch 1"):
+        past_to_table(prefix.past_key_values(2))
 
 
 def test_fold_keeps_the_logits_and_drops_the_mlp(tiny_hf):
@@ -335,10 +346,15 @@ def test_train_cli_writes_an_adapter_and_resumes(tiny_hf, tmp_path, capsys):
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"Q{i}:", "completion": " yes"}) for i in range(6)) + "\n")
     common = ["--weights", str(folder), "--data", str(data), "--device", "cpu", "--max-steps", "2",
-              "--batch-size", "2", "--no-progress"]
+              "--batch-size", "2", "--block-size", "32", "--no-progress"]
     assert main(["train", *common, "--num-virtual-tokens", "4", "--projection", "--hidden", "8",
                  "--out", str(tmp_path / "a")]) == 0
-    assert "trained P=4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "trained P=4" in out
+    L, d = ours.config.n_layer, ours.config.n_embd
+    n_mlp = (d * 8 + 8) + (8 * 2 * L * d + 2 * L * d)
+    assert (f"prefix P=4, reparametrised: {4 * d + n_mlp:,} trainable parameters (P'_theta {4 * d:,} + the MLP's "
+            f"{n_mlp:,}); the adapter keeps only the folded table P_theta, {4 * 2 * L * d:,}") in out
     prefix = load_adapter(ours, tmp_path / "a")
     assert prefix.num_virtual_tokens == 4
     resumed = load_checkpoint(ours, tmp_path / "a" / "checkpoint")
@@ -348,16 +364,89 @@ def test_train_cli_writes_an_adapter_and_resumes(tiny_hf, tmp_path, capsys):
     assert (tmp_path / "b" / "history.json").is_file()
 
 
+def one_error_line(code, capsys, *words) -> str:
+    """The error policy: exit code 2 and ONE stderr line `error: ...` naming `words`, no traceback."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+def pairs_file(tmp_path, n=6):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Q{i}:", "completion": " yes"}) for i in range(n)) + "\n")
+    return data
+
+
 def test_train_cli_bad_data_is_one_clear_error(tiny_hf, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
-    with pytest.raises(SystemExit) as e:
-        main(["train", "--weights", str(tiny_hf[2]), "--data", str(bad), "--out", str(tmp_path / "o"),
-              "--device", "cpu", "--no-progress"])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "line 2" in err and "completion" in err
+    code = main(["train", "--weights", str(tiny_hf[2]), "--data", str(bad), "--out", str(tmp_path / "o"),
+                 "--device", "cpu", "--block-size", "32", "--no-progress"])
+    one_error_line(code, capsys, "line 2", "completion")
     assert not (tmp_path / "o" / "adapter_config.json").exists()
+
+
+def test_truncated_adapter_weights_name_the_file(tiny_hf, tmp_path, capsys):
+    """A damaged adapter_model.safetensors is a ValueError naming it, and one error line in `minigpt generate`."""
+    from minigpt.__main__ import main as minigpt_main
+    _, model, folder = tiny_hf
+    save_adapter(PrefixTuning(model.config, P), tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-40])
+    with pytest.raises(ValueError, match="adapter_model.safetensors is damaged"):
+        load_adapter(model, tmp_path)
+    code = minigpt_main(["generate", "Hello", "--weights", str(folder), "--prefix", str(tmp_path), "--device", "cpu",
+                         "--max-new-tokens", "2"])
+    one_error_line(code, capsys, str(weights), "damaged")
+    assert capsys.readouterr().out == ""  # nothing echoed before the error
+
+
+def test_train_cli_bad_weights_is_one_line(tiny_hf, tmp_path, capsys):
+    """Garbage model.safetensors in --weights: the model is loaded under the error policy, so one line."""
+    bad = tmp_path / "weights"
+    bad.mkdir()
+    (bad / "config.json").write_text((Path(tiny_hf[2]) / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file at all")
+    code = main(["train", "--weights", str(bad), "--data", str(pairs_file(tmp_path)), "--out", str(tmp_path / "o"),
+                 "--device", "cpu", "--block-size", "32", "--no-progress"])
+    one_error_line(code, capsys, str(bad / "model.safetensors"), "damaged", "nothing was saved")
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_cli_refuses_a_block_that_does_not_fit_after_the_prefix(tiny_hf, tmp_path, capsys):
+    """Not cut silently: P=10 + block 60 > n_positions 64 is refused, naming the largest block that fits."""
+    code = main(["train", "--weights", str(tiny_hf[2]), "--data", str(pairs_file(tmp_path)), "--out",
+                 str(tmp_path / "o"), "--device", "cpu", "--num-virtual-tokens", "10", "--block-size", "60",
+                 "--no-progress"])
+    one_error_line(code, capsys, "P=10 + block size 60 = 70 > n_positions 64", "--block-size 54 or less")
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_cli_refuses_empty_init_text(tiny_hf, tmp_path, capsys):
+    code = main(["train", "--weights", str(tiny_hf[2]), "--data", str(pairs_file(tmp_path)), "--out",
+                 str(tmp_path / "o"), "--device", "cpu", "--block-size", "32", "--init-text", "", "--no-progress"])
+    one_error_line(code, capsys, "--init-text is empty")
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_cli_max_steps_is_exact_and_counts_are_printed(tiny_hf, tmp_path, capsys):
+    """6 pairs in batches of 2 are 3 steps an epoch; --max-steps 5 trains 5, says so first, and the
+    direct prefix's trainable-parameter count is printed."""
+    _, model, folder = tiny_hf
+    out_dir = tmp_path / "o"
+    assert main(["train", "--weights", str(folder), "--data", str(pairs_file(tmp_path)), "--out", str(out_dir),
+                 "--device", "cpu", "--num-virtual-tokens", "4", "--block-size", "32", "--batch-size", "2",
+                 "--max-steps", "5", "--eval-fraction", "0", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    L, d = model.config.n_layer, model.config.n_embd
+    n_model = sum(p.numel() for p in model.parameters())
+    assert "training 5 steps" in out
+    assert f"prefix P=4, direct: {4 * 2 * L * d:,} trainable parameters (the model's {n_model:,} stay frozen)" in out
+    assert out.index("training 5 steps") < out.index("trained P=4 for 5 steps")
+    assert len(json.loads((out_dir / "history.json").read_text())["history"]) == 5
 
 
 def test_train_cli_help(capsys):

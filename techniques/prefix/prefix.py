@@ -19,11 +19,14 @@ The paper optimises the reparametrised form because updating P_theta directly
 is unstable; after training only P_theta is needed, so `fold()` keeps the
 table and drops the MLP.
 
-How P_theta becomes a past (the layout of peft and of the reference code):
-each row of the table is split as [2L, n_head, head_dim]; the batch of
-[B, P, 2L, H, hd] is permuted (2, 0, 3, 1, 4) to [2L, B, H, P, hd] and taken
-in pairs, so layer l gets key = row 2l and value = row 2l + 1, each
-[B, H, P, hd] -- exactly the `past_key_values` minigpt's forward accepts.
+How P_theta becomes a past: each row of the table is viewed as
+(L, 2, H, hd), the batch (B, P, L, 2, H, hd) is permuted to minigpt's one
+stacked layout (L, 2, B, H, P, hd) (`minigpt.stack_past`) and unstacked into
+per-layer (k, v) pairs, each [B, H, P, hd] -- the `past_key_values` minigpt's
+forward accepts. peft and the reference code view the row as (2L, H, hd)
+instead and take slot 2l as layer l's key and 2l + 1 as its value; that is the
+same memory order, so the table means the same thing in both and adapter
+files move between them unchanged.
 
 Real tokens take positions P, P+1, ... (the model counts the past), as in the
 reference and peft, so P + sequence length must fit in n_positions.
@@ -36,12 +39,12 @@ Where we differ from peft, and why:
   - adapters are always loaded as a direct table, because the file holds the
     table with the MLP already applied (as peft's does); resuming training of
     the MLP uses the separate full checkpoint (`save_checkpoint`).
+
+The command line is in `__main__.py` (`python -m techniques.prefix train`).
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -49,15 +52,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from minigpt import (GPT, GPTConfig, PastKeyValues, TrainConfig, atomic_save_dir, get_tokenizer, lm_loss_fn,
-                     load_lm_data, load_tensors, read_json, save_history, save_tensors, split_examples, train,
-                     write_json)
+from minigpt import (GPT, GPTConfig, PastKeyValues, TrainConfig, atomic_save_dir, extend_mask, get_tokenizer,
+                     lm_loss_fn, load_tensors, read_json, save_tensors, stack_past, train, unstack_past, write_json)
+
+from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config, read_adapter_weights
 
 __all__ = ["PrefixTuning", "init_from_text", "train_prefix", "save_adapter", "load_adapter", "save_checkpoint",
-           "load_checkpoint", "past_to_table", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
+           "load_checkpoint", "past_to_table"]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CHECKPOINT_CONFIG = "prefix_config.json"
 CHECKPOINT_WEIGHTS = "prefix_checkpoint.safetensors"
 PEFT_KEY = "prompt_embeddings"
@@ -119,9 +121,8 @@ class PrefixTuning(nn.Module):
         t = self.table().unsqueeze(0).expand(batch_size, -1, -1)           # (B, P, 2·L·d), no copy
         if self.dropout.p > 0:
             t = self.dropout(t)                                            # a separate mask per row
-        t = t.reshape(batch_size, P, 2 * cfg.n_layer, cfg.n_head, cfg.head_dim)  # (B, P, 2L, H, hd)
-        t = t.permute(2, 0, 3, 1, 4)                                       # (2L, B, H, P, hd)
-        return tuple((t[2 * i], t[2 * i + 1]) for i in range(cfg.n_layer))
+        t = t.reshape(batch_size, P, cfg.n_layer, 2, cfg.n_head, cfg.head_dim)  # (B, P, L, 2, H, hd)
+        return unstack_past(t.permute(2, 3, 0, 4, 1, 5))                   # (L, 2, B, H, P, hd) -> L x (k, v)
 
     def inputs_for(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
                    ) -> tuple[PastKeyValues, torch.Tensor]:
@@ -140,7 +141,7 @@ class PrefixTuning(nn.Module):
             attention_mask = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
         elif tuple(attention_mask.shape) != (B, T):
             raise ValueError(f"attention_mask must cover the tokens only, [{B}, {T}], got {list(attention_mask.shape)}")
-        mask = torch.cat([attention_mask.new_ones(B, self.num_virtual_tokens), attention_mask], dim=1)  # (B, P + T)
+        mask = extend_mask(attention_mask, before=self.num_virtual_tokens)  # (B, P + T)
         return self.past_key_values(B), mask
 
     def check_length(self, total_tokens: int) -> None:
@@ -188,10 +189,12 @@ def _config_of(model_or_config: Union[GPT, GPTConfig]) -> GPTConfig:
 
 # ---- initialisation from real words ------------------------------------------------------
 def past_to_table(past: PastKeyValues) -> torch.Tensor:
-    """Inverse of the layout in `past_key_values`: a batch-1 past -> table [P, 2·L·d]."""
-    t = torch.stack([x for kv in past for x in kv])     # (2L, 1, H, P, hd)
-    t = t.permute(1, 3, 0, 2, 4)                        # (1, P, 2L, H, hd)
-    return t.reshape(t.size(1), -1)                     # (P, 2·L·d)
+    """The inverse of `PrefixTuning.past_key_values`: a batch-1 past -> table P_theta [P, 2·L·d]."""
+    t = stack_past(past)                                # (L, 2, 1, H, P, hd)
+    if t.size(2) != 1:
+        raise ValueError(f"past_to_table needs a past of one row (batch 1), got batch {t.size(2)}")
+    t = t[:, :, 0].permute(3, 0, 1, 2, 4)               # (P, L, 2, H, hd)
+    return t.reshape(t.size(0), -1)                     # (P, 2·L·d)
 
 
 def init_from_text(model: GPT, words: Union[str, Sequence[int]], *, projection: bool = False, hidden_size: int = 512,
@@ -287,18 +290,12 @@ def load_adapter(model_or_config: Union[GPT, GPTConfig], directory: Union[str, o
     """Read a prefix adapter saved by peft or by `save_adapter` -> a direct PrefixTuning.
 
     The result is on the model's device when given a model, on the CPU for a config.
-    Errors name the file and the problem: not a prefix adapter, another model shape.
+    Errors name the file and the problem: a missing folder or file, not a prefix
+    adapter, another model shape, a damaged (e.g. truncated) weights file.
     """
     cfg = _config_of(model_or_config)
     d = Path(directory)
-    if not d.is_dir():
-        raise FileNotFoundError(f"prefix adapter folder {d} does not exist")
-    conf = read_json(d / ADAPTER_CONFIG)
-    if conf.get("peft_type") != "PREFIX_TUNING":
-        raise ValueError(f"{d / ADAPTER_CONFIG}: peft_type is {conf.get('peft_type')!r}, not 'PREFIX_TUNING'; "
-                         "is this a LoRA adapter? (use --lora for those)")
-    if conf.get("task_type") not in (None, "CAUSAL_LM"):
-        raise ValueError(f"{d / ADAPTER_CONFIG}: task_type {conf.get('task_type')!r} is not CAUSAL_LM")
+    conf = read_adapter_config(d, "PREFIX_TUNING")
     if conf.get("num_transformer_submodules", 1) not in (None, 1):
         raise ValueError(f"{d / ADAPTER_CONFIG}: num_transformer_submodules="
                          f"{conf['num_transformer_submodules']} is for encoder-decoder models; GPT-2 has 1")
@@ -306,7 +303,7 @@ def load_adapter(model_or_config: Union[GPT, GPTConfig], directory: Union[str, o
     P = conf.get("num_virtual_tokens")
     if not isinstance(P, int) or P < 1:
         raise ValueError(f"{d / ADAPTER_CONFIG}: num_virtual_tokens must be a positive integer, got {P!r}")
-    tensors = load_tensors(d / ADAPTER_WEIGHTS)
+    tensors = read_adapter_weights(d)
     if PEFT_KEY not in tensors:
         raise ValueError(f"{d / ADAPTER_WEIGHTS} has no {PEFT_KEY!r} tensor (found {sorted(tensors)})")
     prefix = PrefixTuning(cfg, P)
@@ -331,7 +328,14 @@ def load_checkpoint(model_or_config: Union[GPT, GPTConfig], directory: Union[str
     """The inverse of `save_checkpoint`: the prefix exactly as it was, MLP included."""
     cfg = _config_of(model_or_config)
     d = Path(directory)
+    if not (d / CHECKPOINT_CONFIG).is_file() and (d / "checkpoint" / CHECKPOINT_CONFIG).is_file():
+        raise FileNotFoundError(f"{d / CHECKPOINT_CONFIG} not found; {d} is a training run's output, its full "
+                                f"checkpoint is {d / 'checkpoint'}")
     meta = read_json(d / CHECKPOINT_CONFIG)
+    needed = ("num_virtual_tokens", "projection", "hidden_size", "dropout")
+    if not isinstance(meta, dict) or any(k not in meta for k in needed):
+        raise ValueError(f"{d / CHECKPOINT_CONFIG} is not a prefix checkpoint config: it needs the fields "
+                         f"{', '.join(needed)}")
     _check_shape(cfg, meta, d / CHECKPOINT_CONFIG)
     prefix = PrefixTuning(cfg, meta["num_virtual_tokens"], projection=meta["projection"],
                           hidden_size=meta["hidden_size"], dropout=meta["dropout"])
@@ -362,89 +366,3 @@ def train_prefix(model: GPT, prefix: PrefixTuning, train_examples, *, eval_examp
                     eval_examples=eval_examples, config=config)
     prefix.eval()
     return history
-
-
-# ---- command line ------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    from minigpt.cli import add_model_args
-    p = argparse.ArgumentParser(prog="python -m techniques.prefix",
-                                description="Prefix tuning (Li & Liang 2021) for minigpt's GPT-2.")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="learn a prefix on a .txt or .jsonl (prompt/completion) file",
-                       description="Train a prefix with the model frozen; writes a peft-format adapter "
-                                   "(adapter_config.json, adapter_model.safetensors), a full checkpoint in "
-                                   "OUT/checkpoint for --resume, and OUT/history.json.")
-    add_model_args(t)
-    t.add_argument("--data", required=True, metavar="FILE",
-                   help=".txt (cut into blocks) or .jsonl with {\"prompt\", \"completion\"} per line (loss on the completion)")
-    t.add_argument("--out", required=True, metavar="DIR", help="where to write the adapter")
-    t.add_argument("--num-virtual-tokens", type=int, default=10, help="P, the prefix length (default: 10)")
-    t.add_argument("--init-text", metavar="TEXT",
-                   help="start from the model's own keys/values for these words (P = their token count, "
-                        "overriding --num-virtual-tokens)")
-    t.add_argument("--projection", action="store_true", help="reparametrise through an MLP (the paper's choice)")
-    t.add_argument("--hidden", type=int, default=512, help="the MLP's hidden width with --projection (default: 512)")
-    t.add_argument("--dropout", type=float, default=0.0, help="dropout on the prefix while training (default: 0)")
-    t.add_argument("--resume", metavar="DIR", help="continue from a full checkpoint (OUT/checkpoint of an earlier run)")
-    t.add_argument("--block-size", type=int, default=128, help="tokens per example (default: 128)")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--max-steps", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=None, help="default: 5e-3 direct, 5e-4 with --projection")
-    t.add_argument("--warmup-steps", type=int, default=0)
-    t.add_argument("--eval-fraction", type=float, default=0.1)
-    t.add_argument("--eval-every", type=int, default=50)
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-def _new_prefix(args, model: GPT) -> PrefixTuning:
-    if args.resume:
-        return load_checkpoint(model, args.resume)
-    if args.init_text:
-        return init_from_text(model, args.init_text, projection=args.projection, hidden_size=args.hidden,
-                              dropout=args.dropout, progress=not args.no_progress)
-    return _place(PrefixTuning(model.config, args.num_virtual_tokens, projection=args.projection,
-                               hidden_size=args.hidden, dropout=args.dropout), model)
-
-
-def cmd_train(args) -> int:
-    from minigpt.cli import fail, model_from_args
-    model = model_from_args(args)
-    if not 0.0 <= args.eval_fraction < 1.0:
-        fail(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
-    try:
-        torch.manual_seed(args.seed)
-        prefix = _new_prefix(args, model)
-        room = model.config.n_positions - prefix.num_virtual_tokens  # real tokens start at position P
-        examples = load_lm_data(args.data, get_tokenizer(), max(2, min(args.block_size, room)))
-        train_ex, eval_ex = split_examples(examples, args.eval_fraction, seed=args.seed) if args.eval_fraction \
-            else (examples, [])
-        lr = args.lr if args.lr is not None else (5e-4 if prefix.projection else 5e-3)
-        cfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=lr,
-                          warmup_steps=args.warmup_steps, eval_every=args.eval_every, seed=args.seed,
-                          progress=not args.no_progress)
-        history = train_prefix(model, prefix, train_ex, eval_examples=eval_ex, config=cfg)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        fail(str(e))
-    out = Path(args.out)
-    save_adapter(prefix, out, base_model_name_or_path=args.weights or args.model)
-    save_checkpoint(prefix, out / "checkpoint")
-    save_history(history, out)
-    last = history[-1]
-    msg = f"trained P={prefix.num_virtual_tokens} for {len(history)} steps: loss {history[0]['loss']:.3f} -> {last['loss']:.3f}"
-    if "eval_loss" in last:
-        msg += f", eval {last['eval_loss']:.3f}"
-    print(f"{msg}; adapter in {out}")
-    return 0
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "train":
-        return cmd_train(args)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,10 @@
+"""Prefix tuning (Li & Liang 2021): the library in prefix.py, the command in __main__.py.
+
+    python -m techniques.prefix train --data pairs.jsonl --out runs/my-prefix
+"""
+from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .prefix import (PrefixTuning, init_from_text, load_adapter, load_checkpoint, past_to_table, save_adapter,
+                     save_checkpoint, train_prefix)
+
+__all__ = ["PrefixTuning", "init_from_text", "train_prefix", "save_adapter", "load_adapter", "save_checkpoint",
+           "load_checkpoint", "past_to_table", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]

@@ -1,0 +1,128 @@
+"""python -m techniques.prefix train: learn a prefix with the model frozen.
+
+Writes, once training has finished (each save atomic): a peft-format adapter
+(adapter_config.json + adapter_model.safetensors) in OUT, the full
+checkpoint (MLP included) in OUT/checkpoint for --resume, and OUT/history.json.
+Before training it prints the plan (the real step count) and how many
+parameters are trained.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from minigpt import GPT, get_tokenizer, load_lm_data, save_history
+from minigpt.cli import (add_model_args, add_train_args, describe_plan, model_from_args, positive_int, run_command,
+                         split_from_args, train_config_from_args)
+
+from .prefix import PrefixTuning, init_from_text, load_checkpoint, save_adapter, save_checkpoint, train_prefix
+
+# The default peak learning rates: the MLP's output moves the table much more per step than the table's own lr.
+LR_DIRECT, LR_PROJECTION = 5e-3, 5e-4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m techniques.prefix",
+                                description="Prefix tuning (Li & Liang 2021) for minigpt's GPT-2.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="learn a prefix on a .txt or .jsonl (prompt/completion) file",
+                       description="Train a prefix with the model frozen; writes a peft-format adapter "
+                                   "(adapter_config.json, adapter_model.safetensors), a full checkpoint in "
+                                   "OUT/checkpoint for --resume, and OUT/history.json.")
+    add_model_args(t)
+    t.add_argument("--data", required=True, metavar="FILE",
+                   help=".txt (cut into blocks) or .jsonl with {\"prompt\", \"completion\"} per line (loss on the completion)")
+    t.add_argument("--out", required=True, metavar="DIR", help="where to write the adapter")
+    t.add_argument("--num-virtual-tokens", type=positive_int, default=10, help="P, the prefix length (default: 10)")
+    t.add_argument("--init-text", metavar="TEXT",
+                   help="start from the model's own keys/values for these words (P = their token count, "
+                        "overriding --num-virtual-tokens)")
+    t.add_argument("--projection", action="store_true", help="reparametrise through an MLP (the paper's choice)")
+    t.add_argument("--hidden", type=positive_int, default=512,
+                   help="the MLP's hidden width with --projection (default: 512)")
+    t.add_argument("--dropout", type=float, default=0.0, help="dropout on the prefix while training (default: 0)")
+    t.add_argument("--resume", metavar="DIR", help="continue from a full checkpoint (OUT/checkpoint of an earlier run)")
+    t.add_argument("--block-size", type=int, default=128,
+                   help="tokens per example; P + block size must fit in the model's n_positions (default: 128)")
+    add_train_args(t, lr=None, lr_help="5e-3 direct, 5e-4 with --projection")
+    return p
+
+
+def check_options(args) -> None:
+    """Refuse, before the model is loaded, options that cannot mean what they say."""
+    if args.init_text is not None and not args.init_text.strip():
+        raise ValueError("--init-text is empty: give the words the prefix starts from (e.g. --init-text "
+                         "\"summarize\"), or leave the option out to start from random values")
+    if args.init_text is not None and args.resume:
+        raise ValueError("--init-text and --resume both say where the prefix starts; give only one")
+    if args.block_size < 2:
+        raise ValueError(f"--block-size must be >= 2 (a token and the one it predicts), got {args.block_size}")
+
+
+def new_prefix(args, model: GPT) -> PrefixTuning:
+    """The prefix to train: resumed from a checkpoint, started from words, or random (peft's init)."""
+    torch.manual_seed(args.seed)
+    if args.resume:
+        return load_checkpoint(model, args.resume)
+    if args.init_text is not None:
+        return init_from_text(model, args.init_text, projection=args.projection, hidden_size=args.hidden,
+                              dropout=args.dropout, progress=not args.no_progress)
+    prefix = PrefixTuning(model.config, args.num_virtual_tokens, projection=args.projection,
+                          hidden_size=args.hidden, dropout=args.dropout)
+    return prefix.to(model.transformer.wte.weight)  # the model's device and dtype
+
+
+def check_block_fits(block_size: int, P: int, n_positions: int) -> None:
+    """Real tokens take positions P, P+1, ...: refuse a block that would run past n_positions."""
+    if P + block_size > n_positions:
+        raise ValueError(f"--block-size {block_size} does not fit after the prefix: P={P} + block size "
+                         f"{block_size} = {P + block_size} > n_positions {n_positions}; use --block-size "
+                         f"{n_positions - P} or less (or a shorter prefix)")
+
+
+def describe_parameters(prefix: PrefixTuning, model: GPT) -> str:
+    """One line: what is trained, and (with the MLP) what the adapter keeps of it."""
+    n_model = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in prefix.parameters())
+    P, frozen = prefix.num_virtual_tokens, f"the model's {n_model:,} stay frozen"
+    if not prefix.projection:
+        return f"prefix P={P}, direct: {n_train:,} trainable parameters ({frozen})"
+    n_mlp = sum(p.numel() for p in prefix.transform.parameters())
+    n_table = P * 2 * prefix.config.n_layer * prefix.config.n_embd  # P_theta [P, 2·L·d]
+    return (f"prefix P={P}, reparametrised: {n_train:,} trainable parameters (P'_theta "
+            f"{prefix.embedding.weight.numel():,} + the MLP's {n_mlp:,}); the adapter keeps only the folded table "
+            f"P_theta, {n_table:,} ({frozen})")
+
+
+def train_command(args) -> None:
+    check_options(args)
+    model = model_from_args(args)
+    prefix = new_prefix(args, model)
+    check_block_fits(args.block_size, prefix.num_virtual_tokens, model.config.n_positions)
+    examples = load_lm_data(args.data, get_tokenizer(), args.block_size)
+    train_ex, eval_ex = split_from_args(examples, args)
+    default_lr = LR_PROJECTION if prefix.projection else LR_DIRECT
+    config = train_config_from_args(args, lr=args.lr if args.lr is not None else default_lr)
+    print(describe_plan(len(train_ex), len(eval_ex), config))
+    print(describe_parameters(prefix, model), flush=True)
+    history = train_prefix(model, prefix, train_ex, eval_examples=eval_ex, config=config)
+
+    save_adapter(prefix, args.out, base_model_name_or_path=args.weights or args.model)
+    save_checkpoint(prefix, f"{args.out}/checkpoint")
+    save_history(history, args.out)
+    last = history[-1]
+    msg = (f"trained P={prefix.num_virtual_tokens} for {len(history)} step{'s' if len(history) != 1 else ''}: "
+           f"loss {history[0]['loss']:.3f} -> {last['loss']:.3f}")
+    if "eval_loss" in last:
+        msg += f", eval {last['eval_loss']:.3f}"
+    print(f"{msg}; adapter in {args.out}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)  # the one command, "train" (argparse requires it)
+    return run_command(lambda: train_command(args), out=args.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
