@@ -362,6 +362,12 @@ def test_train_cli_writes_an_adapter_and_resumes(tiny_hf, tmp_path, capsys):
     assert (resumed.table() - prefix.table()).abs().max().item() < 1e-6
     assert main(["train", *common, "--resume", str(tmp_path / "a" / "checkpoint"), "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "b" / "history.json").is_file()
+    capsys.readouterr()
+    # the checkpoint fixes P, the MLP and dropout: options that would be ignored are refused, not dropped
+    code = main(["train", *common, "--resume", str(tmp_path / "a" / "checkpoint"), "--num-virtual-tokens", "7",
+                 "--projection", "--out", str(tmp_path / "c")])
+    one_error_line(code, capsys, "--num-virtual-tokens, --projection would be ignored")
+    assert not (tmp_path / "c").exists()
 
 
 def one_error_line(code, capsys, *words) -> str:

@@ -34,14 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, metavar="FILE",
                    help=".txt (cut into blocks) or .jsonl with {\"prompt\", \"completion\"} per line (loss on the completion)")
     t.add_argument("--out", required=True, metavar="DIR", help="where to write the adapter")
-    t.add_argument("--num-virtual-tokens", type=positive_int, default=10, help="P, the prefix length (default: 10)")
+    t.add_argument("--num-virtual-tokens", type=positive_int, default=None, help="P, the prefix length (default: 10)")
     t.add_argument("--init-text", metavar="TEXT",
                    help="start from the model's own keys/values for these words (P = their token count, "
                         "overriding --num-virtual-tokens)")
     t.add_argument("--projection", action="store_true", help="reparametrise through an MLP (the paper's choice)")
-    t.add_argument("--hidden", type=positive_int, default=512,
+    t.add_argument("--hidden", type=positive_int, default=None,
                    help="the MLP's hidden width with --projection (default: 512)")
-    t.add_argument("--dropout", type=float, default=0.0, help="dropout on the prefix while training (default: 0)")
+    t.add_argument("--dropout", type=float, default=None, help="dropout on the prefix while training (default: 0)")
     t.add_argument("--resume", metavar="DIR", help="continue from a full checkpoint (OUT/checkpoint of an earlier run)")
     t.add_argument("--block-size", type=int, default=128,
                    help="tokens per example; P + block size must fit in the model's n_positions (default: 128)")
@@ -56,6 +56,15 @@ def check_options(args) -> None:
                          "\"summarize\"), or leave the option out to start from random values")
     if args.init_text is not None and args.resume:
         raise ValueError("--init-text and --resume both say where the prefix starts; give only one")
+    if args.resume:
+        given = [f"--{n.replace('_', '-')}" for n in ("num_virtual_tokens", "hidden", "dropout")
+                 if getattr(args, n) is not None] + (["--projection"] if args.projection else [])
+        if given:
+            raise ValueError(f"--resume continues a checkpoint with its own shape and dropout; {', '.join(given)} "
+                             "would be ignored, so leave them out (or start a new prefix without --resume)")
+    args.num_virtual_tokens = 10 if args.num_virtual_tokens is None else args.num_virtual_tokens
+    args.hidden = 512 if args.hidden is None else args.hidden
+    args.dropout = 0.0 if args.dropout is None else args.dropout
     if args.block_size < 2:
         raise ValueError(f"--block-size must be >= 2 (a token and the one it predicts), got {args.block_size}")
 
