@@ -7,7 +7,10 @@ Two small random models are built here (no transformers needed):
 """
 from __future__ import annotations
 
-import copy
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +21,8 @@ from hypothesis import strategies as st
 import minigpt
 from minigpt import GPT, GPTConfig, get_tokenizer
 from techniques import pplm
-from techniques.pplm import Objective, PPLMConfig
-from techniques.pplm_data import clean_word_lines, load_labelled_tsv
+from techniques.pplm import SMALL_CONST, Objective, PPLMConfig, clean_word_lines, load_labelled_tsv
+from techniques.pplm.__main__ import main as pplm_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -135,6 +138,103 @@ def test_gradient_matches_finite_differences(tiny64, kind):
             v = torch.randn(ctx.past.shape, generator=g0, dtype=torch.float64)
             fd = (f(d0 + eps * v) - f(d0 - eps * v)) / (2 * eps)
             assert abs(fd - (g * v).sum()) <= 1e-6 * max(1.0, abs(fd))
+
+
+# ---- the equations, written out (float64) ------------------------------------------------------------
+def _written_out_norm(g, l, b):
+    """‖g‖ of layer l, row b: keys and values together, summed element by element."""
+    keys, values = g[l, 0, b].flatten().tolist(), g[l, 1, b].flatten().tolist()
+    return math.sqrt(math.fsum(x * x for x in keys + values))
+
+
+@settings(max_examples=8)
+@given(kind=st.sampled_from(["bow", "discriminator"]), stepsize=st.floats(1e-3, 0.5), gamma=st.floats(0, 2),
+       iterations=st.integers(1, 3))
+def test_update_rule_is_the_equation(tiny64, kind, stepsize, gamma, iterations):
+    """Δ ← Δ − stepsize · g / s^γ per layer l and row b, written out one layer and row at a time:
+    g = ∂L/∂Δ at the current Δ (times the window: here each row's real positions), n_lb = ‖g_lb‖ over
+    the layer's keys AND values, and s_lb = n_lb + SMALL_CONST, except for BoW alone, where s_lb is the
+    running max of the norms over the whole generation, max(n¹ + SMALL_CONST, n², n³, ...). perturb_past
+    is called twice (two tokens) with BoW's running max carried from the first call into the second.
+    Row 2 is a one-token prompt beside longer ones: its past is all padding, so its gradient is 0 and
+    SMALL_CONST is what keeps its Δ at 0 rather than 0/0."""
+    ids, mask = padded([[5, 17, 900, 4, 33], [42, 7, 2], [8]])
+    ctx = pplm.prompt_context(tiny64, ids, mask)
+    obj = _objective(kind, tiny64)
+    cfg = PPLMConfig(stepsize=stepsize, gamma=gamma, num_iterations=iterations)
+    L, B, T_past = ctx.past.size(0), ctx.past.size(2), ctx.past.size(4)
+    real = mask[:, :T_past].to(torch.float64)                       # the window of the default window_length 0
+    history = [[[] for _ in range(B)] for _ in range(L)]            # every norm seen, per layer and row
+    grad_max = None
+    for token in range(2):
+        want = torch.zeros_like(ctx.past)
+        for _ in range(iterations):
+            d = want.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(pplm.perturbed_loss(tiny64, ctx, d, obj)[0].sum(), d)
+            g = g * real[None, None, :, None, :, None]
+            new = want.clone()
+            for l in range(L):
+                for b in range(B):
+                    n = _written_out_norm(g, l, b)
+                    history[l][b].append(n)
+                    if kind == "bow":
+                        s = max([history[l][b][0] + SMALL_CONST] + history[l][b][1:])
+                    else:
+                        s = n + SMALL_CONST
+                    new[l, :, b] = want[l, :, b] - stepsize * g[l, :, b] / s ** gamma
+            want = new
+        delta, grad_max, losses, kls, norms = pplm.perturb_past(tiny64, ctx, obj, cfg, grad_max)
+        torch.testing.assert_close(delta, want, rtol=1e-9, atol=1e-12)
+        assert torch.equal(delta[:, :, 2], torch.zeros_like(delta[:, :, 2]))   # nothing real to move in row 2
+        last = torch.tensor([[history[l][b][-iterations:] for b in range(B)] for l in range(L)], dtype=torch.float64)
+        torch.testing.assert_close(torch.stack(norms), last.permute(2, 1, 0))   # (iters, B, L)
+        assert len(losses) == len(kls) == iterations
+        if kind == "bow":
+            running = torch.tensor([[max([history[l][b][0] + SMALL_CONST] + history[l][b][1:]) for b in range(B)]
+                                    for l in range(L)], dtype=torch.float64)
+            torch.testing.assert_close(grad_max, running)
+        else:
+            assert grad_max is None
+
+
+@given(data=st.data(), B=st.integers(1, 3), V=st.integers(2, 12))
+def test_kl_term_is_the_equation(data, B, V):
+    """KL(p̃ ‖ p) = Σ_i q_i · log(q_i / p'_i), written out element by element, with the reference's guard:
+    an entry ≤ SMALL_CONST (of p̃ or of p) gets SMALL_CONST added, so zeros give no log(0) or division by 0.
+    Rows mix exact tiny entries (0, SMALL_CONST itself, just above and below it) with ordinary ones
+    scaled so that the row sums to 1."""
+    tiny = st.sampled_from([0.0, 1e-300, 1e-20, SMALL_CONST, 2 * SMALL_CONST])
+    entry = st.one_of(tiny.map(lambda x: ("exact", x)), st.floats(1e-6, 10.0).map(lambda x: ("free", x)))
+
+    def row():
+        e = data.draw(st.lists(entry, min_size=V, max_size=V).filter(lambda e: any(k == "free" for k, _ in e)))
+        rest = 1 - math.fsum(x for k, x in e if k == "exact")
+        free = math.fsum(x for k, x in e if k == "free")
+        return [x if k == "exact" else x * rest / free for k, x in e]
+    p_tilde, p = [row() for _ in range(B)], [row() for _ in range(B)]
+    guard = lambda x: x + SMALL_CONST if x <= SMALL_CONST else x
+    want = [math.fsum(guard(q) * math.log(guard(q) / guard(r)) for q, r in zip(qs, rs)) for qs, rs in zip(p_tilde, p)]
+    got = pplm.kl_divergence(torch.tensor(p_tilde, dtype=torch.float64), torch.tensor(p, dtype=torch.float64))
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    assert torch.isfinite(got).all()
+
+
+@given(data=st.data(), B=st.integers(1, 3), V=st.integers(2, 12), gm=st.floats(0, 1))
+def test_fusion_is_the_equation(data, B, V, gm):
+    """p_out ∝ p̃^gm · p^(1−gm), written out with p = softmax(logits) and p̃ = softmax(logits_pert) and
+    normalised by hand, equals softmax of what step 4 hands to the sampler (fuse works in log space)."""
+    draw = lambda: data.draw(st.lists(st.lists(st.floats(-20, 20), min_size=V, max_size=V), min_size=B, max_size=B))
+    logits, logits_pert = draw(), draw()
+
+    def softmax(z):
+        e = [math.exp(x - max(z)) for x in z]
+        return [x / math.fsum(e) for x in e]
+    want = []
+    for z, zt in zip(logits, logits_pert):
+        u = [pt ** gm * p ** (1 - gm) for pt, p in zip(softmax(zt), softmax(z))]
+        want.append([x / math.fsum(u) for x in u])
+    fused = pplm.fuse(torch.tensor(logits, dtype=torch.float64), torch.tensor(logits_pert, dtype=torch.float64), gm)
+    torch.testing.assert_close(fused.softmax(-1), torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=1e-12)
 
 
 @given(B=st.integers(1, 3), V=st.integers(3, 40), data=st.data())
@@ -387,32 +487,125 @@ def saved_small(small, tmp_path_factory):
 
 
 def test_cli_side_by_side(saved_small, capsys):
-    rc = pplm.main(["--weights", str(saved_small), "--device", "cpu", "--bow", "space;military", "--prompt",
+    rc = pplm_main(["--weights", str(saved_small), "--device", "cpu", "--bow", "space;military", "--prompt",
                     "The lake", "--length", "4", "--num-samples", "2", "--sample", "--stepsize", "0.3"])
     out, err = capsys.readouterr()
     assert rc == 0 and out.count("== sample") == 2 and "unperturbed" in out and "perturbed (PPLM)" in out
     assert "bag 'space': 18 words, 18 single-token" in err
 
 
+def run_cli(capsys, *argv):
+    """python -m techniques.pplm in-process: (exit code, stdout, stderr)."""
+    code = pplm_main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line_error(code, err, *words):
+    """The error policy: exit 2, one `error:` line on stderr, no traceback, the message's key words."""
+    assert code == 2, err
+    assert err.startswith("error:") and err.count("\n") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
 def test_cli_errors(saved_small, capsys):
     for args, msg in [(["--bow", "nosuch"], "unknown bag of words"), ([], "give a bag of words"),
                       (["--discrim", "sentiment", "--class-label", "very_positive"], "n_embd=1024"),
                       (["--bow", "space", "--gm-scale", "2"], "gm_scale must be in")]:
-        with pytest.raises(SystemExit) as e:
-            pplm.main(["--weights", str(saved_small), "--device", "cpu", *args])
-        assert e.value.code == 2 and msg in capsys.readouterr().err
+        code, _, err = run_cli(capsys, "--weights", str(saved_small), "--device", "cpu", *args)
+        assert_one_line_error(code, err, msg)
+
+
+def test_cli_prompt_longer_than_the_context_is_one_line(saved_small, tok, tmp_path, capsys):
+    """A prompt that leaves no room for a new token in n_positions = 64: one line that says by
+    how many tokens it is over (the command puts <|endoftext|> in front, as the reference does)."""
+    prompt = "the lake " * 40
+    n = 1 + len(tok.encode(prompt))
+    over = n - (CFG["n_positions"] - 1)                 # the prompt and one new token must fit
+    assert over > 0
+    code, out, err = run_cli(capsys, "--weights", str(saved_small), "--device", "cpu", "--bow", "space",
+                             "--prompt", prompt, "--length", "5")
+    assert_one_line_error(code, err, "the prompt is too long", f"{n} tokens", f"{over} token(s) over the limit")
+    assert out == ""                                    # refused before anything is printed
+    # with a discriminator, its horizon needs room too
+    pplm.Discriminator(CFG["n_embd"], ["a", "b"]).save(tmp_path / "head")
+    code, _, err = run_cli(capsys, "--weights", str(saved_small), "--device", "cpu", "--discrim",
+                           str(tmp_path / "head"), "--class-label", "b", "--horizon-length", "3", "--prompt", prompt)
+    assert_one_line_error(code, err, f"{over + 3} token(s) over the limit", "3 horizon")
+    # a prompt that fits with too long a --length: the largest --length that fits is named (64 - 3)
+    code, _, err = run_cli(capsys, "--weights", str(saved_small), "--device", "cpu", "--bow", "space",
+                           "--prompt", "the lake", "--length", "100")
+    assert_one_line_error(code, err, "lower --length to at most 61")
+
+
+def test_module_command_fails_in_one_line(saved_small):
+    """`python -m techniques.pplm` as a user runs it: the package's __main__, no runpy warning, and a
+    prompt over the context is one `error:` line with exit code 2."""
+    r = subprocess.run([sys.executable, "-m", "techniques.pplm", "--weights", str(saved_small), "--device", "cpu",
+                        "--bow", "space", "--prompt", "the lake " * 40], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert_one_line_error(r.returncode, r.stderr, "the prompt is too long", "token(s) over the limit")
+    assert r.stdout == ""
+
+
+def test_library_refuses_a_prompt_longer_than_the_context(small):
+    ids = torch.ones(1, 70, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"the prompt is too long: 70 prompt tokens \+ 1 new = 71 > n_positions 64; "
+                                         r"it is 7 token\(s\) over the limit"):
+        pplm.generate(small, ids, bow="space", max_new_tokens=3)
+    with pytest.raises(ValueError, match="lower max_new_tokens to at most 4"):
+        pplm.generate(small, ids[:, :60], bow="space", max_new_tokens=5)
 
 
 def test_cli_train_discriminator(saved_small, tmp_path, capsys):
+    """The plan line (the real step count) and the head's size come first; then it trains that many steps."""
     data = tmp_path / "d.tsv"
     data.write_text("label\ttext\n" + "".join(f"{i % 2}\t{'great fun' if i % 2 else 'dull mess'} {i}\n"
                                               for i in range(40)))
-    rc = pplm.main(["train-discriminator", "--weights", str(saved_small), "--device", "cpu", "--data", str(data),
-                    "--class-names", "neg,pos", "--out", str(tmp_path / "head"), "--epochs", "20", "--lr", "0.03",
-                    "--batch-size", "8"])
-    assert rc == 0 and "dev accuracy" in capsys.readouterr().out
+    code, out, err = run_cli(capsys, "train-discriminator", "--weights", str(saved_small), "--device", "cpu",
+                             "--data", str(data), "--class-names", "neg,pos", "--out", str(tmp_path / "head"),
+                             "--epochs", "20", "--lr", "0.03", "--batch-size", "8", "--no-progress")
+    assert code == 0, err
+    lines = out.splitlines()
+    # 40 rows, --eval-fraction 0.1 held out: 36 train in 5 batches of 8, 20 epochs
+    assert lines[0] == ("training 100 steps (20 epochs of 5 steps, batch 8) on 36 examples; "
+                        "eval loss on 4 held-out examples")
+    assert lines[1].startswith("discriminator head: 66 trainable parameters (2 classes")   # (32 + 1) · 2
+    assert "dev accuracy" in lines[-1] and "on 4 rows" in lines[-1]
     head = pplm.load_discriminator(tmp_path / "head")
     assert head.class_names == ["neg", "pos"] and (tmp_path / "head" / "history.json").is_file()
+    history = minigpt.read_json(tmp_path / "head" / "history.json")["history"]
+    assert len(history) == 100 and history[-1]["loss"] < history[0]["loss"]
+    # --max-steps is exactly that many steps; --eval-fraction 0 without --dev trains on every row
+    code, out, err = run_cli(capsys, "train-discriminator", "--weights", str(saved_small), "--device", "cpu",
+                             "--data", str(data), "--out", str(tmp_path / "head2"), "--max-steps", "7",
+                             "--eval-fraction", "0", "--no-progress")
+    assert code == 0, err
+    assert out.startswith("training 7 steps (") and "on 40 examples; no eval split" in out and "no dev rows" in out
+    assert len(minigpt.read_json(tmp_path / "head2" / "history.json")["history"]) == 7
+
+
+def test_cli_train_discriminator_refuses_class_names_without_rows(saved_small, tmp_path, capsys):
+    """--class-names a,b,c on data labelled 0/1 would train a class no row shows: refused, nothing saved."""
+    data = tmp_path / "d.tsv"
+    data.write_text("".join(f"{i % 2}\ttext {i}\n" for i in range(20)))
+    code, _, err = run_cli(capsys, "train-discriminator", "--weights", str(saved_small), "--device", "cpu",
+                           "--data", str(data), "--class-names", "a,b,c", "--out", str(tmp_path / "head"))
+    assert_one_line_error(code, err, f"class 'c' (2) has no rows in the 18 training rows of {data}",
+                          "every named class needs training rows", "nothing was saved")
+    assert not (tmp_path / "head").exists()
+    with pytest.raises(ValueError, match=r"classes 'b' \(1\), 'c' \(2\) have no rows in the training data"):
+        pplm.check_classes_have_rows([0, 0, 0], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="every named class needs training rows"):
+        pplm.train_discriminator(GPT(GPTConfig(**CFG)), ["x", "y"], [0, 1], ["a", "b", "c"], progress=False)
+
+
+def test_progress_bar_ends_at_n_of_n(small, capsys):
+    """The bar counts every generated token: it ends at 5/5, not 4/5."""
+    pplm.generate(small, torch.tensor([[50256, 464, 13546]]), bow="space", max_new_tokens=5, progress=True)
+    final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("pplm: 100%") and "5/5" in final, final
 
 
 def test_num_samples_reads_the_prompt_once(tiny64):
@@ -437,5 +630,5 @@ def test_eos_stops_rows_like_plain_generate(small):
 def test_cli_help(capsys):
     for argv in (["--help"], ["train-discriminator", "--help"]):
         with pytest.raises(SystemExit) as e:
-            pplm.main(argv)
+            pplm_main(argv)
         assert e.value.code == 0 and "--device" in capsys.readouterr().out

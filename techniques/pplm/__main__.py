@@ -7,6 +7,11 @@
 
 Generation prints, for every sample, the unperturbed continuation (stepsize 0, same seed) and
 the PPLM one side by side, bag words highlighted when stdout is a terminal.
+
+train-discriminator prints its plan (the real step count) and the head's trainable parameters
+before training, and saves the head and its history (atomically) once training has finished.
+Both commands fail the one way minigpt.cli.run_command sets: a user's mistake is one `error:`
+line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -18,11 +23,14 @@ from typing import Sequence
 
 import torch
 
-from minigpt import EOT_ID, TrainConfig, get_tokenizer, save_history, split_examples
-from minigpt.cli import add_model_args, fail, model_from_args
+from minigpt import EOT_ID, get_tokenizer, save_history
+from minigpt.cli import (add_model_args, add_train_args, describe_plan, model_from_args, positive_int, run_command,
+                         split_from_args, train_config_from_args)
 
-from .pplm import PPLMConfig, generate, load_discriminator, train_discriminator
-from .pplm_data import PAPER_HEADS, bag_names, load_bag, load_labelled_tsv
+from .attributes import (PAPER_HEADS, bag_names, check_classes_have_rows, load_bag, load_discriminator,
+                         load_labelled_tsv, train_discriminator)
+from .pplm import PPLMConfig, generate
+
 
 def _segments(tokenizer, ids: Sequence[int], highlight: set) -> list[tuple[str, bool]]:
     return [(tokenizer.decode([t]), t in highlight) for t in ids]
@@ -111,75 +119,103 @@ def build_train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m techniques.pplm train-discriminator",
                                 description="Train a PPLM discriminator head on cached features of a frozen GPT-2.")
     p.add_argument("--data", required=True, help="TSV of label<TAB>text (header optional), e.g. data/sst2/train.tsv")
-    p.add_argument("--dev", help="TSV for dev accuracy (default: hold out 10%% of --data)")
-    p.add_argument("--class-names", help="comma-separated class names in index order (e.g. negative,positive)")
+    p.add_argument("--dev", help="TSV for dev accuracy (default: hold out --eval-fraction of --data)")
+    p.add_argument("--class-names", help="comma-separated class names in index order (e.g. negative,positive); "
+                   "every one needs training rows")
     p.add_argument("--out", required=True, help="folder for discriminator.safetensors + .json + history.json")
-    p.add_argument("--max-train", type=int, help="use only the first N training rows")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-train", type=positive_int, help="use only the first N training rows")
     p.add_argument("--max-len", type=int, default=100, help="cut texts to this many tokens (default: 100)")
     add_model_args(p)
+    add_train_args(p, lr=1e-4, epochs=10, batch_size=64)
     return p
 
 
-def _main_train(argv) -> int:
-    args = build_train_parser().parse_args(argv)
-    try:
-        names = args.class_names.split(",") if args.class_names else None
-        texts, ys, names = load_labelled_tsv(args.data, names)
-        if args.max_train:
-            texts, ys = texts[:args.max_train], ys[:args.max_train]
-        if args.dev:
-            dt, dy, _ = load_labelled_tsv(args.dev, names)
-        else:
-            tr, ev = split_examples(list(zip(texts, ys)), 0.1, args.seed)
-            (texts, ys), (dt, dy) = zip(*tr), zip(*ev)
-        model = model_from_args(args)
-        cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, decay=False, seed=args.seed)
-        head, report = train_discriminator(model, list(texts), list(ys), names, eval_texts=list(dt),
-                                           eval_labels=list(dy), config=cfg, max_len=args.max_len)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
+def _training_rows(args) -> tuple[list, list, list[str]]:
+    """(train rows, dev rows, class names): rows are (text, class index) pairs."""
+    names = args.class_names.split(",") if args.class_names else None
+    texts, ys, names = load_labelled_tsv(args.data, names)
+    if args.max_train:
+        texts, ys = texts[:args.max_train], ys[:args.max_train]
+    if args.dev:
+        dev_texts, dev_ys, _ = load_labelled_tsv(args.dev, names)
+        train_rows, dev_rows = list(zip(texts, ys)), list(zip(dev_texts, dev_ys))
+    else:
+        train_rows, dev_rows = split_from_args(list(zip(texts, ys)), args)
+    check_classes_have_rows([y for _, y in train_rows], names, f"the {len(train_rows)} training rows of {args.data}")
+    return train_rows, dev_rows, names
+
+
+def _columns(rows) -> tuple[list, list]:
+    """(text, label) rows -> (texts, labels)."""
+    return [t for t, _ in rows], [y for _, y in rows]
+
+
+def train_command(args) -> None:
+    train_rows, dev_rows, names = _training_rows(args)
+    config = train_config_from_args(args, decay=False)
+    model = model_from_args(args)
+    n_head = (model.config.n_embd + 1) * len(names)
+    n_model = sum(p.numel() for p in model.parameters())
+    print(describe_plan(len(train_rows), len(dev_rows), config))
+    print(f"discriminator head: {n_head:,} trainable parameters ({len(names)} classes x (n_embd "
+          f"{model.config.n_embd} + a bias); the model's {n_model:,} stay frozen)", flush=True)
+    (texts, ys), (dev_texts, dev_ys) = _columns(train_rows), _columns(dev_rows)
+    head, report = train_discriminator(model, texts, ys, names, eval_texts=dev_texts, eval_labels=dev_ys,
+                                       config=config, max_len=args.max_len, progress=config.progress)
     head.save(args.out)
     save_history(report["history"], args.out)
-    print(f"trained on {report['n_train']} rows; dev accuracy {report['dev_accuracy']:.3f} "
-          f"on {report['n_dev']} rows; saved to {args.out}")
-    return 0
+    dev = (f"dev accuracy {report['dev_accuracy']:.3f} on {report['n_dev']} rows" if report["n_dev"]
+           else "no dev rows")
+    print(f"trained on {report['n_train']} rows; {dev}; saved to {args.out}")
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train-discriminator"]:
-        return _main_train(argv[1:])
-    args = build_parser().parse_args(argv)
+def check_prompt_fits(n_prompt: int, length: int, horizon: int, n_positions: int) -> None:
+    """Refuse, before anything is printed, a prompt (or --length) that does not fit in the context:
+    PPLM needs n_prompt + length positions, plus the discriminator's horizon."""
+    room = n_positions - horizon - 1            # the longest prompt that leaves room for one new token
+    extra = f" and {horizon} horizon" if horizon else ""
+    if n_prompt > room:
+        raise ValueError(f"the prompt is too long: {n_prompt} tokens (with the leading <|endoftext|>) leave no room "
+                         f"for a new token{extra} in the model's context of {n_positions} positions; it is "
+                         f"{n_prompt - room} token(s) over the limit, shorten --prompt")
+    if n_prompt + length + horizon > n_positions:
+        raise ValueError(f"{n_prompt} prompt + {length} new{extra} tokens = {n_prompt + length + horizon} > the "
+                         f"model's context of {n_positions}; lower --length to at most "
+                         f"{n_positions - n_prompt - horizon}")
+
+
+def _load_bags(args, tok) -> list:
+    specs = [s for item in args.bow for s in item.split(";") if s.strip()]
+    bags = [load_bag(s.strip(), tok, multi_token=args.multi_token) for s in specs]
+    if args.bow_words:
+        bags.append(load_bag(args.bow_words.split(","), tok, multi_token=args.multi_token, name="words"))
+    return bags
+
+
+def generate_command(args) -> None:
     tok = get_tokenizer()
     knobs = {f.name: getattr(args, f.name) for f in fields(PPLMConfig)}
-    try:
-        if args.num_samples < 1 or args.length < 1:
-            raise ValueError("--num-samples and --length must be >= 1")
-        specs = [s for item in args.bow for s in item.split(";") if s.strip()]
-        bags = [load_bag(s.strip(), tok, multi_token=args.multi_token) for s in specs]
-        if args.bow_words:
-            bags.append(load_bag(args.bow_words.split(","), tok, multi_token=args.multi_token, name="words"))
-        head = load_discriminator(args.discrim) if args.discrim else None
-        if not bags and head is None:
-            raise ValueError("give a bag of words (--bow / --bow-words) and/or a discriminator (--discrim)")
-        PPLMConfig(**knobs)
-        model = model_from_args(args)
-        if head is not None:
-            head.check_model(model)
-            if args.class_label is None:
-                raise ValueError("--discrim needs --class-label: one of "
-                                 + ", ".join(f"{i}={c}" for i, c in enumerate(head.class_names)))
-            head.class_index(args.class_label)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
+    if args.num_samples < 1 or args.length < 1:
+        raise ValueError("--num-samples and --length must be >= 1")
+    bags = _load_bags(args, tok)
+    head = load_discriminator(args.discrim) if args.discrim else None
+    if not bags and head is None:
+        raise ValueError("give a bag of words (--bow / --bow-words) and/or a discriminator (--discrim)")
+    cfg = PPLMConfig(**knobs)
+    model = model_from_args(args)
+    if head is not None:
+        head.check_model(model)
+        if args.class_label is None:
+            raise ValueError("--discrim needs --class-label: one of "
+                             + ", ".join(f"{i}={c}" for i, c in enumerate(head.class_names)))
+        head.class_index(args.class_label)
+    prompt = [EOT_ID] + ([] if args.uncond else tok.encode(args.prompt))
+    check_prompt_fits(len(prompt), args.length, cfg.horizon_length if head is not None else 0,
+                      model.config.n_positions)
     for b in bags:
         print(b.summary(), file=sys.stderr)
     if args.num_samples > 1 and not args.do_sample:
         print("note: greedy decoding makes every sample the same; add --sample for different ones", file=sys.stderr)
-    prompt = [EOT_ID] + ([] if args.uncond else tok.encode(args.prompt))
     ids = torch.tensor([prompt], device=model.device)
     run = dict(bow=bags or None, discriminator=head, class_label=args.class_label, max_new_tokens=args.length,
                progress=args.progress, num_samples=args.num_samples)
@@ -199,5 +235,16 @@ def main(argv=None) -> int:
                      f"{pert.steps[-1].attribute_after[r]:.3f})")
         print(f"\n== sample {r + 1}{label}")
         print_side_by_side("unperturbed", "perturbed (PPLM)", _segments(tok, a, hl), _segments(tok, b, hl), color=color)
-    return 0
 
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-discriminator"]:
+        args = build_train_parser().parse_args(argv[1:])
+        return run_command(lambda: train_command(args), out=args.out)
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: generate_command(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,8 @@
-"""Data for PPLM's attribute models: bags of words, labelled TSV files, the paper's heads.
+"""PPLM's attribute models: their data, the discriminator head, its persistence and training.
 
-Kept apart from pplm.py so that the algorithm there reads in one sitting.
+Kept apart from pplm.py so that the algorithm there reads in one sitting, as the
+paper's steps. Everything here is what an attribute model IS (a bag of token ids,
+a linear head on a mean hidden state) and how it is made, saved and loaded.
 
 Bags of words
     The paper's lists ship in techniques/data/pplm/wordlists/ (one word or
@@ -23,6 +25,15 @@ Bags of words
 
 Labelled text: a TSV of `label<TAB>text`, with an optional header row.
 
+The discriminator
+    p(a|x) = softmax(W · mean_t h_t + b), h_t the last hidden states (after ln_f)
+    of the frozen model over the real tokens. It is trained on features cached
+    once per text (the model runs once, not once per epoch), with minigpt.train,
+    and saved as discriminator.safetensors + discriminator.json. As in the
+    reference's training script, "<|endoftext|>" leads every text; unlike it,
+    texts longer than max_len tokens are cut rather than skipped. Every class
+    named must have training rows: a class the data never shows is refused, not trained.
+
 The paper's heads (techniques/data/pplm/heads/*.pt): linear layers on
 GPT-2 medium's mean hidden state; read with torch.load(weights_only=True).
 """
@@ -35,16 +46,22 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from minigpt import Tokenizer
+from minigpt import (EOT_ID, GPT, TrainConfig, Tokenizer, atomic_save_dir, get_tokenizer, left_pad, load_tensors,
+                     read_json, save_tensors, train, write_json)
 
-__all__ = ["BagOfWords", "load_bag", "bag_names", "clean_word_lines", "load_labelled_tsv",
-           "PAPER_HEADS", "paper_head_path", "read_paper_head"]
+__all__ = ["BagOfWords", "load_bag", "bag_names", "clean_word_lines", "load_labelled_tsv", "check_classes_have_rows",
+           "PAPER_HEADS", "paper_head_path", "read_paper_head", "Discriminator", "load_discriminator",
+           "mean_hidden", "cache_features", "train_discriminator"]
 
 _JUNK_SUFFIX = re.compile(r"\s*\[\d+/\d+\]\s*$")  # e.g. "algorithm     [126/1852]"
 MULTI_TOKEN_MODES = ("drop", "first")
 
 
+# ---- bags of words ----------------------------------------------------------------------------------
 def _data_dir(kind: str) -> Path:
     return Path(str(resources.files("techniques") / "data" / "pplm" / kind))
 
@@ -137,6 +154,7 @@ def load_bag(spec: Union[str, Path, Sequence[str]], tokenizer: Tokenizer, *, mul
     return bag
 
 
+# ---- labelled text ----------------------------------------------------------------------------------
 def load_labelled_tsv(path: Union[str, Path], class_names: Optional[Sequence[str]] = None
                       ) -> tuple[list[str], list[int], list[str]]:
     """`label<TAB>text` rows -> (texts, class indices, class names).
@@ -180,6 +198,19 @@ def load_labelled_tsv(path: Union[str, Path], class_names: Optional[Sequence[str
     return [r[2] for r in rows], ys, class_names
 
 
+def check_classes_have_rows(labels: Sequence[int], class_names: Sequence[str], source: str = "the training data"
+                            ) -> None:
+    """Refuse class names that no row carries: a head would learn a class it never sees
+    (and a dev accuracy computed over the wrong classes means nothing)."""
+    present = set(labels)
+    missing = [f"{c!r} ({i})" for i, c in enumerate(class_names) if i not in present]
+    if missing:
+        what = f"class {missing[0]} has" if len(missing) == 1 else f"classes {', '.join(missing)} have"
+        raise ValueError(f"{what} no rows in {source} (classes named: {', '.join(class_names)}); every named "
+                         "class needs training rows: name only the classes the data holds, or add rows for the others")
+
+
+# ---- the paper's heads ------------------------------------------------------------------------------
 # The paper's heads: file, class names (index order, from the reference's training script), base model.
 PAPER_HEADS = {
     "sentiment": ("sentiment_classifierhead.pt",
@@ -209,3 +240,139 @@ def read_paper_head(path: Union[str, Path]) -> tuple[torch.Tensor, torch.Tensor]
     if w.dim() != 2 or b.shape != (w.shape[0],):
         raise ValueError(f"{path}: mlp.weight {list(w.shape)} and mlp.bias {list(b.shape)} do not form a linear head")
     return w.float(), b.float()
+
+
+# ---- the discriminator: a linear head on the mean hidden state -------------------------------------
+class Discriminator(nn.Module):
+    """p(a|x) = softmax(W · mean_t h_t + b), h_t the last hidden states (after ln_f)
+    over the real (non-padded) tokens. Parameter names match the paper's heads (mlp.*)."""
+
+    def __init__(self, n_embd: int, class_names: Sequence[str], base_model: str = ""):
+        super().__init__()
+        if len(class_names) < 2:
+            raise ValueError(f"a discriminator needs at least two classes, got {list(class_names)}")
+        self.mlp = nn.Linear(n_embd, len(class_names))
+        self.class_names, self.base_model = [str(c) for c in class_names], base_model
+
+    @property
+    def n_embd(self) -> int:
+        return self.mlp.in_features
+
+    def forward(self, mean_hidden: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B, classes)
+        return self.mlp(mean_hidden)
+
+    def class_index(self, label: Union[int, str]) -> int:
+        """A class by name ("very_positive", "very positive") or by index."""
+        names = [c.lower().replace(" ", "_") for c in self.class_names]
+        key = str(label).strip().lower().replace(" ", "_")
+        if key in names:
+            return names.index(key)
+        if key.lstrip("-").isdigit() and 0 <= int(key) < len(names):
+            return int(key)
+        raise ValueError(f"class label {label!r} is not one of this head's classes: "
+                         + ", ".join(f"{i}={c}" for i, c in enumerate(self.class_names)))
+
+    def check_model(self, model: GPT) -> None:
+        if model.config.n_embd != self.n_embd:
+            want = f" ({self.base_model})" if self.base_model else ""
+            raise ValueError(f"this discriminator head reads hidden states of size n_embd={self.n_embd}{want}, but the "
+                             f"model has n_embd={model.config.n_embd}; load the model it was trained on "
+                             f"(e.g. --model {self.base_model or 'gpt2-medium'}) or train a head for this one")
+
+    def save(self, directory: Union[str, Path]) -> None:
+        """discriminator.safetensors + discriminator.json, written atomically."""
+        meta = {"class_names": self.class_names, "n_embd": self.n_embd, "base_model": self.base_model}
+        with atomic_save_dir(directory) as tmp:
+            save_tensors(dict(self.state_dict()), tmp / "discriminator.safetensors", {"format": "pt"})
+            write_json(meta, tmp / "discriminator.json")
+
+    @classmethod
+    def load(cls, directory: Union[str, Path]) -> "Discriminator":
+        d = Path(directory)
+        meta, tensors = read_json(d / "discriminator.json"), load_tensors(d / "discriminator.safetensors")
+        head = cls(tensors["mlp.weight"].shape[1], meta["class_names"], meta.get("base_model", ""))
+        head.load_state_dict(tensors)
+        return head.eval()
+
+    @classmethod
+    def from_paper(cls, name_or_path: Union[str, Path], class_names: Optional[Sequence[str]] = None) -> "Discriminator":
+        """One of the paper's heads by name (sentiment, clickbait, toxicity) or a .pt state dict."""
+        if str(name_or_path) in PAPER_HEADS:
+            _, names, base = PAPER_HEADS[str(name_or_path)]
+            w, b = read_paper_head(paper_head_path(str(name_or_path)))
+        else:
+            w, b = read_paper_head(name_or_path)
+            names, base = [str(i) for i in range(w.shape[0])], ""
+        head = cls(w.shape[1], class_names or names, base)
+        head.mlp.weight.data.copy_(w)
+        head.mlp.bias.data.copy_(b)
+        return head.eval()
+
+
+def load_discriminator(spec: Union[str, Path]) -> Discriminator:
+    """A paper head name, a folder saved by Discriminator.save, or a reference .pt file."""
+    p = Path(spec)
+    if str(spec) in PAPER_HEADS or p.suffix == ".pt":
+        return Discriminator.from_paper(spec)
+    if p.is_dir() and (p / "discriminator.safetensors").is_file():
+        return Discriminator.load(p)
+    raise ValueError(f"unknown discriminator {str(spec)!r}: give one of the paper's heads "
+                     f"({', '.join(PAPER_HEADS)}), a folder saved by train-discriminator, or a .pt head")
+
+
+# ---- training a head on the frozen model's features ------------------------------------------------
+def mean_hidden(model: GPT, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over the real positions of the last hidden states (after ln_f): (B, C)."""
+    out = model(input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    h = out.hidden_states[-1]                                       # (B, T, C)
+    m = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    m = m.to(h.dtype)[..., None]                                    # (B, T, 1)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+@torch.no_grad()
+def cache_features(model: GPT, texts: Sequence[str], *, batch_size: int = 32, max_len: int = 100,
+                   progress: bool = True) -> torch.Tensor:
+    """The frozen model's mean hidden state of "<|endoftext|>" + text for each text, (N, C), on the CPU.
+    Like the reference's training script, the end-of-text token leads (generation prompts start
+    with it too); texts longer than max_len tokens are cut (the reference skips them)."""
+    tok = get_tokenizer()
+    seqs = [[EOT_ID] + tok.encode(t)[:max_len - 1] for t in texts]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of similar length: little padding
+    out = torch.empty(len(seqs), model.config.n_embd)
+    for i in tqdm(range(0, len(seqs), batch_size), disable=not progress, desc="features", unit="batch"):
+        idx = order[i:i + batch_size]
+        ids, mask = left_pad([seqs[j] for j in idx], EOT_ID, model.device)     # (b, T) each
+        out[idx] = mean_hidden(model, ids, mask).float().cpu()
+    return out
+
+
+def train_discriminator(model: GPT, texts: Sequence[str], labels: Sequence[int], class_names: Sequence[str], *,
+                        eval_texts: Sequence[str] = (), eval_labels: Sequence[int] = (),
+                        config: TrainConfig = TrainConfig(epochs=10, batch_size=64, lr=1e-4, decay=False),
+                        max_len: int = 100, progress: bool = True) -> tuple[Discriminator, dict]:
+    """Train a head on cached features of the frozen model with minigpt.train.
+    Returns (head, report) with the loss history and dev accuracy (None without dev data)."""
+    if len(texts) != len(labels) or len(eval_texts) != len(eval_labels):
+        raise ValueError("texts and labels must have the same length")
+    check_classes_have_rows(labels, class_names)
+    head = Discriminator(model.config.n_embd, class_names, model.config.name_or_path).to(model.device)
+
+    def examples(ts, ys):  # (feature (C,), label) pairs: the model runs once per text, not once per epoch
+        return list(zip(cache_features(model, ts, max_len=max_len, progress=progress), ys))
+
+    def collate(batch):
+        return {"x": torch.stack([f for f, _ in batch]), "y": torch.tensor([y for _, y in batch])}
+
+    def loss_fn(batch):
+        return F.cross_entropy(head(batch["x"]), batch["y"])
+
+    train_ex, eval_ex = examples(texts, labels), (examples(eval_texts, eval_labels) if eval_texts else [])
+    history = train(head.parameters(), loss_fn, train_ex, eval_examples=eval_ex, config=config, collate_fn=collate)
+    head.eval()
+    acc = None
+    if eval_ex:
+        with torch.no_grad():
+            batch = collate(eval_ex)
+            acc = (head(batch["x"].to(model.device)).argmax(-1).cpu() == batch["y"]).float().mean().item()
+    return head, {"history": history, "dev_accuracy": acc, "n_train": len(train_ex), "n_dev": len(eval_ex)}

@@ -20,6 +20,16 @@ paper's Eq. 3, written as descent on -log p(a|x) plus the KL term):
      values stay in the past that follows (the nudges accumulate over time).
   4. Fuse: p_out ∝ p̃^gm_scale · p^(1 - gm_scale); repetition penalty; top-k; sample or argmax.
 
+This file reads in that order: the knobs and what step 2 reads; step 1; the pieces
+of step 2's objective, then step 2 itself; step 3; step 4; the loop that runs them
+for every token, and `generate`. The attribute models' data, and the
+discriminator's persistence and training, are in attributes.py.
+
+Names: `logits` / `logits_pert` are the current token's logits under H_t / H_t + Δ
+(p and p̃ before the softmax); `hidden` / `hidden_pert` its last hidden state
+(after ln_f) under each; `past_pert` the perturbed past, stacked
+(L, 2, B, n_head, T, head_dim) as minigpt.stack_past lays it out.
+
 Knobs and defaults are the reference's (uber-research/PPLM run_pplm.py): stepsize 0.02,
 num_iterations 3, window_length 0 (= the whole past), decay off, gamma 1.5, kl_scale 0.01,
 gm_scale 0.9, horizon_length 1, grad_length 10000, temperature 1.0, top_k 10 (0 = off),
@@ -52,7 +62,7 @@ Where this differs from the reference, and why:
 - Steps that cannot move anything (stepsize 0, num_iterations 0, a step past
   grad_length, an empty past) skip the gradient loop instead of running it with a
   zero step; the result is the same.
-- Multi-token words and duplicates in bags: see pplm_data.py.
+- Multi-token words and duplicates in bags: see attributes.py.
 - The loss is differentiated with torch.autograd.grad with respect to Δ only, so
   the model's weights never collect .grad.
 The horizon feeds the same p̃·W_te soft token horizon_length times after the
@@ -64,197 +74,25 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from minigpt import (EOT_ID, GPT, TrainConfig, atomic_save_dir, get_tokenizer, load_tensors, read_json,
-                     sample_next_token, save_tensors, train, write_json)
+from minigpt import (GPT, PastKeyValues, check_left_padded, extend_mask, get_tokenizer, sample_next_token, stack_past,
+                     unstack_past)
 
-from .pplm_data import PAPER_HEADS, BagOfWords, bag_names, load_bag, paper_head_path, read_paper_head
+from .attributes import BagOfWords, Discriminator, load_bag
 
-__all__ = ["PPLMConfig", "PPLMOutput", "Step", "Discriminator", "generate", "mean_hidden", "cache_features",
-           "train_discriminator", "load_discriminator", "bow_loss", "kl_divergence", "window_weights", "Context",
-           "Objective", "perturbed_loss", "perturb_past", "prompt_context", "BagOfWords", "load_bag", "bag_names",
-           "main"]
+__all__ = ["PPLMConfig", "Context", "Objective", "prompt_context", "unperturbed_step", "bow_loss", "kl_divergence",
+           "perturbed_loss", "window_weights", "layer_grad_norms", "descent_step", "perturb_past", "perturbed_step",
+           "fuse", "repetition_penalty", "Step", "PPLMOutput", "check_fits", "generate", "SMALL_CONST"]
 
 SMALL_CONST = 1e-15  # the reference's guard against log(0) and division by a zero norm
 
 
-# ---- the discriminator: a linear head on the mean hidden state -------------------------------------
-class Discriminator(nn.Module):
-    """p(a|x) = softmax(W · mean_t h_t + b), h_t the last hidden states (after ln_f)
-    over the real (non-padded) tokens. Parameter names match the paper's heads (mlp.*)."""
-
-    def __init__(self, n_embd: int, class_names: Sequence[str], base_model: str = ""):
-        super().__init__()
-        if len(class_names) < 2:
-            raise ValueError(f"a discriminator needs at least two classes, got {list(class_names)}")
-        self.mlp = nn.Linear(n_embd, len(class_names))
-        self.class_names, self.base_model = [str(c) for c in class_names], base_model
-
-    @property
-    def n_embd(self) -> int:
-        return self.mlp.in_features
-
-    def forward(self, mean_hidden: torch.Tensor) -> torch.Tensor:  # (B, C) -> (B, classes)
-        return self.mlp(mean_hidden)
-
-    def class_index(self, label: Union[int, str]) -> int:
-        """A class by name ("very_positive", "very positive") or by index."""
-        names = [c.lower().replace(" ", "_") for c in self.class_names]
-        key = str(label).strip().lower().replace(" ", "_")
-        if key in names:
-            return names.index(key)
-        if key.lstrip("-").isdigit() and 0 <= int(key) < len(names):
-            return int(key)
-        raise ValueError(f"class label {label!r} is not one of this head's classes: "
-                         + ", ".join(f"{i}={c}" for i, c in enumerate(self.class_names)))
-
-    def check_model(self, model: GPT) -> None:
-        if model.config.n_embd != self.n_embd:
-            want = f" ({self.base_model})" if self.base_model else ""
-            raise ValueError(f"this discriminator head reads hidden states of size n_embd={self.n_embd}{want}, but the "
-                             f"model has n_embd={model.config.n_embd}; load the model it was trained on "
-                             f"(e.g. --model {self.base_model or 'gpt2-medium'}) or train a head for this one")
-
-    def save(self, directory: Union[str, Path]) -> None:
-        """discriminator.safetensors + discriminator.json, written atomically."""
-        meta = {"class_names": self.class_names, "n_embd": self.n_embd, "base_model": self.base_model}
-        with atomic_save_dir(directory) as tmp:
-            save_tensors(dict(self.state_dict()), tmp / "discriminator.safetensors", {"format": "pt"})
-            write_json(meta, tmp / "discriminator.json")
-
-    @classmethod
-    def load(cls, directory: Union[str, Path]) -> "Discriminator":
-        d = Path(directory)
-        meta, tensors = read_json(d / "discriminator.json"), load_tensors(d / "discriminator.safetensors")
-        head = cls(tensors["mlp.weight"].shape[1], meta["class_names"], meta.get("base_model", ""))
-        head.load_state_dict(tensors)
-        return head.eval()
-
-    @classmethod
-    def from_paper(cls, name_or_path: Union[str, Path], class_names: Optional[Sequence[str]] = None) -> "Discriminator":
-        """One of the paper's heads by name (sentiment, clickbait, toxicity) or a .pt state dict."""
-        if str(name_or_path) in PAPER_HEADS:
-            _, names, base = PAPER_HEADS[str(name_or_path)]
-            w, b = read_paper_head(paper_head_path(str(name_or_path)))
-        else:
-            w, b = read_paper_head(name_or_path)
-            names, base = [str(i) for i in range(w.shape[0])], ""
-        head = cls(w.shape[1], class_names or names, base)
-        head.mlp.weight.data.copy_(w)
-        head.mlp.bias.data.copy_(b)
-        return head.eval()
-
-
-def load_discriminator(spec: Union[str, Path]) -> Discriminator:
-    """A paper head name, a folder saved by Discriminator.save, or a reference .pt file."""
-    p = Path(spec)
-    if str(spec) in PAPER_HEADS or p.suffix == ".pt":
-        return Discriminator.from_paper(spec)
-    if p.is_dir() and (p / "discriminator.safetensors").is_file():
-        return Discriminator.load(p)
-    raise ValueError(f"unknown discriminator {str(spec)!r}: give one of the paper's heads "
-                     f"({', '.join(PAPER_HEADS)}), a folder saved by train-discriminator, or a .pt head")
-
-
-def mean_hidden(model: GPT, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean over the real positions of the last hidden states (after ln_f): (B, C)."""
-    out = model(input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    h = out.hidden_states[-1]                                       # (B, T, C)
-    m = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    m = m.to(h.dtype)[..., None]                                    # (B, T, 1)
-    return (h * m).sum(1) / m.sum(1).clamp(min=1)
-
-
-@torch.no_grad()
-def cache_features(model: GPT, texts: Sequence[str], *, batch_size: int = 32, max_len: int = 100,
-                   progress: bool = True) -> torch.Tensor:
-    """The frozen model's mean hidden state of "<|endoftext|>" + text for each text, (N, C), on the CPU.
-    Like the reference's training script, the end-of-text token leads (generation prompts start
-    with it too); texts longer than max_len tokens are cut (the reference skips them)."""
-    tok = get_tokenizer()
-    seqs = [[EOT_ID] + tok.encode(t)[:max_len - 1] for t in texts]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of similar length: little padding
-    out = torch.empty(len(seqs), model.config.n_embd)
-    for i in tqdm(range(0, len(seqs), batch_size), disable=not progress, desc="features", unit="batch"):
-        idx = order[i:i + batch_size]
-        T = max(len(seqs[j]) for j in idx)
-        ids = torch.full((len(idx), T), EOT_ID, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, j in enumerate(idx):  # left-padded
-            ids[r, T - len(seqs[j]):], mask[r, T - len(seqs[j]):] = torch.tensor(seqs[j]), 1
-        out[idx] = mean_hidden(model, ids.to(model.device), mask.to(model.device)).float().cpu()
-    return out
-
-
-def train_discriminator(model: GPT, texts: Sequence[str], labels: Sequence[int], class_names: Sequence[str], *,
-                        eval_texts: Sequence[str] = (), eval_labels: Sequence[int] = (),
-                        config: TrainConfig = TrainConfig(epochs=10, batch_size=64, lr=1e-4, decay=False),
-                        max_len: int = 100, progress: bool = True) -> tuple[Discriminator, dict]:
-    """Train a head on cached features of the frozen model with minigpt.train.
-    Returns (head, report) with the loss history and dev accuracy (None without dev data)."""
-    if len(texts) != len(labels) or len(eval_texts) != len(eval_labels):
-        raise ValueError("texts and labels must have the same length")
-    head = Discriminator(model.config.n_embd, class_names, model.config.name_or_path).to(model.device)
-
-    def examples(ts, ys):  # (feature (C,), label) pairs: the model runs once per text, not once per epoch
-        return list(zip(cache_features(model, ts, max_len=max_len, progress=progress), ys))
-
-    def collate(batch):
-        return {"x": torch.stack([f for f, _ in batch]), "y": torch.tensor([y for _, y in batch])}
-
-    def loss_fn(batch):
-        return F.cross_entropy(head(batch["x"]), batch["y"])
-
-    train_ex, eval_ex = examples(texts, labels), (examples(eval_texts, eval_labels) if eval_texts else [])
-    history = train(head.parameters(), loss_fn, train_ex, eval_examples=eval_ex, config=config, collate_fn=collate)
-    head.eval()
-    acc = None
-    if eval_ex:
-        with torch.no_grad():
-            batch = collate(eval_ex)
-            acc = (head(batch["x"].to(model.device)).argmax(-1).cpu() == batch["y"]).float().mean().item()
-    return head, {"history": history, "dev_accuracy": acc, "n_train": len(train_ex), "n_dev": len(eval_ex)}
-
-
-# ---- the pieces of the objective ------------------------------------------------------------------
-def bow_loss(probs: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
-    """probs (B, V), bags multi-hot (n_bags, V) -> Σ_bags -log Σ_{w in bag} p(w), per row (B,)."""
-    return -(probs @ bags.T).log().sum(-1)
-
-
-def kl_divergence(p_tilde: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """KL(p̃ || p) per row, with the reference's SMALL_CONST lifted onto near-zero entries."""
-    p = p + SMALL_CONST * (p <= SMALL_CONST).to(p.dtype)
-    q = p_tilde + SMALL_CONST * (p_tilde <= SMALL_CONST).to(p.dtype).detach()
-    return (q * (q / p).log()).sum(-1)
-
-
-def window_weights(mask: torch.Tensor, window_length: int, decay: bool = False, window_from: str = "oldest"
-                   ) -> torch.Tensor:
-    """mask (B, T_past) of real positions -> gradient weights (B, T_past).
-
-    window_length 0 moves the whole past. Otherwise window_length positions move:
-    the oldest real ones (the reference) or the most recent; with decay, weights
-    1/w, 2/w, ..., 1 rising towards the newest position in the window. A row whose
-    real past is not longer than the window moves whole, without decay (as the reference)."""
-    real = mask.to(torch.float64)
-    if window_length == 0:
-        return real
-    n_real = real.sum(1, keepdim=True)                              # (B, 1)
-    rank = real.cumsum(1) - 1                                       # index among real positions, oldest 0
-    idx = rank if window_from == "oldest" else rank - (n_real - window_length)
-    inside = (idx >= 0) & (idx < window_length)
-    w = (idx + 1) / window_length if decay else torch.ones_like(idx)
-    return torch.where(n_real > window_length, w * inside, real) * real
-
-
-# ---- the generation loop ---------------------------------------------------------------------------
+# ---- the knobs -------------------------------------------------------------------------------------
 @dataclass
 class PPLMConfig:
     """The knobs, with the reference's defaults (see the module docstring for what each does)."""
@@ -280,7 +118,8 @@ class PPLMConfig:
                   ("gamma", self.gamma >= 0, ">= 0"), ("kl_scale", self.kl_scale >= 0, ">= 0"),
                   ("gm_scale", 0 <= self.gm_scale <= 1, "in [0, 1]"),
                   ("horizon_length", self.horizon_length >= 1, ">= 1"), ("grad_length", self.grad_length >= 0, ">= 0"),
-                  ("temperature", self.temperature >= 0, ">= 0 (0 = greedy)"), ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
+                  ("temperature", self.temperature >= 0, ">= 0 (0 = greedy)"),
+                  ("top_k", self.top_k >= 0, ">= 0 (0 = off)"),
                   ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 = off)")]
         for name in ("num_iterations", "window_length", "horizon_length", "grad_length", "top_k"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
@@ -290,6 +129,194 @@ class PPLMConfig:
                 raise ValueError(f"PPLM knob {name} must be {want}, got {getattr(self, name)!r}")
 
 
+@dataclass
+class Context:
+    """What step 2 needs for the current token besides Δ."""
+    last: torch.Tensor                     # (B, 1) the current token
+    past: torch.Tensor                     # (L, 2, B, nh, T_past, hs) the past before it (perturbed so far)
+    mask: Optional[torch.Tensor]           # (B, T_past + 1) or None (nothing padded)
+    p: torch.Tensor                        # (B, V) unperturbed next-token distribution
+    unpert_past: PastKeyValues             # unperturbed cache including the current token
+    hidden_sum: torch.Tensor               # (B, C) Σ unperturbed ln_f hidden states of the real tokens before it
+    count: torch.Tensor                    # (B,) how many tokens that sum holds
+
+
+@dataclass
+class Objective:
+    """The attribute model(s) and the KL weight: what perturbed_loss adds up."""
+    bags: Optional[torch.Tensor] = None    # (n_bags, V) multi-hot
+    head: Optional[Discriminator] = None
+    label: Optional[int] = None
+    kl_scale: float = 0.01
+    horizon_length: int = 1
+    detach_current: bool = True            # the current token's hidden state enters the mean as a constant (reference)
+
+    @property
+    def bow_only(self) -> bool:
+        """BoW without a discriminator: the case whose gradient norm is a running max (as the reference)."""
+        return self.bags is not None and self.head is None
+
+
+# ---- step 1: the unperturbed model -----------------------------------------------------------------
+def _prompt_pass(model: GPT, ids: torch.Tensor, mask: Optional[torch.Tensor]):
+    """The prompt in one pass, exactly as minigpt.generate's first step.
+    Returns (logits, hidden, cache, hidden_sum, count) of the last prompt token: its logits (B, V) and
+    ln_f hidden state (B, C), the cache including it, and Σ / count of the hidden states before it."""
+    out = model(ids, attention_mask=mask, output_hidden_states=True)
+    h = out.hidden_states[-1]                                       # (B, T, C)
+    real = (torch.ones_like(ids) if mask is None else mask)[:, :-1, None].to(h.dtype)
+    hidden_sum, count = (h[:, :-1] * real).sum(1), real[..., 0].sum(1)
+    return out.logits[:, -1], h[:, -1], out.past_key_values, hidden_sum, count
+
+
+def _drop_last(past: PastKeyValues) -> PastKeyValues:
+    """The cache without its newest position: the past BEFORE the current token."""
+    return tuple((k[:, :, :-1], v[:, :, :-1]) for k, v in past)
+
+
+def prompt_context(model: GPT, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> Context:
+    """The Context of the first generated token: the past is the prompt but its last token."""
+    mask = check_left_padded(attention_mask, *input_ids.shape, model.device)
+    logits, _, cache, hidden_sum, count = _prompt_pass(model, input_ids, mask)
+    return Context(input_ids[:, -1:], stack_past(_drop_last(cache)), mask, logits.softmax(-1), cache, hidden_sum,
+                   count)
+
+
+def unperturbed_step(model: GPT, last: torch.Tensor, mask: Optional[torch.Tensor], cache: PastKeyValues):
+    """Step 1 of every later token, exactly minigpt.generate's step: (logits (B, V), hidden (B, C), cache)."""
+    out = model(last, attention_mask=mask, past_key_values=cache, output_hidden_states=True)
+    return out.logits[:, -1], out.hidden_states[-1][:, -1], out.past_key_values
+
+
+# ---- step 2's objective: attribute loss + kl_scale · KL(p̃ || p) ------------------------------------
+def bow_loss(probs: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+    """probs (B, V), bags multi-hot (n_bags, V) -> Σ_bags -log Σ_{w in bag} p(w), per row (B,)."""
+    return -(probs @ bags.T).log().sum(-1)
+
+
+def kl_divergence(p_tilde: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """KL(p̃ || p) per row, with the reference's SMALL_CONST lifted onto near-zero entries."""
+    p = p + SMALL_CONST * (p <= SMALL_CONST).to(p.dtype)
+    q = p_tilde + SMALL_CONST * (p_tilde <= SMALL_CONST).to(p.dtype).detach()
+    return (q * (q / p).log()).sum(-1)
+
+
+def _discriminator_loss(model: GPT, ctx: Context, probs: torch.Tensor, hidden_pert: torch.Tensor,
+                        obj: Objective) -> torch.Tensor:
+    """CE(head(mean hidden state), class) per row (B,). The mean runs over the real tokens before the
+    current one, the current one under H_t + Δ, and horizon_length soft tokens p̃·W_te fed after the
+    unperturbed cache (the reference's horizon)."""
+    total_h = ctx.hidden_sum + (hidden_pert.detach() if obj.detach_current else hidden_pert)
+    soft = (probs @ model.transformer.wte.weight)[:, None]          # (B, 1, C) the soft token p̃·W_te
+    past, mask = ctx.unpert_past, ctx.mask
+    for _ in range(obj.horizon_length):
+        mask = None if mask is None else extend_mask(mask, after=1)
+        o = model(None, inputs_embeds=soft, attention_mask=mask, past_key_values=past, output_hidden_states=True)
+        past, total_h = o.past_key_values, total_h + o.hidden_states[-1][:, -1]
+    mean = total_h / (ctx.count + 1 + obj.horizon_length)[:, None].to(total_h.dtype)   # (B, C)
+    target = torch.full((probs.size(0),), obj.label, dtype=torch.long, device=probs.device)
+    return F.cross_entropy(obj.head(mean), target, reduction="none")
+
+
+def perturbed_loss(model: GPT, ctx: Context, delta: torch.Tensor, obj: Objective):
+    """Step 2's objective for each row: (total, attribute loss, KL, p̃, ln_f hidden of the current token)."""
+    out = model(ctx.last, attention_mask=ctx.mask, past_key_values=unstack_past(ctx.past + delta),
+                output_hidden_states=True)
+    probs = out.logits[:, -1].softmax(-1)                           # p̃ (B, V)
+    hidden_pert = out.hidden_states[-1][:, -1]                      # (B, C)
+    attr = probs.new_zeros(probs.size(0))
+    if obj.bags is not None:
+        attr = attr + bow_loss(probs, obj.bags)
+    if obj.head is not None:
+        attr = attr + _discriminator_loss(model, ctx, probs, hidden_pert, obj)
+    kl = kl_divergence(probs, ctx.p)
+    total = attr + obj.kl_scale * kl if obj.kl_scale > 0 else attr
+    return total, attr, kl, probs, hidden_pert
+
+
+# ---- step 2: Δ by normalised gradient steps ----------------------------------------------------------
+def window_weights(mask: torch.Tensor, window_length: int, decay: bool = False, window_from: str = "oldest"
+                   ) -> torch.Tensor:
+    """mask (B, T_past) of real positions -> gradient weights (B, T_past).
+
+    window_length 0 moves the whole past. Otherwise window_length positions move:
+    the oldest real ones (the reference) or the most recent; with decay, weights
+    1/w, 2/w, ..., 1 rising towards the newest position in the window. A row whose
+    real past is not longer than the window moves whole, without decay (as the reference)."""
+    real = mask.to(torch.float64)
+    if window_length == 0:
+        return real
+    n_real = real.sum(1, keepdim=True)                              # (B, 1)
+    rank = real.cumsum(1) - 1                                       # index among real positions, oldest 0
+    idx = rank if window_from == "oldest" else rank - (n_real - window_length)
+    inside = (idx >= 0) & (idx < window_length)
+    w = (idx + 1) / window_length if decay else torch.ones_like(idx)
+    return torch.where(n_real > window_length, w * inside, real) * real
+
+
+def layer_grad_norms(g: torch.Tensor) -> torch.Tensor:
+    """g (L, 2, B, nh, T_past, hs) -> ‖g‖ per layer and row, (L, B): a layer's keys and values together."""
+    return g.pow(2).sum(dim=(1, 3, 4, 5)).sqrt()
+
+
+def descent_step(delta: torch.Tensor, g: torch.Tensor, scale: torch.Tensor, stepsize: float, gamma: float
+                 ) -> torch.Tensor:
+    """Δ - stepsize · g / scale^gamma, scale (L, B) one norm per layer and row (detached)."""
+    return (delta - stepsize * g / scale.pow(gamma)[:, None, :, None, None, None]).detach()
+
+
+def perturb_past(model: GPT, ctx: Context, obj: Objective, cfg: PPLMConfig, grad_max: Optional[torch.Tensor] = None):
+    """Step 2: Δ after cfg.num_iterations normalised gradient steps.
+    Returns (Δ, grad_max, losses, kls, norms); grad_max is BoW's running max of the norms, (L, B)."""
+    T_past = ctx.past.size(4)
+    real = ctx.mask[:, :T_past] if ctx.mask is not None else ctx.last.new_ones(ctx.last.size(0), T_past)
+    window = window_weights(real, cfg.window_length, cfg.decay, cfg.window_from).to(ctx.past.dtype)
+    window = window[None, None, :, None, :, None]                   # (1, 1, B, 1, T_past, 1)
+    delta = torch.zeros_like(ctx.past)
+    losses, kls, norms = [], [], []
+    for _ in range(cfg.num_iterations):
+        with torch.enable_grad():
+            delta.requires_grad_(True)
+            total, attr, kl, _, _ = perturbed_loss(model, ctx, delta, obj)
+            (g,) = torch.autograd.grad(total.sum(), delta)          # rows are independent: Σ keeps them apart
+        g = g * window                                              # (L, 2, B, nh, T_past, hs)
+        norm = layer_grad_norms(g)                                  # (L, B)
+        if obj.bow_only:                                            # running max over the whole generation
+            grad_max = norm + SMALL_CONST if grad_max is None else torch.maximum(grad_max, norm)
+            scale = grad_max
+        else:
+            scale = norm + SMALL_CONST
+        delta = descent_step(delta, g, scale, cfg.stepsize, cfg.gamma)
+        losses.append(attr.detach())                                # kept on the device: no sync per iteration
+        kls.append(kl.detach())
+        norms.append(norm.T)
+    return delta, grad_max, losses, kls, norms
+
+
+# ---- step 3: the current token under H_t + Δ ---------------------------------------------------------
+def perturbed_step(model: GPT, last: torch.Tensor, mask: Optional[torch.Tensor], past_pert: torch.Tensor):
+    """(logits_pert (B, V), hidden_pert (B, C), the next past_pert): the current token's keys and
+    values, computed under the perturbed past, join it (the nudges accumulate)."""
+    o = model(last, attention_mask=mask, past_key_values=unstack_past(past_pert), output_hidden_states=True)
+    return o.logits[:, -1], o.hidden_states[-1][:, -1], stack_past(o.past_key_values)
+
+
+# ---- step 4: fuse, penalise repeats (then top-k and the draw: minigpt.sample_next_token) -------------
+def fuse(logits: torch.Tensor, logits_pert: torch.Tensor, gm_scale: float) -> torch.Tensor:
+    """log p_out = log p + gm·(log p̃ - log p) (+ a constant per row), i.e. p_out ∝ p̃^gm · p^(1-gm).
+    Starts from the logits of p, so that p̃ = p gives them back unchanged."""
+    return logits + gm_scale * (logits_pert.log_softmax(-1) - logits.log_softmax(-1))
+
+
+def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty on the tokens in `seen` (B, V): a positive logit divided by it, a negative one multiplied."""
+    if penalty == 1.0:
+        return logits
+    pen = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, pen, logits)
+
+
+# ---- the loop: steps 1-4 for every token ------------------------------------------------------------
 @dataclass
 class Step:
     """Diagnostics of one generated token, one entry per row (on the CPU)."""
@@ -321,104 +348,80 @@ class PPLMOutput:
         return torch.stack([getattr(s, name) for s in self.steps])
 
 
-@dataclass
-class Context:
-    """What step 2 needs for the current token besides Δ."""
-    last: torch.Tensor                     # (B, 1) the current token
-    past: torch.Tensor                     # (L, 2, B, nh, T_past, hs) the past before it (perturbed so far)
-    mask: Optional[torch.Tensor]           # (B, T_past + 1) or None (nothing padded)
-    p: torch.Tensor                        # (B, V) unperturbed next-token distribution
-    unpert_past: tuple                     # unperturbed cache including the current token
-    hidden_sum: torch.Tensor               # (B, C) Σ unperturbed ln_f hidden states of the real tokens before it
-    count: torch.Tensor                    # (B,) how many tokens that sum holds
-
-
-@dataclass
-class Objective:
-    """The attribute model(s) and the KL weight: what perturbed_loss adds up."""
-    bags: Optional[torch.Tensor] = None    # (n_bags, V) multi-hot
-    head: Optional[Discriminator] = None
-    label: Optional[int] = None
-    kl_scale: float = 0.01
-    horizon_length: int = 1
-    detach_current: bool = True            # the current token's hidden state enters the mean as a constant (reference)
-
-
-def _stack(past) -> torch.Tensor:          # tuple of L (k, v) -> (L, 2, B, nh, T, hs)
-    return torch.stack([torch.stack(kv) for kv in past])
-
-
-def _unstack(P: torch.Tensor) -> tuple:
-    # unbind, not indexing: its backward stacks the layers' gradients once, where
-    # each P[l, 0] would fill a zero tensor the size of all of P
-    return tuple(tuple(layer.unbind(0)) for layer in P.unbind(0))
-
-
-def perturbed_loss(model: GPT, ctx: Context, delta: torch.Tensor, obj: Objective):
-    """Step 2's objective for each row: (total, attribute loss, KL, p̃, ln_f hidden of the current token)."""
-    out = model(ctx.last, attention_mask=ctx.mask, past_key_values=_unstack(ctx.past + delta), output_hidden_states=True)
-    probs = out.logits[:, -1].softmax(-1)                           # p̃ (B, V)
-    h_now = out.hidden_states[-1][:, -1]                            # (B, C)
-    attr = probs.new_zeros(probs.size(0))
-    if obj.bags is not None:
-        attr = attr + bow_loss(probs, obj.bags)
+def _attribute(logits, logits_pert, hidden, hidden_pert, hidden_sum, count, obj):
+    """(before, after) per row: p(class) of the mean hidden state with the current token's
+    unperturbed / perturbed hidden state, or else the bags' mass under p / p̃."""
     if obj.head is not None:
-        total_h = ctx.hidden_sum + (h_now.detach() if obj.detach_current else h_now)
-        soft = (probs @ model.transformer.wte.weight)[:, None]      # (B, 1, C) the soft token p̃·W_te
-        past, mask = ctx.unpert_past, ctx.mask
-        for _ in range(obj.horizon_length):
-            mask = None if mask is None else torch.cat([mask, mask.new_ones(mask.size(0), 1)], 1)
-            o = model(None, inputs_embeds=soft, attention_mask=mask, past_key_values=past, output_hidden_states=True)
-            past, total_h = o.past_key_values, total_h + o.hidden_states[-1][:, -1]
-        mean = total_h / (ctx.count + 1 + obj.horizon_length)[:, None].to(total_h.dtype)
-        target = torch.full((probs.size(0),), obj.label, dtype=torch.long, device=probs.device)
-        attr = attr + F.cross_entropy(obj.head(mean), target, reduction="none")
-    kl = kl_divergence(probs, ctx.p)
-    total = attr + obj.kl_scale * kl if obj.kl_scale > 0 else attr
-    return total, attr, kl, probs, h_now
+        n = (count + 1)[:, None].to(hidden.dtype)
+        f = lambda h: obj.head((hidden_sum + h) / n).softmax(-1)[:, obj.label]
+        return f(hidden), f(hidden_pert)
+    if obj.bags is not None:
+        mass = lambda z: (z.softmax(-1) @ obj.bags.T).sum(-1)
+        return mass(logits), mass(logits_pert)
+    z = torch.full((logits.size(0),), float("nan"), device=logits.device)
+    return z, z
 
 
-def perturb_past(model: GPT, ctx: Context, obj: Objective, cfg: PPLMConfig, grad_max: Optional[torch.Tensor] = None):
-    """Step 2: Δ after cfg.num_iterations normalised gradient steps.
-    Returns (Δ, grad_max, losses, kls, norms); grad_max is BoW's running max of the norms, (L, B)."""
-    T_past = ctx.past.size(4)
-    real = ctx.mask[:, :T_past] if ctx.mask is not None else ctx.last.new_ones(ctx.last.size(0), T_past)
-    window = window_weights(real, cfg.window_length, cfg.decay, cfg.window_from).to(ctx.past.dtype)
-    window = window[None, None, :, None, :, None]                   # (1, 1, B, 1, T_past, 1)
-    delta = torch.zeros_like(ctx.past)
-    losses, kls, norms = [], [], []
-    for _ in range(cfg.num_iterations):
-        with torch.enable_grad():
-            delta.requires_grad_(True)
-            total, attr, kl, _, _ = perturbed_loss(model, ctx, delta, obj)
-            (g,) = torch.autograd.grad(total.sum(), delta)          # rows are independent: Σ keeps them apart
-        g = g * window                                              # (L, 2, B, nh, T_past, hs)
-        norm = g.pow(2).sum(dim=(1, 3, 4, 5)).sqrt()                # (L, B): a layer's keys and values together
-        if obj.bags is not None and obj.head is None:               # BoW alone: running max over the generation
-            grad_max = norm + SMALL_CONST if grad_max is None else torch.maximum(grad_max, norm)
-            scale = grad_max
-        else:
-            scale = norm + SMALL_CONST
-        delta = (delta - cfg.stepsize * g / scale.pow(cfg.gamma)[:, None, :, None, None, None]).detach()
-        losses.append(attr.detach())                                # kept on the device: no sync per iteration
-        kls.append(kl.detach())
-        norms.append(norm.T)
-    return delta, grad_max, losses, kls, norms
-
-
-def _full_mask(attention_mask, B, T, device):
-    if attention_mask is None:
-        return None
-    if tuple(attention_mask.shape) != (B, T):
-        raise ValueError(f"attention_mask must be [batch, T] = [{B}, {T}], got {list(attention_mask.shape)}")
-    m = attention_mask.to(device=device, dtype=torch.long)
-    if not bool(m[:, -1].all()):
-        raise ValueError("attention_mask: pad prompts on the LEFT (the last column must be real tokens), "
-                         "as Tokenizer.encode_batch does")
-    return None if bool(m.all()) else m
+def _decode(model, ids, mask, cfg, obj, max_new_tokens, generator, eos, pad, progress, num_samples=1):
+    L = model.config.n_layer
+    logits, hidden, cache, hidden_sum, count = _prompt_pass(model, ids, mask)   # step 1 of the first token
+    if num_samples > 1:  # every sample of a prompt starts from the same prompt pass
+        rep = lambda t: None if t is None else t.repeat_interleave(num_samples, dim=0)
+        ids, mask, logits, hidden, hidden_sum, count = map(rep, (ids, mask, logits, hidden, hidden_sum, count))
+        cache = tuple((rep(k), rep(v)) for k, v in cache)
+    B, T = ids.shape
+    past_pert = None            # perturbed past before the current token; None while it equals the unperturbed
+    last, cache_before = ids[:, -1:], _drop_last(cache)                 # the current token; the past before it
+    real = torch.ones_like(ids) if mask is None else mask
+    seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=ids.device)  # for the penalty
+    seen.scatter_(1, torch.where(real.bool(), ids, ids[:, -1:]), True)                      # real tokens only
+    grad_max = None
+    finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    pad = eos if pad is None else pad
+    result, steps = [ids], []
+    with tqdm(total=max_new_tokens, disable=not progress, desc="pplm", unit="tok") as bar:
+        for i in range(max_new_tokens):
+            T_past = cache_before[0][0].size(2)
+            perturb = cfg.stepsize > 0 and cfg.num_iterations > 0 and i < cfg.grad_length and T_past > 0
+            losses, kls, norms = [], [], []
+            if perturb or past_pert is not None:
+                ctx = Context(last, past_pert if past_pert is not None else stack_past(cache_before), mask,
+                              logits.softmax(-1), cache, hidden_sum, count)
+                past = ctx.past
+                if perturb:                                                     # step 2
+                    delta, grad_max, losses, kls, norms = perturb_past(model, ctx, obj, cfg, grad_max)
+                    past = past + delta
+                logits_pert, hidden_pert, past_pert = perturbed_step(model, last, mask, past)   # step 3
+            else:
+                logits_pert, hidden_pert = logits, hidden
+            fused = repetition_penalty(fuse(logits, logits_pert, cfg.gm_scale), seen, cfg.repetition_penalty)
+            tok = sample_next_token(fused, do_sample=cfg.do_sample, temperature=cfg.temperature,   # step 4
+                                    top_k=cfg.top_k or None, generator=generator)
+            if eos is not None:
+                tok = tok.masked_fill(finished, pad)
+                finished |= tok == eos
+            before, after = _attribute(logits, logits_pert, hidden, hidden_pert, hidden_sum, count, obj)
+            n = len(losses)
+            steps.append(Step(tok, perturb, torch.stack(losses) if n else logits.new_zeros(0, B),
+                              torch.stack(kls) if n else logits.new_zeros(0, B),
+                              torch.stack(norms) if n else logits.new_zeros(0, B, L), before, after, hidden,
+                              hidden_pert))
+            result.append(tok[:, None])
+            seen.scatter_(1, tok[:, None], True)
+            bar.update(1)
+            if (eos is not None and bool(finished.all())) or i == max_new_tokens - 1:
+                break
+            # step 1 of the next token: the unperturbed pass and the running sums of the discriminator's mean
+            hidden_sum, count = hidden_sum + hidden, count + 1
+            last, cache_before = tok[:, None], cache
+            if mask is not None:
+                mask = extend_mask(mask, after=1)
+            logits, hidden, cache = unperturbed_step(model, last, mask, cache)
+    return PPLMOutput(torch.cat(result, 1), [s.to_cpu() for s in steps])
 
 
 def _as_bags(bow, tokenizer, V, device, dtype) -> tuple[list[BagOfWords], Optional[torch.Tensor]]:
+    """bow (a name, file, BagOfWords or a list of them) -> (the bags, their multi-hot rows (n_bags, V))."""
     if bow is None or (isinstance(bow, (list, tuple)) and not bow):
         return [], None
     items = [bow] if isinstance(bow, (str, Path, BagOfWords)) else list(bow)
@@ -426,9 +429,26 @@ def _as_bags(bow, tokenizer, V, device, dtype) -> tuple[list[BagOfWords], Option
     M = torch.zeros(len(bags), V, dtype=dtype, device=device)
     for i, b in enumerate(bags):
         if max(b.token_ids) >= V:
-            raise ValueError(f"bag {b.name!r} holds token id {max(b.token_ids)}, outside this model's vocabulary of {V}")
+            raise ValueError(f"bag {b.name!r} holds token id {max(b.token_ids)}, outside this model's vocabulary "
+                             f"of {V}")
         M[i, b.token_ids] = 1
     return bags, M
+
+
+def check_fits(n_prompt: int, max_new_tokens: int, horizon: int, n_positions: int) -> None:
+    """PPLM needs n_prompt + max_new_tokens + horizon positions (the horizon's soft tokens follow the
+    newest token). Refuse, saying by how much, a prompt that leaves no room, or too many new tokens."""
+    first = min(1, max_new_tokens)                  # the room one new token needs
+    extra = f" + {horizon} horizon" if horizon else ""
+    if n_prompt + first + horizon > n_positions:
+        over = n_prompt + first + horizon - n_positions
+        raise ValueError(f"the prompt is too long: {n_prompt} prompt tokens{extra} + {first} new = "
+                         f"{n_prompt + first + horizon} > n_positions {n_positions}; it is {over} token(s) over "
+                         "the limit, shorten the prompt")
+    if n_prompt + max_new_tokens + horizon > n_positions:
+        raise ValueError(f"{n_prompt} prompt + {max_new_tokens} new{extra} tokens = "
+                         f"{n_prompt + max_new_tokens + horizon} > n_positions {n_positions}; lower max_new_tokens "
+                         f"to at most {n_positions - n_prompt - horizon}")
 
 
 def generate(model: GPT, input_ids: torch.Tensor, *, bow=None, discriminator: Optional[Discriminator] = None,
@@ -466,122 +486,15 @@ def generate(model: GPT, input_ids: torch.Tensor, *, bow=None, discriminator: Op
         raise ValueError("PPLM needs an attribute model: give bow=... and/or discriminator=... with class_label")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    extra = cfg.horizon_length if discriminator is not None else 0
-    if T + max_new_tokens + extra > model.config.n_positions:
-        raise ValueError(f"{T} prompt + {max_new_tokens} new + {extra} horizon tokens > n_positions "
-                         f"{model.config.n_positions}; lower max_new_tokens")
+    check_fits(T, max_new_tokens, cfg.horizon_length if discriminator is not None else 0, model.config.n_positions)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             obj = Objective(M, discriminator, label, cfg.kl_scale, cfg.horizon_length)
-            out = _decode(model, input_ids.to(dev), _full_mask(attention_mask, B, T, dev), cfg, obj,
+            out = _decode(model, input_ids.to(dev), check_left_padded(attention_mask, B, T, dev), cfg, obj,
                           max_new_tokens, generator, eos_token_id, pad_token_id, progress, num_samples)
             out.bags = bags
             return out
     finally:
         model.train(was_training)
-
-
-def _prompt_pass(model, ids, mask):
-    """The prompt in one pass, exactly as minigpt.generate's first step."""
-    out = model(ids, attention_mask=mask, output_hidden_states=True)
-    h = out.hidden_states[-1]                                       # (B, T, C)
-    real = (torch.ones_like(ids) if mask is None else mask)[:, :-1, None].to(h.dtype)
-    hidden_sum, count = (h[:, :-1] * real).sum(1), real[..., 0].sum(1)
-    return out.logits[:, -1], h[:, -1], out.past_key_values, hidden_sum, count
-
-
-def prompt_context(model: GPT, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> Context:
-    """The Context of the first generated token: the past is the prompt but its last token."""
-    mask = _full_mask(attention_mask, *input_ids.shape, model.device)
-    x, _, unpert, hidden_sum, count = _prompt_pass(model, input_ids, mask)
-    prev = _stack(tuple((k[:, :, :-1], v[:, :, :-1]) for k, v in unpert))
-    return Context(input_ids[:, -1:], prev, mask, x.softmax(-1), unpert, hidden_sum, count)
-
-
-def _decode(model, ids, mask, cfg, obj, max_new_tokens, generator, eos, pad, progress, num_samples=1):
-    L = model.config.n_layer
-    x, h_u, unpert, hidden_sum, count = _prompt_pass(model, ids, mask)  # p's logits, current token's hidden
-    if num_samples > 1:  # every sample of a prompt starts from the same prompt pass
-        rep = lambda t: None if t is None else t.repeat_interleave(num_samples, dim=0)
-        ids, mask, x, h_u, hidden_sum, count = map(rep, (ids, mask, x, h_u, hidden_sum, count))
-        unpert = tuple((rep(k), rep(v)) for k, v in unpert)
-    B, T = ids.shape
-    P = None                    # perturbed past before the current token; None while it equals the unperturbed
-    last, prev_unpert = ids[:, -1:], tuple((k[:, :, :-1], v[:, :, :-1]) for k, v in unpert)
-    real = torch.ones_like(ids) if mask is None else mask
-    seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=ids.device)  # for the penalty
-    seen.scatter_(1, torch.where(real.bool(), ids, ids[:, -1:]), True)                      # real tokens only
-    grad_max = None
-    finished = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    pad = eos if pad is None else pad
-    result, steps = [ids], []
-    for i in tqdm(range(max_new_tokens), disable=not progress, desc="pplm", unit="tok"):
-        T_past = prev_unpert[0][0].size(2)
-        perturb = cfg.stepsize > 0 and cfg.num_iterations > 0 and i < cfg.grad_length and T_past > 0
-        losses, kls, norms = [], [], []
-        if perturb or P is not None:
-            ctx = Context(last, P if P is not None else _stack(prev_unpert), mask, x.softmax(-1), unpert,
-                          hidden_sum, count)
-            past = ctx.past
-            if perturb:
-                delta, grad_max, losses, kls, norms = perturb_past(model, ctx, obj, cfg, grad_max)
-                past = past + delta
-            # step 3: the current token under H_t + Δ; its keys and values join the perturbed past
-            o = model(last, attention_mask=mask, past_key_values=_unstack(past), output_hidden_states=True)
-            x_tilde, h_tilde, P = o.logits[:, -1], o.hidden_states[-1][:, -1], _stack(o.past_key_values)
-        else:
-            x_tilde, h_tilde = x, h_u
-        # step 4: fuse log p_out = log p + gm·(log p̃ - log p) (+ const), penalise repeats, top-k, draw
-        fused = x + cfg.gm_scale * (x_tilde.log_softmax(-1) - x.log_softmax(-1))
-        if cfg.repetition_penalty != 1.0:
-            pen = torch.where(fused < 0, fused * cfg.repetition_penalty, fused / cfg.repetition_penalty)
-            fused = torch.where(seen, pen, fused)
-        tok = sample_next_token(fused, do_sample=cfg.do_sample, temperature=cfg.temperature,
-                                top_k=cfg.top_k or None, generator=generator)
-        if eos is not None:
-            tok = tok.masked_fill(finished, pad)
-            finished |= tok == eos
-        before, after = _attribute(x, x_tilde, h_u, h_tilde, hidden_sum, count, obj)
-        n = len(losses)
-        steps.append(Step(tok, perturb, torch.stack(losses) if n else x.new_zeros(0, B),
-                          torch.stack(kls) if n else x.new_zeros(0, B),
-                          torch.stack(norms) if n else x.new_zeros(0, B, L), before, after, h_u, h_tilde))
-        result.append(tok[:, None])
-        seen.scatter_(1, tok[:, None], True)
-        if (eos is not None and bool(finished.all())) or i == max_new_tokens - 1:
-            break
-        # step 1 of the next token: the unperturbed pass (exactly minigpt.generate's) and the running sums
-        hidden_sum, count = hidden_sum + h_u, count + 1
-        last, prev_unpert = tok[:, None], unpert
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-        out = model(last, attention_mask=mask, past_key_values=unpert, output_hidden_states=True)
-        unpert, x, h_u = out.past_key_values, out.logits[:, -1], out.hidden_states[-1][:, -1]
-    return PPLMOutput(torch.cat(result, 1), [s.to_cpu() for s in steps])
-
-
-def _attribute(x, x_tilde, h_u, h_tilde, hidden_sum, count, obj):
-    """(before, after) per row: p(class) of the mean hidden state with the current token's
-    unperturbed / perturbed hidden state, or else the bags' mass under p / p̃."""
-    if obj.head is not None:
-        n = (count + 1)[:, None].to(h_u.dtype)
-        f = lambda h: obj.head((hidden_sum + h) / n).softmax(-1)[:, obj.label]
-        return f(h_u), f(h_tilde)
-    if obj.bags is not None:
-        mass = lambda logits: (logits.softmax(-1) @ obj.bags.T).sum(-1)
-        return mass(x), mass(x_tilde)
-    z = torch.full((x.size(0),), float("nan"), device=x.device)
-    return z, z
-
-
-# ---- command line (techniques/pplm_cli.py) -----------------------------------------------------------
-def main(argv=None) -> int:
-    """python -m techniques.pplm ... (see pplm_cli.py)."""
-    from .pplm_cli import main as cli_main
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
