@@ -632,3 +632,36 @@ def test_cli_help(capsys):
         with pytest.raises(SystemExit) as e:
             pplm_main(argv)
         assert e.value.code == 0 and "--device" in capsys.readouterr().out
+
+
+# ---- an initial past (a prefix) in front of the prompt ------------------------------------------------
+@settings(max_examples=6)
+@given(rows=prompts, head=st.lists(st.integers(0, 50256), min_size=1, max_size=4), seed=st.integers(0, 2**31 - 1))
+def test_initial_past_with_no_step_equals_plain_generate_with_that_past(small, rows, head, seed):
+    """A prefix past (here: random keys/values) reaches PPLM as it reaches minigpt.generate:
+    with stepsize 0 the sampled tokens are the same, bit for bit, padded batch included."""
+    ids, mask = padded(rows)
+    g = torch.Generator().manual_seed(seed)
+    L, H, hd = small.config.n_layer, small.config.n_head, small.config.head_dim
+    past = tuple((torch.randn(len(rows), H, len(head), hd, generator=g),
+                  torch.randn(len(rows), H, len(head), hd, generator=g)) for _ in range(L))
+    out = pplm.generate(small, ids, attention_mask=mask, bow="space", max_new_tokens=3, stepsize=0.0,
+                        do_sample=True, past_key_values=past, generator=torch.Generator().manual_seed(seed))
+    ref = minigpt.generate(small, ids, attention_mask=mask, max_new_tokens=3, do_sample=True, top_k=10,
+                           past_key_values=past, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(out.sequences, ref)
+
+
+def test_prefix_of_own_keys_values_is_reading_those_tokens_first(tiny64):
+    """The prefix-tuning identity, under PPLM: a past made of the model's own keys/values for tokens x,
+    then prompt y, steers exactly as the prompt x + y does (BoW: the whole past moves in both)."""
+    x, y = [50256, 464, 3290], [318, 257]
+    with torch.no_grad():
+        past = tiny64(torch.tensor([x])).past_key_values
+    kw = dict(bow="space", max_new_tokens=5, stepsize=0.2, generator=None)
+    a = pplm.generate(tiny64, torch.tensor([y]), past_key_values=past, **kw)
+    b = pplm.generate(tiny64, torch.tensor([x + y]), **kw)
+    assert torch.equal(a.sequences[:, len(y):], b.sequences[:, len(x + y):])
+    assert torch.allclose(a.stacked("attribute_after"), b.stacked("attribute_after"), atol=1e-10)
+    with pytest.raises(ValueError, match="n_positions"):
+        pplm.generate(tiny64, torch.tensor([y]), past_key_values=past, bow="space", max_new_tokens=60)

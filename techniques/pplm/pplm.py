@@ -80,8 +80,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from minigpt import (GPT, PastKeyValues, check_left_padded, extend_mask, get_tokenizer, sample_next_token, stack_past,
-                     unstack_past)
+from minigpt import (GPT, PastKeyValues, check_left_padded, extend_mask, get_tokenizer, past_length, sample_next_token,
+                     stack_past, unstack_past)
 
 from .attributes import BagOfWords, Discriminator, load_bag
 
@@ -158,11 +158,13 @@ class Objective:
 
 
 # ---- step 1: the unperturbed model -----------------------------------------------------------------
-def _prompt_pass(model: GPT, ids: torch.Tensor, mask: Optional[torch.Tensor]):
-    """The prompt in one pass, exactly as minigpt.generate's first step.
-    Returns (logits, hidden, cache, hidden_sum, count) of the last prompt token: its logits (B, V) and
-    ln_f hidden state (B, C), the cache including it, and Σ / count of the hidden states before it."""
-    out = model(ids, attention_mask=mask, output_hidden_states=True)
+def _prompt_pass(model: GPT, ids: torch.Tensor, mask: Optional[torch.Tensor], past: Optional[PastKeyValues] = None):
+    """The prompt in one pass (after an initial `past`, e.g. a prefix), exactly as minigpt.generate's first step.
+    `mask` covers past + prompt. Returns (logits, hidden, cache, hidden_sum, count) of the last prompt token:
+    its logits (B, V) and ln_f hidden state (B, C), the cache including it, and Σ / count of the prompt's
+    hidden states before it."""
+    out = model(ids, attention_mask=mask, past_key_values=past, output_hidden_states=True)
+    mask = None if mask is None else mask[:, -ids.size(1):]         # the prompt's own columns
     h = out.hidden_states[-1]                                       # (B, T, C)
     real = (torch.ones_like(ids) if mask is None else mask)[:, :-1, None].to(h.dtype)
     hidden_sum, count = (h[:, :-1] * real).sum(1), real[..., 0].sum(1)
@@ -362,9 +364,11 @@ def _attribute(logits, logits_pert, hidden, hidden_pert, hidden_sum, count, obj)
     return z, z
 
 
-def _decode(model, ids, mask, cfg, obj, max_new_tokens, generator, eos, pad, progress, num_samples=1):
+def _decode(model, ids, mask, cfg, obj, max_new_tokens, generator, eos, pad, progress, num_samples=1, past=None):
     L = model.config.n_layer
-    logits, hidden, cache, hidden_sum, count = _prompt_pass(model, ids, mask)   # step 1 of the first token
+    if past is not None and mask is not None:                           # the initial past is always attended
+        mask = extend_mask(mask, before=past_length(past))
+    logits, hidden, cache, hidden_sum, count = _prompt_pass(model, ids, mask, past)   # step 1 of the first token
     if num_samples > 1:  # every sample of a prompt starts from the same prompt pass
         rep = lambda t: None if t is None else t.repeat_interleave(num_samples, dim=0)
         ids, mask, logits, hidden, hidden_sum, count = map(rep, (ids, mask, logits, hidden, hidden_sum, count))
@@ -372,7 +376,7 @@ def _decode(model, ids, mask, cfg, obj, max_new_tokens, generator, eos, pad, pro
     B, T = ids.shape
     past_pert = None            # perturbed past before the current token; None while it equals the unperturbed
     last, cache_before = ids[:, -1:], _drop_last(cache)                 # the current token; the past before it
-    real = torch.ones_like(ids) if mask is None else mask
+    real = torch.ones_like(ids) if mask is None else mask[:, -T:]
     seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=ids.device)  # for the penalty
     seen.scatter_(1, torch.where(real.bool(), ids, ids[:, -1:]), True)                      # real tokens only
     grad_max = None
@@ -455,7 +459,7 @@ def generate(model: GPT, input_ids: torch.Tensor, *, bow=None, discriminator: Op
              class_label: Union[int, str, None] = None, attention_mask: Optional[torch.Tensor] = None,
              max_new_tokens: int = 100, generator: Optional[torch.Generator] = None,
              eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None, progress: bool = False,
-             num_samples: int = 1, **knobs) -> PPLMOutput:
+             num_samples: int = 1, past_key_values: Optional[PastKeyValues] = None, **knobs) -> PPLMOutput:
     """PPLM decoding of every row of input_ids [B, T] (rows are independent samples).
 
     num_samples > 1 reads each prompt once and then decodes num_samples rows per prompt in one
@@ -464,6 +468,10 @@ def generate(model: GPT, input_ids: torch.Tensor, *, bow=None, discriminator: Op
     bow: a bag name, file, BagOfWords, or a list of them (their losses add).
     discriminator + class_label: a head and the class to steer towards (name or index); the head
     is moved to the model's device and dtype.
+    past_key_values: an initial past in front of the prompt, e.g. a learned prefix
+    (`PrefixTuning.past_key_values(B)`), always attended; attention_mask covers the prompt only.
+    PPLM treats it as the oldest part of H_t: it is perturbed with the rest (a window counted
+    from the oldest positions covers it first).
     knobs: the PPLMConfig fields (stepsize, num_iterations, ...). Sampling draws from
     `generator` exactly as minigpt.generate does. Returns tokens and per-step diagnostics."""
     cfg = PPLMConfig(**knobs)
@@ -486,14 +494,16 @@ def generate(model: GPT, input_ids: torch.Tensor, *, bow=None, discriminator: Op
         raise ValueError("PPLM needs an attribute model: give bow=... and/or discriminator=... with class_label")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    check_fits(T, max_new_tokens, cfg.horizon_length if discriminator is not None else 0, model.config.n_positions)
+    check_fits(past_length(past_key_values) + T, max_new_tokens, cfg.horizon_length if discriminator is not None else 0,
+               model.config.n_positions)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             obj = Objective(M, discriminator, label, cfg.kl_scale, cfg.horizon_length)
             out = _decode(model, input_ids.to(dev), check_left_padded(attention_mask, B, T, dev), cfg, obj,
-                          max_new_tokens, generator, eos_token_id, pad_token_id, progress, num_samples)
+                          max_new_tokens, generator, eos_token_id, pad_token_id, progress, num_samples,
+                          past_key_values)
             out.bags = bags
             return out
     finally:
