@@ -665,3 +665,37 @@ def test_prefix_of_own_keys_values_is_reading_those_tokens_first(tiny64):
     assert torch.allclose(a.stacked("attribute_after"), b.stacked("attribute_after"), atol=1e-10)
     with pytest.raises(ValueError, match="n_positions"):
         pplm.generate(tiny64, torch.tensor([y]), past_key_values=past, bow="space", max_new_tokens=60)
+
+
+# ---- steering away from a bag (ours, not the paper's) ---------------------------------------------------
+@given(B=st.integers(1, 3), V=st.integers(3, 40), data=st.data())
+def test_avoid_loss_is_minus_log_of_the_mass_left(B, V, data):
+    probs = torch.tensor(data.draw(st.lists(st.lists(st.floats(0.01, 1), min_size=V, max_size=V),
+                                            min_size=B, max_size=B)), dtype=torch.float64)
+    probs = probs / probs.sum(-1, keepdim=True)
+    bags = torch.zeros(2, V, dtype=torch.float64)
+    bags[0, :V // 2] = 1
+    bags[1, -1] = 1
+    want = [-sum(math.log(1 - float(probs[b] @ bags[k])) for k in range(2)) for b in range(B)]
+    assert torch.allclose(pplm.avoid_loss(probs, bags), torch.tensor(want, dtype=torch.float64), rtol=1e-12)
+    full = torch.ones(1, V, dtype=torch.float64)  # a bag holding every word: mass 1, loss finite
+    assert torch.isfinite(pplm.avoid_loss(probs, full)).all()
+
+
+def test_avoiding_a_bag_lowers_its_mass(small):
+    """The bag's probability mass under p̃ falls below its mass under p at every perturbed step."""
+    ids = torch.tensor([[minigpt.EOT_ID, 464, 3290, 318]])
+    out = pplm.generate(small, ids, avoid_bow="military", max_new_tokens=6, stepsize=0.1)
+    before, after = out.stacked("attribute_before"), out.stacked("attribute_after")
+    assert [b.name for b in out.avoid_bags] == ["military"] and not out.bags
+    assert bool((after < before).all()), (before, after)
+
+
+def test_cli_avoid_bow_runs(tmp_path, capsys):
+    folder = tmp_path / "m"
+    make_model().save_pretrained(folder)
+    code = pplm_main(["--weights", str(folder), "--avoid-bow", "military", "--prompt", "The war", "--length", "4",
+                      "--device", "cpu", "--no-color"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "avoided bag tokens" in out.out and "bag 'military'" in out.err

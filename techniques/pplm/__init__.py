@@ -8,14 +8,14 @@ attribute models (bags of words, labelled data, the discriminator head, its trai
 from .attributes import (PAPER_HEADS, BagOfWords, Discriminator, bag_names, cache_features, check_classes_have_rows,
                          clean_word_lines, load_bag, load_discriminator, load_labelled_tsv, mean_hidden,
                          paper_head_path, read_paper_head, train_discriminator)
-from .pplm import (SMALL_CONST, Context, Objective, PPLMConfig, PPLMOutput, Step, bow_loss, check_fits,
+from .pplm import (SMALL_CONST, Context, Objective, PPLMConfig, PPLMOutput, Step, avoid_loss, bow_loss, check_fits,
                    descent_step, fuse, generate, kl_divergence, layer_grad_norms, perturb_past, perturbed_loss,
                    perturbed_step, prompt_context, repetition_penalty, unperturbed_step, window_weights)
 
 __all__ = [
     # the algorithm (pplm.py)
     "generate", "PPLMConfig", "PPLMOutput", "Step", "Context", "Objective", "prompt_context", "unperturbed_step",
-    "bow_loss", "kl_divergence", "perturbed_loss", "window_weights", "layer_grad_norms", "descent_step",
+    "bow_loss", "avoid_loss", "kl_divergence", "perturbed_loss", "window_weights", "layer_grad_norms", "descent_step",
     "perturb_past", "perturbed_step", "fuse", "repetition_penalty", "check_fits", "SMALL_CONST",
     # the attribute models (attributes.py)
     "BagOfWords", "load_bag", "bag_names", "clean_word_lines", "load_labelled_tsv", "check_classes_have_rows",

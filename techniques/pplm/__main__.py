@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bow", action="append", default=[], metavar="NAME|FILE",
                    help=f"bag of words: one of {', '.join(bag_names())} or a word-list file; repeat or join with ';'")
     p.add_argument("--bow-words", metavar="W1,W2", help="a bag given inline, comma-separated")
+    p.add_argument("--avoid-bow", action="append", default=[], metavar="NAME|FILE",
+                   help="a bag to steer AWAY from, with the loss -log(1 - Σ p(bag)) (not in the paper); "
+                        "repeat or join with ';'")
     p.add_argument("--multi-token", choices=("drop", "first"), default="drop",
                    help="words that are several tokens: drop them (reference) or score their first sub-token")
     p.add_argument("--discrim", metavar="NAME|DIR|PT",
@@ -184,10 +187,10 @@ def check_prompt_fits(n_prompt: int, length: int, horizon: int, n_positions: int
                          f"{n_positions - n_prompt - horizon}")
 
 
-def _load_bags(args, tok) -> list:
-    specs = [s for item in args.bow for s in item.split(";") if s.strip()]
+def _load_bags(args, tok, items=None) -> list:
+    specs = [s for item in (args.bow if items is None else items) for s in item.split(";") if s.strip()]
     bags = [load_bag(s.strip(), tok, multi_token=args.multi_token) for s in specs]
-    if args.bow_words:
+    if items is None and args.bow_words:
         bags.append(load_bag(args.bow_words.split(","), tok, multi_token=args.multi_token, name="words"))
     return bags
 
@@ -197,10 +200,10 @@ def generate_command(args) -> None:
     knobs = {f.name: getattr(args, f.name) for f in fields(PPLMConfig)}
     if args.num_samples < 1 or args.length < 1:
         raise ValueError("--num-samples and --length must be >= 1")
-    bags = _load_bags(args, tok)
+    bags, avoid = _load_bags(args, tok), _load_bags(args, tok, args.avoid_bow)
     head = load_discriminator(args.discrim) if args.discrim else None
-    if not bags and head is None:
-        raise ValueError("give a bag of words (--bow / --bow-words) and/or a discriminator (--discrim)")
+    if not bags and not avoid and head is None:
+        raise ValueError("give a bag of words (--bow / --bow-words / --avoid-bow) and/or a discriminator (--discrim)")
     cfg = PPLMConfig(**knobs)
     model = model_from_args(args)
     if head is not None:
@@ -212,24 +215,24 @@ def generate_command(args) -> None:
     prompt = [EOT_ID] + ([] if args.uncond else tok.encode(args.prompt))
     check_prompt_fits(len(prompt), args.length, cfg.horizon_length if head is not None else 0,
                       model.config.n_positions)
-    for b in bags:
+    for b in bags + avoid:
         print(b.summary(), file=sys.stderr)
     if args.num_samples > 1 and not args.do_sample:
         print("note: greedy decoding makes every sample the same; add --sample for different ones", file=sys.stderr)
     ids = torch.tensor([prompt], device=model.device)
-    run = dict(bow=bags or None, discriminator=head, class_label=args.class_label, max_new_tokens=args.length,
+    run = dict(bow=bags or None, avoid_bow=avoid or None, discriminator=head, class_label=args.class_label, max_new_tokens=args.length,
                progress=args.progress, num_samples=args.num_samples)
     plain = generate(model, ids, **run, generator=torch.Generator(model.device).manual_seed(args.seed),
                      **{**knobs, "stepsize": 0.0})
     pert = generate(model, ids, **run, generator=torch.Generator(model.device).manual_seed(args.seed), **knobs)
     color = sys.stdout.isatty() and not args.no_color
-    hl = set().union(*(b.token_ids for b in bags)) if bags else set()
+    hl = set().union(*(b.token_ids for b in bags + avoid)) if bags or avoid else set()
     print("prompt:", tok.decode(prompt[1:]) if not args.uncond else "<|endoftext|>")
     for r in range(args.num_samples):
         a, b = plain.sequences[r, len(prompt):].tolist(), pert.sequences[r, len(prompt):].tolist()
         share = lambda s: sum(t in hl for t in s) / max(1, len(s))
-        if bags:
-            label = f" (bag tokens {share(a):.0%} | {share(b):.0%})"
+        if bags or avoid:
+            label = f" ({'avoided ' if avoid and not bags else ''}bag tokens {share(a):.0%} | {share(b):.0%})"
         else:
             label = (f" (p({args.class_label}) at the end: {plain.steps[-1].attribute_before[r]:.3f} | "
                      f"{pert.steps[-1].attribute_after[r]:.3f})")

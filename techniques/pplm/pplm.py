@@ -86,7 +86,7 @@ from minigpt import (GPT, PastKeyValues, check_left_padded, extend_mask, get_tok
 from .attributes import BagOfWords, Discriminator, load_bag
 
 __all__ = ["PPLMConfig", "Context", "Objective", "prompt_context", "unperturbed_step", "bow_loss", "kl_divergence",
-           "perturbed_loss", "window_weights", "layer_grad_norms", "descent_step", "perturb_past", "perturbed_step",
+           "avoid_loss", "perturbed_loss", "window_weights", "layer_grad_norms", "descent_step", "perturb_past", "perturbed_step",
            "fuse", "repetition_penalty", "Step", "PPLMOutput", "check_fits", "generate", "SMALL_CONST"]
 
 SMALL_CONST = 1e-15  # the reference's guard against log(0) and division by a zero norm
@@ -144,17 +144,18 @@ class Context:
 @dataclass
 class Objective:
     """The attribute model(s) and the KL weight: what perturbed_loss adds up."""
-    bags: Optional[torch.Tensor] = None    # (n_bags, V) multi-hot
+    bags: Optional[torch.Tensor] = None    # (n_bags, V) multi-hot: steer towards these words
     head: Optional[Discriminator] = None
     label: Optional[int] = None
     kl_scale: float = 0.01
     horizon_length: int = 1
     detach_current: bool = True            # the current token's hidden state enters the mean as a constant (reference)
+    avoid: Optional[torch.Tensor] = None   # (n_avoid, V) multi-hot: steer away from these words (ours, not the paper's)
 
     @property
     def bow_only(self) -> bool:
-        """BoW without a discriminator: the case whose gradient norm is a running max (as the reference)."""
-        return self.bags is not None and self.head is None
+        """Bags without a discriminator: the case whose gradient norm is a running max (as the reference)."""
+        return (self.bags is not None or self.avoid is not None) and self.head is None
 
 
 # ---- step 1: the unperturbed model -----------------------------------------------------------------
@@ -196,6 +197,16 @@ def bow_loss(probs: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
     return -(probs @ bags.T).log().sum(-1)
 
 
+def avoid_loss(probs: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+    """probs (B, V), bags multi-hot (n_bags, V) -> Σ_bags -log(1 - Σ_{w in bag} p(w)), per row (B,).
+
+    Not in the paper: the BoW loss turned around, to steer AWAY from a bag (e.g. masculine-coded words
+    in a job advert). It is 0 when the bag has no mass and grows without bound as its mass nears 1;
+    the mass is capped at 1 - SMALL_CONST so the log stays finite."""
+    mass = (probs @ bags.T).clamp(max=1 - SMALL_CONST)
+    return -torch.log1p(-mass).sum(-1)
+
+
 def kl_divergence(p_tilde: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """KL(p̃ || p) per row, with the reference's SMALL_CONST lifted onto near-zero entries."""
     p = p + SMALL_CONST * (p <= SMALL_CONST).to(p.dtype)
@@ -229,6 +240,8 @@ def perturbed_loss(model: GPT, ctx: Context, delta: torch.Tensor, obj: Objective
     attr = probs.new_zeros(probs.size(0))
     if obj.bags is not None:
         attr = attr + bow_loss(probs, obj.bags)
+    if obj.avoid is not None:
+        attr = attr + avoid_loss(probs, obj.avoid)
     if obj.head is not None:
         attr = attr + _discriminator_loss(model, ctx, probs, hidden_pert, obj)
     kl = kl_divergence(probs, ctx.p)
@@ -344,6 +357,7 @@ class PPLMOutput:
     sequences: torch.Tensor                # (B, T + new) prompt and continuation
     steps: list[Step] = field(default_factory=list)
     bags: list[BagOfWords] = field(default_factory=list)
+    avoid_bags: list[BagOfWords] = field(default_factory=list)
 
     def stacked(self, name: str) -> torch.Tensor:
         """One diagnostic over time, e.g. stacked("attribute_after") -> (steps, B)."""
@@ -352,13 +366,15 @@ class PPLMOutput:
 
 def _attribute(logits, logits_pert, hidden, hidden_pert, hidden_sum, count, obj):
     """(before, after) per row: p(class) of the mean hidden state with the current token's
-    unperturbed / perturbed hidden state, or else the bags' mass under p / p̃."""
+    unperturbed / perturbed hidden state, or else the bags' mass under p / p̃ (the avoided bags'
+    mass when there are only those: lower is then better)."""
     if obj.head is not None:
         n = (count + 1)[:, None].to(hidden.dtype)
         f = lambda h: obj.head((hidden_sum + h) / n).softmax(-1)[:, obj.label]
         return f(hidden), f(hidden_pert)
-    if obj.bags is not None:
-        mass = lambda z: (z.softmax(-1) @ obj.bags.T).sum(-1)
+    bags = obj.bags if obj.bags is not None else obj.avoid
+    if bags is not None:
+        mass = lambda z: (z.softmax(-1) @ bags.T).sum(-1)
         return mass(logits), mass(logits_pert)
     z = torch.full((logits.size(0),), float("nan"), device=logits.device)
     return z, z
@@ -459,13 +475,15 @@ def generate(model: GPT, input_ids: torch.Tensor, *, bow=None, discriminator: Op
              class_label: Union[int, str, None] = None, attention_mask: Optional[torch.Tensor] = None,
              max_new_tokens: int = 100, generator: Optional[torch.Generator] = None,
              eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None, progress: bool = False,
-             num_samples: int = 1, past_key_values: Optional[PastKeyValues] = None, **knobs) -> PPLMOutput:
+             num_samples: int = 1, past_key_values: Optional[PastKeyValues] = None, avoid_bow=None,
+             **knobs) -> PPLMOutput:
     """PPLM decoding of every row of input_ids [B, T] (rows are independent samples).
 
     num_samples > 1 reads each prompt once and then decodes num_samples rows per prompt in one
     batch (output rows r·num_samples ... r·num_samples + num_samples - 1 continue prompt r).
 
     bow: a bag name, file, BagOfWords, or a list of them (their losses add).
+    avoid_bow: the same, for bags to steer AWAY from (`avoid_loss`; not in the paper).
     discriminator + class_label: a head and the class to steer towards (name or index); the head
     is moved to the model's device and dtype.
     past_key_values: an initial past in front of the prompt, e.g. a learned prefix
@@ -482,6 +500,7 @@ def generate(model: GPT, input_ids: torch.Tensor, *, bow=None, discriminator: Op
     B, T = input_ids.shape
     dev, dtype, V = model.device, model.transformer.wte.weight.dtype, model.config.vocab_size
     bags, M = _as_bags(bow, get_tokenizer(), V, dev, dtype)
+    avoid_bags, M_avoid = _as_bags(avoid_bow, get_tokenizer(), V, dev, dtype)
     label = None
     if discriminator is not None:
         discriminator.check_model(model)
@@ -490,8 +509,9 @@ def generate(model: GPT, input_ids: torch.Tensor, *, bow=None, discriminator: Op
                              + ", ".join(f"{i}={c}" for i, c in enumerate(discriminator.class_names)))
         label = discriminator.class_index(class_label)
         discriminator = discriminator.to(device=dev, dtype=dtype)
-    if M is None and discriminator is None and cfg.stepsize > 0 and cfg.num_iterations > 0:
-        raise ValueError("PPLM needs an attribute model: give bow=... and/or discriminator=... with class_label")
+    if M is None and M_avoid is None and discriminator is None and cfg.stepsize > 0 and cfg.num_iterations > 0:
+        raise ValueError("PPLM needs an attribute model: give bow=..., avoid_bow=... and/or discriminator=... "
+                         "with class_label")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     check_fits(past_length(past_key_values) + T, max_new_tokens, cfg.horizon_length if discriminator is not None else 0,
@@ -500,11 +520,11 @@ def generate(model: GPT, input_ids: torch.Tensor, *, bow=None, discriminator: Op
     model.eval()
     try:
         with torch.no_grad():
-            obj = Objective(M, discriminator, label, cfg.kl_scale, cfg.horizon_length)
+            obj = Objective(M, discriminator, label, cfg.kl_scale, cfg.horizon_length, avoid=M_avoid)
             out = _decode(model, input_ids.to(dev), check_left_padded(attention_mask, B, T, dev), cfg, obj,
                           max_new_tokens, generator, eos_token_id, pad_token_id, progress, num_samples,
                           past_key_values)
-            out.bags = bags
+            out.bags, out.avoid_bags = bags, avoid_bags
             return out
     finally:
         model.train(was_training)
