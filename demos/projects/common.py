@@ -1,0 +1,146 @@
+"""What every tutorial project shares: its options, its yardstick import, and the three files it writes.
+
+A project (`python -m demos.projects.<name>`) trains or loads what it needs, runs the task
+before and after with the same seeds, measures both with a yardstick nobody here wrote, and
+writes into --out:
+
+- `metrics.json`: {"project", "metric", "higher_is_better", "before", "after", "model", "n",
+  "seconds"} plus any extra numbers under "extra";
+- `samples.md`: inputs with the outputs before and after;
+- `metric.png`: the metric before and after (and, where it trains, `loss.png`).
+
+`python -m demos.projects` runs any or all of them and writes runs/projects/index.html.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from minigpt import atomic_save_dir, write_json
+
+from ..common import add_demo_args, new_figure, save_figure
+
+__all__ = ["ProjectResult", "project_parser", "require", "write_metrics", "write_samples", "metric_figure",
+           "loss_figure", "DEMOS_EXTRA", "REPO"]
+
+REPO = Path(__file__).resolve().parents[2]     # the repository root: data/ lives there
+DEMOS_EXTRA = 'pip install -e ".[demos]"'
+
+
+@dataclass
+class ProjectResult:
+    """What metrics.json holds. before/after are the yardstick's numbers on the same inputs."""
+    project: str
+    metric: str
+    higher_is_better: bool
+    before: float
+    after: float
+    model: str
+    n: int
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def improved(self) -> bool:
+        return self.after > self.before if self.higher_is_better else self.after < self.before
+
+    def to_json(self) -> dict:
+        d = {"project": self.project, "metric": self.metric, "higher_is_better": self.higher_is_better,
+             "before": _num(self.before), "after": _num(self.after), "model": self.model, "n": int(self.n),
+             "seconds": round(float(self.seconds), 2)}
+        if self.extra:
+            d["extra"] = self.extra
+        return d
+
+
+def _num(x) -> Optional[float]:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def project_parser(name: str, description: str, *, needs: Sequence[str] = (), out: Optional[str] = None
+                   ) -> argparse.ArgumentParser:
+    """The options every project has: --model/--weights/--device/--seed, --out, --smoke, --quick."""
+    extra = (f" Needs the `demos` extra ({DEMOS_EXTRA}) for: {', '.join(needs)}." if needs else "")
+    p = argparse.ArgumentParser(prog=f"python -m demos.projects.{name}", description=description + extra)
+    add_demo_args(p, out=out or f"runs/{name}", quick_help="fewer steps and examples (minutes on a 2-core CPU)")
+    return p
+
+
+def require(module: str, package: Optional[str] = None):
+    """Import a yardstick package, or fail with one line naming the `demos` extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"this project measures with {package or module}, which is not installed; "
+                         f"install the demos extra: {DEMOS_EXTRA}") from None
+
+
+def write_metrics(result: ProjectResult, out: str | Path) -> Path:
+    with atomic_save_dir(out) as tmp:
+        write_json(result.to_json(), tmp / "metrics.json")
+    return Path(out) / "metrics.json"
+
+
+def read_metrics(out: str | Path) -> dict:
+    return json.loads((Path(out) / "metrics.json").read_text(encoding="utf-8"))
+
+
+def write_samples(out: str | Path, title: str, rows: Sequence[dict], note: str = "") -> Path:
+    """samples.md: one section per input, its outputs before and after (each row: input, before, after,
+    and optionally reference / scores)."""
+    lines = [f"# {title}\n"] + ([note + "\n"] if note else [])
+    for i, row in enumerate(rows, 1):
+        lines.append(f"## {i}. input\n\n{_quote(row['input'])}\n")
+        if row.get("reference") is not None:
+            lines.append(f"**reference:**\n\n{_quote(row['reference'])}\n")
+        for key in ("before", "after"):
+            score = f" ({row[key + '_score']})" if row.get(key + "_score") is not None else ""
+            lines.append(f"**{key}**{score}:\n\n{_quote(row[key])}\n")
+    path = Path(out) / "samples.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _quote(text: str) -> str:
+    return "\n".join("> " + line for line in str(text).strip().splitlines()) or "> (empty)"
+
+
+def metric_figure(out: str | Path, result: ProjectResult, labels: tuple[str, str] = ("before", "after"),
+                  unit: str = "", per_item: Optional[tuple[Sequence[float], Sequence[float]]] = None) -> Path:
+    """metric.png: two bars (before, after) with their values; with per_item, the items' values as dots."""
+    fig = new_figure()
+    ax = fig.add_subplot(1, 1, 1)
+    values = [result.before, result.after]
+    colors = ["#9aa5b1", "#1a7f37" if result.improved else "#c0392b"]
+    bars = ax.bar(labels, values, color=colors, width=0.5)
+    for b, v in zip(bars, values):
+        ax.annotate(f"{v:.3g}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=11)
+    if per_item is not None:
+        for x, ys in enumerate(per_item):
+            ax.scatter([x] * len(ys), ys, s=12, color="#333", alpha=0.5, zorder=3)
+    better = "higher is better" if result.higher_is_better else "lower is better"
+    ax.set_ylabel(f"{result.metric}{f' ({unit})' if unit else ''}")
+    ax.set_title(f"{result.project}: {result.metric} before vs after ({better}; n={result.n}, model {result.model})",
+                 fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, Path(out) / "metric.png")
+
+
+def loss_figure(out: str | Path, history: Sequence[dict], title: str, name: str = "loss.png") -> Path:
+    """Train loss per step and the eval loss where it was taken (nats per token)."""
+    fig = new_figure()
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([h["step"] + 1 for h in history], [h["loss"] for h in history], lw=1, label="train (per batch)")
+    ev = [h for h in history if "eval_loss" in h]
+    if ev:
+        ax.plot([h["step"] + 1 for h in ev], [h["eval_loss"] for h in ev], "o-", label="eval (held out)")
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats / token)", title=title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return save_figure(fig, Path(out) / name)
