@@ -1,6 +1,8 @@
 """python -m minigpt generate "prompt" [options]: stream a continuation from GPT-2.
+python -m minigpt check [--model NAME | --weights DIR] [--lora DIR] [--prefix DIR]: compare with transformers/peft
+(see check.py).
 
-The command line is where the pieces compose, so it is the one place in
+The command line is where the pieces compose, so it (here and in check.py) is the one place in
 `minigpt/` that reaches into `techniques/` (lazily, and only for --lora and
 --prefix); the library modules never do.
 """
@@ -32,6 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-at-eos", action="store_true", help="stop at <|endoftext|>")
     g.add_argument("--lora", metavar="DIR", help="a LoRA adapter folder (peft format) to apply first")
     g.add_argument("--prefix", metavar="DIR", help="a prefix-tuning adapter folder (peft format) to run with")
+    c = sub.add_parser("check", help="compare this GPT-2 (and adapters) with transformers and peft, number for number",
+                       description="Load the same files here and in transformers/peft and print a table of the "
+                                   "differences: logits, hidden states, greedy tokens, tokenizer, and with "
+                                   "--lora/--prefix the adapters. Exits 0 when every row is within its tolerance, "
+                                   "1 otherwise. Needs the test extra: pip install -e \".[test]\".")
+    add_model_args(c, default_model="tiny")
+    c.add_argument("--lora", metavar="DIR", help="also check this LoRA adapter folder (peft format) against peft")
+    c.add_argument("--prefix", metavar="DIR", help="also check this prefix-tuning adapter folder (peft format) "
+                                                   "against peft")
     return p
 
 
@@ -94,6 +105,9 @@ def generate_command(args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "check":
+        from .check import run_check  # transformers/peft are imported there, only when it runs
+        return run_check(args)
     return run_command(lambda: generate_command(args))
 
 

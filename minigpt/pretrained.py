@@ -44,6 +44,9 @@ def config_from_hf(hf: dict) -> GPTConfig:
             raise ValueError(f"config.json sets {flag}=true, which this GPT-2 does not implement")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"config.json asks for activation {hf['activation_function']!r}; GPT-2 uses gelu_new")
+    if hf.get("tie_word_embeddings", True) is False:
+        raise ValueError("config.json sets tie_word_embeddings=false (a separate lm_head); GPT-2 ties the head to "
+                         "the token embedding, and so does this GPT-2")
     if hf.get("scale_attn_weights", True) is False:
         raise ValueError("config.json sets scale_attn_weights=false; GPT-2 scales scores by 1/sqrt(head_dim)")
     return GPTConfig(

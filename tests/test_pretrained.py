@@ -117,6 +117,9 @@ def test_config_errors(tmp_path, hf_and_ids):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "reorder_and_upcast_attn": True}))
     with pytest.raises(ValueError, match="reorder_and_upcast_attn"):
         GPT.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    with pytest.raises(ValueError, match="tie_word_embeddings=false"):
+        GPT.from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
     with pytest.raises(ValueError, match="only GPT-2"):
         GPT.from_pretrained(str(tmp_path))
