@@ -1,92 +1,453 @@
-"""Pre-train a tiny GPT-2 on Tiny Shakespeare from scratch, offline, on a CPU (about 3 s a step on 2 cores).
+"""Pre-train the bundled tiny GPT-2 from scratch, offline, on a CPU: `python -m demos.shakespeare_from_scratch`.
 
-    python demos/shakespeare_from_scratch.py --out runs/shakespeare [--steps 400] [--device auto]
+    python -m demos.shakespeare_from_scratch [--out runs/pretrain] [--bundle] [--steps N] [--device auto]
+    python -m demos.shakespeare_from_scratch --smoke --out /tmp/smoke      # a micro model, a few steps (tests)
+    python -m demos.shakespeare_from_scratch --weights runs/pretrain ...   # go on from a checkpoint
 
-The same GPT class and training loop as everything else, with a small config
-(4 layers, 4 heads, width 128, 128 positions) and the real GPT-2 tokenizer.
-It writes a Hugging Face-layout checkpoint (so `python -m minigpt generate
---weights runs/shakespeare` and `transformers` both load it), the loss history
-as JSON, a loss plot as PNG, and prints a sample before and after training.
+This is the one command that makes `minigpt/weights/tiny/`, the model behind
+`--model tiny` and `GPT.from_pretrained("tiny")`. It uses the same GPT class and
+training loop as everything else: a GPT-2 of 6 layers, 4 heads, width 128 and
+256 positions, with the real GPT-2 tokenizer (vocabulary 50,257), trained with
+block size = n_positions so every position embedding learns.
 
-This is what the other demos can use where the public GPT-2 weights cannot be
-downloaded: a real trained model, not a faked one.
+The corpus is text that ships with the project and that no later demo evaluates
+on: Tiny Shakespeare (public domain) followed by the SST-2 *training* sentences
+(Stanford research release), one per line. SST-2's dev and test splits, the E2E
+records and the poem verses stay out: other demos fine-tune or measure on them.
+The token stream is cut into blocks; 5% of the blocks (seeded) are held out and
+their loss is the number reported.
+
+It prints the expected wall time before training (a few steps are timed on a
+throw-away copy of the model and extrapolated), a sample before and after
+training from the same seed, and the held-out loss. Into --out it writes a
+Hugging Face-layout checkpoint in float32 (config.json, model.safetensors),
+history.json (loss per step, held-out loss at each eval), summary.json (the
+run's numbers and samples) and loss.png. With --bundle it also writes the model
+into minigpt/weights/tiny/ in float16 with those files and a README.md whose
+numbers all come from this run. Every save is atomic and happens only after
+training finishes.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import math
+import os
+import platform
+import shlex
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minigpt import (GPT, GPTConfig, TrainConfig, examples_from_text, generate, get_tokenizer,  # noqa: E402
-                     lm_loss_fn, resolve_device, save_history, split_examples, train)
+from minigpt import (GPT, EOT_ID, GPTConfig, TrainConfig, atomic_save_dir, collate_lm, evaluate, examples_from_text,
+                     generate, get_tokenizer, lm_loss_fn, resolve_device, save_history, split_examples, train,
+                     write_json)
+from minigpt.cli import describe_plan, positive_int, run_command
+from minigpt.pretrained import bundled_dir, write_checkpoint
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare" / "input.txt"
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT / "data" / "tinyshakespeare" / "input.txt"
+SST2_TRAIN = ROOT / "data" / "sst2" / "train.tsv"
+SST2_DEV = ROOT / "data" / "sst2" / "dev.tsv"  # never trained on: a stricter held-out loss
+
+# The bundled model. Measured on a 2-core CPU, training cost is dominated by the
+# 50257 x 128 output head, so 6 layers cost about as much as 4; width 160 would
+# cost ~20% more per step and 192 would break the 20 MB float16 budget.
+MODEL_CONFIG = dict(n_layer=6, n_head=4, n_embd=128, n_positions=256,
+                    embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)  # ~2 epochs: too few to overfit, no dropout
+STEPS = 800           # the bundled model's: 26 min on one thread of a 2-core CPU (about 2 s a step)
+BATCH_SIZE = 8        # blocks of n_positions tokens per step
+LR = 3e-3
+EVAL_FRACTION = 0.05  # of the blocks, held out (seeded)
+N_EVALS = 8           # held-out losses during training (plus one before it)
+PROMPTS = ("ROMEO:", "the movie is")
+SAMPLE_TOKENS = 40
+
+# --smoke: a micro model on a slice of the corpus, a few steps: seconds, for the tests.
+SMOKE_CONFIG = dict(n_layer=1, n_head=2, n_embd=16, n_positions=32, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+SMOKE_STEPS, SMOKE_BATCH, SMOKE_CHARS, SMOKE_SENTENCES, SMOKE_DEV = 4, 4, 20_000, 300, 40
+SIZE_BUDGET = 20_000_000  # bytes, for the bundled folder
 
 
-def sample(model, tok, prompt: str, n: int, seed: int) -> str:
+# ---- the corpus -------------------------------------------------------------------------------
+def read_text(path: Path) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; it ships with the project (see {path.parent}/README.md)")
+    return path.read_text(encoding="utf-8")
+
+
+def sst2_sentences(path: Path) -> list[str]:
+    """The text column of an SST-2 TSV (header: label, sentence; this copy's dev split calls it content)."""
+    lines = read_text(path).splitlines()
+    header = lines[0].split("\t") if lines else []
+    names = [n for n in ("sentence", "content") if n in header]
+    if not names:
+        raise ValueError(f"{path}: expected a header with a 'sentence' or 'content' column, got {header}")
+    col = header.index(names[0])
+    return [row.split("\t")[col] for row in lines[1:] if row.strip()]
+
+
+def corpus_ids(tokenizer, smoke: bool) -> tuple[list[int], dict]:
+    """Tiny Shakespeare, <|endoftext|>, then the SST-2 training sentences one per line, as one token stream."""
+    shakespeare = read_text(SHAKESPEARE)
+    sentences = sst2_sentences(SST2_TRAIN)
+    if smoke:
+        shakespeare, sentences = shakespeare[:SMOKE_CHARS], sentences[:SMOKE_SENTENCES]
+    a = tokenizer.encode(shakespeare)
+    b = tokenizer.encode("\n".join(sentences) + "\n")
+    stats = {"tinyshakespeare_tokens": len(a), "sst2_train_sentences": len(sentences), "sst2_train_tokens": len(b)}
+    return a + [EOT_ID] + b, stats
+
+
+def dev_blocks(tokenizer, block: int, smoke: bool) -> list:
+    """SST-2 dev sentences, one per line, in blocks: text no pre-training step saw.
+
+    The 5% held-out blocks are a random share of the same stream, and GLUE's SST-2
+    training split holds overlapping sub-phrases of the same reviews, so some of
+    their phrases were trained on; this loss has no such overlap."""
+    sentences = sst2_sentences(SST2_DEV)[:SMOKE_DEV if smoke else None]
+    return examples_from_text(tokenizer.encode("\n".join(sentences) + "\n"), block, source=str(SST2_DEV))
+
+
+# ---- timing and samples -----------------------------------------------------------------------
+def seconds_per_step(model: GPT, examples: list, config: TrainConfig, n: int = 3) -> float:
+    """Time optimizer steps on a throw-away copy of the model (the first one, warm-up, is not counted)."""
+    probe = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(probe.parameters(), lr=config.lr)
+    loss_fn = lm_loss_fn(probe)
+    batch = {k: v.to(model.device) for k, v in collate_lm(examples[:config.batch_size]).items()}
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        loss = loss_fn(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return sum(times[1:]) / (n - 1)
+
+
+@torch.no_grad()
+def seconds_per_eval_batch(model: GPT, examples: list, batch_size: int) -> float:
+    batch = {k: v.to(model.device) for k, v in collate_lm(examples[:batch_size]).items()}
     model.eval()
-    ids = torch.tensor([tok.encode(prompt)], device=model.device)
-    out = generate(model, ids, max_new_tokens=n, do_sample=True, top_k=40,
-                   generator=torch.Generator(device=model.device).manual_seed(seed))
-    return tok.decode(out[0])
+    t0 = time.perf_counter()
+    lm_loss_fn(model)(batch)
+    return time.perf_counter() - t0
 
 
-def plot(history: list[dict], path: Path) -> None:
+def heldout_loss(model: GPT, examples: list, batch_size: int) -> float:
+    """Mean next-token cross-entropy over the held-out blocks (the same as train's eval loss)."""
+    return evaluate(lm_loss_fn(model), examples, batch_size, collate_lm, model.device, [model])
+
+
+def sample(model: GPT, tokenizer, prompt: str, seed: int) -> str:
+    """One top-k sample; the same seed before and after training, so only the weights differ."""
+    model.eval()
+    ids = torch.tensor([tokenizer.encode(prompt)], device=model.device)
+    n = min(SAMPLE_TOKENS, model.config.n_positions - ids.shape[1])
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    out = generate(model, ids, max_new_tokens=n, do_sample=True, top_k=40, generator=g)
+    return tokenizer.decode(out[0])
+
+
+def samples(model: GPT, tokenizer, seed: int) -> dict[str, str]:
+    return {p: sample(model, tokenizer, p, seed) for p in PROMPTS}
+
+
+def show(label: str, texts: dict[str, str]) -> None:
+    for text in texts.values():
+        print(f"{label}: {text!r}")
+
+
+# ---- the plot ----------------------------------------------------------------------------------
+def moving_average(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot(history: list[dict], before: float, tokens_per_step: int, title: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train", lw=1)
-    ev = [h for h in history if "eval_loss" in h]
-    ax.plot([h["step"] for h in ev], [h["eval_loss"] for h in ev], "o-", label="eval")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Tiny GPT-2 on Tiny Shakespeare")
-    ax.legend()
+    steps = [h["step"] + 1 for h in history]
+    losses = [h["loss"] for h in history]
+    ev = [(0, before)] + [(h["step"] + 1, h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(steps, losses, lw=0.6, alpha=0.35, color="tab:blue", label="train (each step)")
+    ax.plot(steps, moving_average(losses, max(1, len(losses) // 50)), lw=1.8, color="tab:blue",
+            label="train (moving average)")
+    ax.plot([s for s, _ in ev], [v for _, v in ev], "o-", color="tab:orange", label="held-out (5% of blocks)")
+    ax.annotate(f"held-out {ev[-1][1]:.2f}", ev[-1], textcoords="offset points", xytext=(-10, 12), ha="right",
+                fontsize=11, color="tab:orange")
+    ax.set_title(title, fontsize=12)
+    ax.set_xlabel("optimizer step", fontsize=11)
+    ax.set_ylabel("cross-entropy (nats per token)", fontsize=11)
+    top = ax.secondary_xaxis("top", functions=(lambda s: s * tokens_per_step / 1e6,
+                                               lambda t: t * 1e6 / tokens_per_step))
+    top.set_xlabel("training tokens seen (millions)", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/shakespeare", help="folder for the checkpoint, history and plot")
-    p.add_argument("--data", default=str(DATA), help="a UTF-8 text file (default: the bundled Tiny Shakespeare)")
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
-    p.add_argument("--block-size", type=int, default=128, help="tokens per training sequence (default 128)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+# ---- the bundled folder ----------------------------------------------------------------------
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min ({seconds:.0f} s)" if seconds >= 60 else f"{seconds:.0f} s"
 
+
+def bundle_readme(s: dict, size: int) -> str:
+    """The bundled model's README, every number from this run's summary `s`."""
+    c, t, d = s["config"], s["training"], s["data"]
+    threads, load = t["torch_threads"], t["load_average"]
+    share = t["cpu_seconds"] / (t["seconds"] * threads)
+    others = max(load["start"], load["end"]) > threads + 0.5  # the load average counts this run's threads too
+    shared = (f"Training used {t['cpu_seconds']:.0f} CPU-seconds in {t['seconds']:.0f} s of wall time on {threads} "
+              f"thread{'s' if threads != 1 else ''} ({100 * share:.0f}% of {'those cores' if threads != 1 else 'one core'}"
+              f"). The 1-minute load average was {load['start']:.1f} at the start of training and {load['end']:.1f} "
+              f"at the end, on {t['cpu_count']} CPU cores"
+              + ((": the machine was shared with other programs"
+                  + (", so this wall time is longer than on an idle machine." if share < 0.75 else "."))
+                 if others else "."))
+    before = "\n".join(f"    {v!r}" for v in s["samples_before"].values())
+    after = "\n".join(f"    {v!r}" for v in s["samples_after"].values())
+    return f"""# tiny: the GPT-2 bundled with minigpt
+
+A small GPT-2, pre-trained from scratch by this project, so that every command and demo runs offline:
+`--model tiny` on the command line, `GPT.from_pretrained("tiny")` in Python. It is a real GPT-2 in Hugging Face's
+layout (`config.json` + `model.safetensors`, loadable by transformers' `GPT2LMHeadModel`) with the real GPT-2
+tokenizer, stored in float16 to stay small and loaded as float32.
+
+| | |
+| --- | --- |
+| config | n_layer {c['n_layer']}, n_head {c['n_head']}, n_embd {c['n_embd']}, n_positions {c['n_positions']}, vocab_size {c['vocab_size']}, dropout {c['resid_pdrop']:g} |
+| parameters | {s['parameters']:,} (the tied 50257 x {c['n_embd']} token embedding is {c['vocab_size'] * c['n_embd']:,} of them) |
+| `model.safetensors` | {size:,} bytes ({size / 1e6:.1f} MB), float16 |
+| held-out loss | **{s['heldout_loss']:.3f}** nats/token (perplexity {s['heldout_perplexity']:.1f}) on the 5% held-out blocks; {s['heldout_loss_before']:.3f} before training |
+| SST-2 dev loss | {s['sst2_dev_loss']:.3f} nats/token (perplexity {math.exp(s['sst2_dev_loss']):.1f}) on the {s['data']['sst2_dev_blocks']} blocks of SST-2's dev sentences, never trained on; {s['sst2_dev_loss_before']:.3f} before training |
+| steps | {t['steps']} of {t['batch_size']} x {c['n_positions']} tokens ({t['tokens']:,} tokens, {t['epochs']:.2f} epochs) |
+| wall time | {minutes(s['seconds'])} for the whole command; training {minutes(t['seconds'])}, {t['seconds_per_step']:.2f} s/step, {t['tokens_per_second']:.0f} tokens/s |
+| machine | {t['device']}, {t['torch_threads']} torch thread{'s' if t['torch_threads'] != 1 else ''}, {t['cpu_count']} CPU cores, torch {t['torch']}, Python {t['python']} |
+
+{shared}
+
+## How it was made
+
+```
+{s['command']}
+```
+seed {s['seed']}, {t['steps']} steps, AdamW (lr {t['lr']:g}, betas {tuple(t['betas'])}, weight decay {t['weight_decay']:g}), linear
+warm-up over {t['warmup_steps']} steps then linear decay to 0, gradient clipping at 1.0, block size = n_positions
+so that every position embedding is trained. The command printed its expected wall time up front:
+{minutes(s['expected_seconds'])}. Re-running it regenerates this folder, this README included.
+
+## Data
+
+One token stream: Tiny Shakespeare, `<|endoftext|>`, then the SST-2 training sentences one per line, cut into
+{d['blocks']:,} blocks of {c['n_positions']} tokens. {d['heldout_blocks']:,} blocks ({100 * d['eval_fraction']:g}%, chosen with the seed) are
+held out: the loss above is measured on them and never trained on. SST-2's training split is made of overlapping
+phrases cut from the same reviews, so held-out blocks share some phrases with trained ones; the SST-2 dev loss,
+on sentences no training block contains, is the stricter number.
+
+| source | size | licence |
+| --- | --- | --- |
+| Tiny Shakespeare (`data/tinyshakespeare/input.txt`, from karpathy/char-rnn) | {d['tinyshakespeare_tokens']:,} tokens | public domain |
+| SST-2 training split (`data/sst2/train.tsv`; the sentence column only, no labels) | {d['sst2_train_sentences']:,} sentences, {d['sst2_train_tokens']:,} tokens | Stanford Sentiment Treebank (Socher et al. 2013), released by Stanford for research use |
+
+Kept out, because other demos fine-tune or evaluate on them: SST-2's dev and test splits, the E2E restaurant data
+and the poem verses.
+
+## Samples
+
+Top-k (k = 40) samples of {SAMPLE_TOKENS} tokens, seed {s['seed']}, before training:
+
+{before}
+
+and after:
+
+{after}
+
+## Files
+
+- `config.json`, `model.safetensors`: the model (Hugging Face layout, float16).
+- `history.json`: the training loss at every step and the held-out loss at each evaluation.
+- `summary.json`: this run's numbers and samples, from which this README was written.
+- `loss.png`: the loss curves.
+
+![loss curves](loss.png)
+"""
+
+
+def write_bundle(model: GPT, history: list[dict], summary: dict, directory: Path) -> int:
+    """config.json, float16 model.safetensors, history.json, summary.json, loss.png and README.md, atomically."""
+    with atomic_save_dir(directory) as tmp:
+        half = {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()}
+        write_checkpoint(model.config, half, tmp)
+        size = (tmp / "model.safetensors").stat().st_size
+        if size > SIZE_BUDGET:
+            raise ValueError(f"the float16 model is {size:,} bytes, over the {SIZE_BUDGET:,}-byte budget of the "
+                             "bundled model; nothing was bundled")
+        save_history(history, tmp)
+        write_json(summary, tmp / "summary.json")
+        plot(history, summary["heldout_loss_before"], summary["training"]["tokens"] // len(history),
+             "Pre-training the bundled tiny GPT-2 from scratch", tmp / "loss.png")
+        (tmp / "README.md").write_text(bundle_readme(summary, size), encoding="utf-8")
+    return size
+
+
+def write_run(model: GPT, history: list[dict], summary: dict, out: Path) -> None:
+    """The float32 checkpoint, history, summary and plot into --out, atomically."""
+    with atomic_save_dir(out) as tmp:
+        write_checkpoint(model.config, model.state_dict(), tmp)
+        save_history(history, tmp)
+        write_json(summary, tmp / "summary.json")
+        plot(history, summary["heldout_loss_before"], summary["training"]["tokens"] // len(history),
+             f"Pre-training a GPT-2 from scratch ({model.config.n_layer} layers, width {model.config.n_embd})",
+             tmp / "loss.png")
+
+
+# ---- the command -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m demos.shakespeare_from_scratch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/pretrain",
+                   help="folder for the float32 checkpoint, history.json, summary.json and loss.png "
+                        "(default: runs/pretrain)")
+    p.add_argument("--bundle", action="store_true",
+                   help="also write the model into minigpt/weights/tiny/ (float16, with README.md): the model "
+                        "that --model tiny loads")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"a micro model on a slice of the corpus for {SMOKE_STEPS} steps: seconds, for tests")
+    p.add_argument("--weights", metavar="DIR",
+                   help="go on training this checkpoint (Hugging Face layout; its n_positions is the block size) "
+                        "instead of a fresh model")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help=f"optimizer steps (default: {STEPS}; {SMOKE_STEPS} with --smoke)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"blocks per step (default: {BATCH_SIZE}; {SMOKE_BATCH} with --smoke)")
+    p.add_argument("--lr", type=float, default=LR, help=f"AdamW peak learning rate (default: {LR:g})")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: auto = cuda, then mps, then cpu)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for the initial weights, the held-out split, the batches and the samples (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def check_args(args) -> None:
+    if args.smoke and args.bundle:
+        raise ValueError("--smoke trains a micro model for tests; it cannot replace the bundled model, "
+                         "drop --bundle or --smoke")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+
+
+def initial_model(args, device: torch.device) -> GPT:
+    if args.weights:
+        return GPT.from_pretrained(args.weights, device=device)
     torch.manual_seed(args.seed)
-    tok = get_tokenizer()
-    text = Path(args.data).read_text(encoding="utf-8")
-    examples = examples_from_text(tok.encode(text), args.block_size, source=args.data)
-    train_ex, eval_ex = split_examples(examples, eval_fraction=0.05, seed=args.seed)
-    config = GPTConfig(n_layer=4, n_head=4, n_embd=128, n_positions=args.block_size,
-                       embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
-    model = GPT(config).to(resolve_device(args.device))
-    print(f"{len(examples)} blocks of {args.block_size} tokens; model {model.num_parameters():,} parameters")
-    print("before:", sample(model, tok, "ROMEO:", 40, args.seed).replace("\n", " | "))
+    return GPT(GPTConfig(**(SMOKE_CONFIG if args.smoke else MODEL_CONFIG))).to(device)
 
+
+def body(args) -> None:
+    t_start = time.perf_counter()
+    check_args(args)
+    device = resolve_device(args.device)
+    steps = args.steps or (SMOKE_STEPS if args.smoke else STEPS)
+    batch_size = args.batch_size or (SMOKE_BATCH if args.smoke else BATCH_SIZE)
+
+    tokenizer = get_tokenizer()
+    model = initial_model(args, device)
+    block = model.config.n_positions
+    ids, data = corpus_ids(tokenizer, args.smoke)
+    blocks = examples_from_text(ids, block, source="the pre-training corpus")
+    train_ex, eval_ex = split_examples(blocks, EVAL_FRACTION, args.seed)
+    dev_ex = dev_blocks(tokenizer, block, args.smoke)
+    config = TrainConfig(max_steps=steps, batch_size=batch_size, lr=args.lr, warmup_steps=max(1, steps // 20),
+                         weight_decay=0.01, betas=(0.9, 0.99), eval_every=max(1, steps // N_EVALS),
+                         seed=args.seed, progress=not args.no_progress)
+
+    print(f"corpus: Tiny Shakespeare {data['tinyshakespeare_tokens']:,} tokens + SST-2 train "
+          f"{data['sst2_train_sentences']:,} sentences ({data['sst2_train_tokens']:,} tokens) = {len(blocks):,} "
+          f"blocks of {block}; {len(eval_ex)} held out; {len(dev_ex)} blocks of SST-2 dev sentences kept out")
+    print(f"model: {model.num_parameters():,} parameters (n_layer {model.config.n_layer}, n_head "
+          f"{model.config.n_head}, n_embd {model.config.n_embd}, n_positions {block}) on {device}"
+          + (f", from {args.weights}" if args.weights else ", fresh init"))
+    print(describe_plan(len(train_ex), len(eval_ex), config))
+
+    per_step = seconds_per_step(model, train_ex, config)
+    n_evals = len(range(config.eval_every, steps + 1, config.eval_every)) + (steps % config.eval_every != 0) + 1
+    eval_batches = n_evals * math.ceil(len(eval_ex) / batch_size) + 2 * math.ceil(len(dev_ex) / batch_size)
+    expected = per_step * steps + eval_batches * seconds_per_eval_batch(model, eval_ex, batch_size)
+    print(f"expected wall time: about {minutes(expected)} ({per_step:.2f} s/step measured on this machine now, "
+          f"x {steps} steps, plus {n_evals} held-out evaluations and 2 on SST-2 dev); longer if other programs "
+          "share the CPU")
+
+    before, dev_before = heldout_loss(model, eval_ex, batch_size), heldout_loss(model, dev_ex, batch_size)
+    samples_before = samples(model, tokenizer, args.seed)
+    print(f"held-out loss before training: {before:.3f} (SST-2 dev sentences: {dev_before:.3f})")
+    show("before", samples_before)
+
+    load_start = os.getloadavg()[0]
+    cpu0, t0 = time.process_time(), time.perf_counter()
     model.train()
-    epochs = -(-args.steps * args.batch_size // len(train_ex))
-    history = train(model.parameters(), lm_loss_fn(model), train_ex, eval_examples=eval_ex[:64],
-                    eval_modules=[model],
-                    config=TrainConfig(epochs=epochs, max_steps=args.steps, batch_size=args.batch_size,
-                                       lr=args.lr, warmup_steps=args.steps // 20, weight_decay=0.01,
-                                       eval_every=max(1, args.steps // 10), seed=args.seed))
-    out = Path(args.out)
-    model.eval().save_pretrained(out)
-    save_history(history, out)
-    plot(history, out / "loss.png")
-    print("after: ", sample(model, tok, "ROMEO:", 60, args.seed))
-    print(f"eval loss {history[-1].get('eval_loss', float('nan')):.3f}; saved to {out}/ "
-          f"(config.json, model.safetensors, history.json, loss.png)")
+    history = train(model.parameters(), lm_loss_fn(model), train_ex, eval_examples=eval_ex, eval_modules=[model],
+                    config=config)
+    train_seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+    load_end = os.getloadavg()[0]
+    model.eval()
+
+    loss, dev_loss = history[-1]["eval_loss"], heldout_loss(model, dev_ex, batch_size)
+    samples_after = samples(model, tokenizer, args.seed)
+    show("after", samples_after)
+    tokens = steps * batch_size * block
+    print(f"held-out loss after {steps} steps: {loss:.3f} (perplexity {math.exp(loss):.1f}; SST-2 dev sentences: "
+          f"{dev_loss:.3f}); "
+          f"training took {minutes(train_seconds)}, {tokens / train_seconds:.0f} tokens/s")
+
+    summary = {
+        "command": shlex.join(["python", "-m", "demos.shakespeare_from_scratch", *args.argv]),
+        "seed": args.seed, "parameters": model.num_parameters(),
+        "config": dataclasses.asdict(model.config) | {"name_or_path": ""},
+        "heldout_loss_before": before, "heldout_loss": loss, "heldout_perplexity": math.exp(loss),
+        "sst2_dev_loss_before": dev_before, "sst2_dev_loss": dev_loss,
+        "samples_before": samples_before, "samples_after": samples_after,
+        "expected_seconds": expected,
+        "data": {**data, "blocks": len(blocks), "train_blocks": len(train_ex), "heldout_blocks": len(eval_ex),
+                 "eval_fraction": EVAL_FRACTION, "sst2_dev_blocks": len(dev_ex)},
+        "training": {"steps": steps, "batch_size": batch_size, "tokens": tokens,
+                     "epochs": steps * batch_size / len(train_ex), "lr": config.lr, "betas": list(config.betas),
+                     "weight_decay": config.weight_decay, "warmup_steps": config.warmup_steps,
+                     "seconds": train_seconds, "cpu_seconds": cpu_seconds, "seconds_per_step": train_seconds / steps,
+                     "tokens_per_second": tokens / train_seconds, "device": str(device),
+                     "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                     "load_average": {"start": load_start, "end": load_end},
+                     "torch": torch.__version__, "python": platform.python_version()},
+    }
+    summary["seconds"] = time.perf_counter() - t_start
+    write_run(model, history, summary, Path(args.out))
+    print(f"saved to {args.out}/ (config.json, model.safetensors, history.json, summary.json, loss.png)")
+    if args.bundle:
+        target = bundled_dir("tiny")
+        size = write_bundle(model, history, summary, target)
+        print(f"bundled into {target}/ (model.safetensors {size / 1e6:.1f} MB float16, README.md)")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    return run_command(lambda: body(args), out=args.out)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
