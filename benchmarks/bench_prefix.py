@@ -5,7 +5,11 @@
 1. A training step (forward + backward + AdamW on the prefix only, the model
    frozen) for a batch of right-padded examples, ours and peft's, for both
    parameterisations; the ratio is peft's time / ours (target >= 1.2x).
-2. Greedy generation with minigpt, with a prefix and without one (target:
+2. The peak memory one such step adds above the loaded model, each side alone
+   in a subprocess after a warm-up step: the bytes torch's allocator holds
+   (exact) and, on CPU, the resident set sampled every millisecond; the ratio
+   is ours / peft (target <= 1).
+3. Greedy generation with minigpt, with a prefix and without one (target:
    the prefix costs <= 5% more time).
 Before timing, it checks that both sides compute the same thing on these
 weights and prints the largest logit and gradient differences.
@@ -13,6 +17,8 @@ weights and prints the largest logit and gradient differences.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -23,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minigpt import GPT, causal_lm_loss, generate  # noqa: E402
 from techniques.prefix import PrefixTuning  # noqa: E402
-from timing import device_sync, timed_alternating  # noqa: E402
+from timing import device_sync, peak_memory, timed_alternating  # noqa: E402
 
 
 def timed_pair(fa, fb, repeats: int, sync) -> tuple[float, float]:
@@ -56,6 +62,73 @@ def twins(folder, ours, P, projection, hidden, device):
     return pm, prefix
 
 
+def ours_step(ours, prefix, ids, mask, loss_mask):
+    """One training step of our prefix (the model frozen): forward, loss, backward, AdamW."""
+    opt = torch.optim.AdamW(prefix.parameters(), lr=1e-5)
+
+    def step():
+        past, m = prefix.inputs_for(ids, mask)
+        loss = causal_lm_loss(ours(ids, past_key_values=past, attention_mask=m).logits, ids, loss_mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def peft_step(pm, ids, mask, loss_mask):
+    """The same for peft's PrefixTuning on transformers' GPT-2, with the same positions and loss."""
+    opt = torch.optim.AdamW([q for q in pm.parameters() if q.requires_grad], lr=1e-5)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def step():
+        loss = causal_lm_loss(pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits, ids, loss_mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+def memory_worker(args) -> dict:
+    """Peak memory one training step adds for one side and parameterisation, built alone."""
+    side, projection = args.memory_worker.split(":")
+    projection = projection == "projection"
+    device = torch.device(args.device)
+    B, T = shape(args)
+    ids, mask, loss_mask = make_batch(B, T, device, args.seed)
+    if side == "minigpt":
+        ours = GPT.from_pretrained(args.weights, device=device).eval().requires_grad_(False)
+        prefix = PrefixTuning(ours.config, args.num_virtual_tokens, projection=projection,
+                              hidden_size=args.hidden).to(device)
+        step = ours_step(ours, prefix, ids, mask, loss_mask)
+    else:
+        from peft import PrefixTuningConfig, get_peft_model
+        from transformers import GPT2LMHeadModel
+        hf = GPT2LMHeadModel.from_pretrained(args.weights).to(device).eval()
+        pm = get_peft_model(hf, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.num_virtual_tokens,
+                                                   prefix_projection=projection, encoder_hidden_size=args.hidden))
+        step = peft_step(pm, ids, mask, loss_mask)
+    step()  # warm-up: AdamW state and allocator caches exist from here on
+    device_sync(device)()
+    return peak_memory(step, device)
+
+
+def run_memory_worker(side: str, projection: bool, args, folder) -> dict:
+    cmd = [sys.executable, __file__, "--memory-worker", f"{side}:{'projection' if projection else 'direct'}",
+           "--weights", str(folder), "--device", args.device, "--threads", str(args.threads),
+           "--num-virtual-tokens", str(args.num_virtual_tokens), "--hidden", str(args.hidden),
+           "--seed", str(args.seed)] + (["--quick"] if args.quick else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{side} memory worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def shape(args) -> tuple[int, int]:
+    return (2, 32) if args.quick else (8, 128)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="batch 2 x 32, 16 new tokens (a few minutes on 2 busy cores)")
@@ -64,12 +137,18 @@ def main(argv=None):
     p.add_argument("--num-virtual-tokens", type=int, default=10)
     p.add_argument("--hidden", type=int, default=512, help="MLP width for the projection rows")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    p.add_argument("--weights", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    B, T, repeats, new = (2, 32, 5, 16) if args.quick else (8, 128, 7, 64)
+    B, T = shape(args)
+    repeats, new = (5, 16) if args.quick else (7, 64)
 
     from transformers import GPT2Config, GPT2LMHeadModel
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        print(json.dumps(memory_worker(args)))
+        return
     device = torch.device(args.device)
     sync = device_sync(device)
     torch.manual_seed(args.seed)
@@ -79,6 +158,7 @@ def main(argv=None):
     P = args.num_virtual_tokens
     ids, mask, loss_mask = make_batch(B, T, device, args.seed)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    mib = 2 ** 20
 
     print(f"GPT-2 124M shape, random weights, {device}, {args.threads} threads; P={P}, batch {B} x {T} (right-padded)")
     rows = []
@@ -86,20 +166,8 @@ def main(argv=None):
         pm, prefix = twins(folder, ours, P, projection, args.hidden, device)
         name = "projection" if projection else "direct"
 
-        def step_ours(opt=torch.optim.AdamW(prefix.parameters(), lr=1e-5)):
-            past, m = prefix.inputs_for(ids, mask)
-            loss = causal_lm_loss(ours(ids, past_key_values=past, attention_mask=m).logits, ids, loss_mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return loss
-
-        def step_peft(opt=torch.optim.AdamW([q for q in pm.parameters() if q.requires_grad], lr=1e-5)):
-            loss = causal_lm_loss(pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits, ids, loss_mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return loss
+        step_ours = ours_step(ours, prefix, ids, mask, loss_mask)
+        step_peft = peft_step(pm, ids, mask, loss_mask)
 
         # same numbers first (one step's gradients, before any update)
         prefix.zero_grad(), pm.zero_grad()
@@ -115,7 +183,12 @@ def main(argv=None):
 
         t_ours, t_peft = timed_pair(step_ours, step_peft, repeats, sync)
         rows.append((f"train step, {name} (ms)", 1e3 * t_ours, 1e3 * t_peft, t_peft / t_ours, "peft / ours, >= 1.2"))
-        del pm
+        del pm, step_peft
+        peak = {side: run_memory_worker(side, projection, args, folder) for side in ("minigpt", "peft")}
+        for key, what in (("allocated", "allocated"), ("rss", "RSS")):
+            if key in peak["minigpt"]:
+                a, b = peak["minigpt"][key] / mib, peak["peft"][key] / mib
+                rows.append((f"train step peak extra, {what}, {name} (MiB)", a, b, a / b, "ours / peft, <= 1"))
 
     prefix = PrefixTuning(ours.config, P).to(device).eval()
     prompt = ids[:1, :16]
@@ -131,6 +204,7 @@ def main(argv=None):
     print(f"|{'-' * (w + 2)}|------------:|---------------:|------:|--------|")
     for label, a, b, ratio, target in rows:
         print(f"| {label.ljust(w)} | {a:11.1f} | {b:14.1f} | {ratio:5.2f} | {target} |")
+    print("(allocated: torch's allocator, exact; RSS: the resident set sampled every ms, noisier)")
 
 
 if __name__ == "__main__":

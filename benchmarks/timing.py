@@ -7,16 +7,24 @@
 - `timed_alternating({name: fn}, ...)`: the same for several sides measured in turns
   (a, b, b, a, a, b, ...), so a neighbour that slows the machine slows every side alike
   and the ratio stays honest.
+- `alternating({name: fn}, ...)`: the same turns for sides that time themselves (each call
+  returns its own seconds, e.g. the decode steps after a prefill that is not to be counted).
+- `peak_memory(step, device)`: the peak memory one call adds above the level at entry: the
+  bytes torch's allocator holds (`PeakAllocated`, exact: on CUDA its counters, on CPU every
+  allocation and free the profiler records) and, on CPU, the resident set (`PeakRSS`, sampled
+  every millisecond: what the operating system sees, allocator caches and libraries included).
 """
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from typing import Callable
 
 import torch
 
-__all__ = ["device_sync", "timed", "timed_alternating"]
+__all__ = ["device_sync", "timed", "timed_alternating", "alternating", "PeakAllocated", "PeakRSS",
+           "peak_memory"]
 
 
 def device_sync(device) -> Callable[[], None]:
@@ -44,17 +52,107 @@ def timed_alternating(fns: dict[str, Callable[[], object]], repeats: int, sync: 
                       warmup: bool = True, reduce: Callable = statistics.median,
                       clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Seconds per call of each side, timed in turns; the order flips every round."""
+    def self_timed(fn):
+        def call():
+            sync()
+            t = clock()
+            fn()
+            sync()
+            return clock() - t
+        return call
+    return alternating({name: self_timed(fn) for name, fn in fns.items()}, repeats, warmup=warmup, reduce=reduce)
+
+
+def alternating(fns: dict[str, Callable[[], float]], repeats: int, *, warmup: bool = True,
+                reduce: Callable = statistics.median) -> dict[str, float]:
+    """`reduce` over `repeats` calls of each side, in turns (the order flips every round);
+    each call returns the seconds it measured itself."""
     names = list(fns)
     if warmup:
         for name in names:
             fns[name]()
-        sync()
-    times = {name: [] for name in names}
+    samples = {name: [] for name in names}
     for i in range(repeats):
         for name in (names if i % 2 == 0 else names[::-1]):
-            sync()
-            t = clock()
-            fns[name]()
-            sync()
-            times[name].append(clock() - t)
-    return {name: reduce(t) for name, t in times.items()}
+            samples[name].append(fns[name]())
+    return {name: reduce(t) for name, t in samples.items()}
+
+
+# ---- memory ----------------------------------------------------------------------------
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def peak_of(events: list[tuple[int, int]]) -> int:
+    """The highest running total of (time, +bytes allocated / -bytes freed) events, from 0."""
+    total = peak = 0
+    for _, nbytes in sorted(events):
+        total += nbytes
+        peak = max(peak, total)
+    return peak
+
+
+class PeakAllocated:
+    """Peak bytes torch's allocator holds above the level at entry, exactly: on CUDA from its
+    counters, on CPU from every allocation and free the profiler records."""
+
+    def __init__(self, device):
+        self.device, self.peak = torch.device(device), 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                   profile_memory=True)
+            self.profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+        else:
+            self.profiler.__exit__(*exc)
+            events = self.profiler.profiler.kineto_results.events()
+            self.peak = peak_of([(e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"])
+
+
+class PeakRSS:
+    """Peak resident set above the level at entry, sampled every millisecond (CPU): what the
+    operating system sees, the allocator's caches and the libraries' own buffers included."""
+
+    def __init__(self):
+        self.peak = 0
+
+    def __enter__(self):
+        self.start, self.running = rss_bytes(), True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, rss_bytes() - self.start)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def peak_memory(step: Callable[[], object], device) -> dict[str, int]:
+    """Peak bytes one call of `step` adds: {"allocated": ...} and on CPU also {"rss": ...},
+    each from its own call: the resident set first, before the profiler's records (which
+    `PeakAllocated` needs on CPU) have touched the heap."""
+    out = {}
+    if torch.device(device).type != "cuda":
+        with PeakRSS() as rss:
+            step()
+        out["rss"] = rss.peak
+    with PeakAllocated(device) as alloc:
+        step()
+    return {"allocated": alloc.peak, **out}

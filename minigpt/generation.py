@@ -6,6 +6,13 @@ different lengths is left-padded (see Tokenizer.encode_batch); the attention
 mask hides the padding and sets each row's positions, so every row gets the
 tokens it would get alone. A row that emits `eos_token_id` is finished and
 padded from then on; decoding stops when every row is finished.
+
+The past lives in a preallocated `KVBuffer` (past.py) that each step writes
+in place, so a step does not copy the whole past as `torch.cat` would; an
+initial past (a learned prefix) is copied into it once. `preallocate=False`
+grows the plain tuple instead: the same tokens, kept as the reference the
+tests compare against. Likewise the attention mask lives in one [B, T_max]
+tensor whose later columns are ones; each step reads a view of it.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from typing import Iterator, Optional
 import torch
 
 from .model import GPT
-from .past import PastKeyValues, extend_mask, mask_with_past, past_length
+from .past import KVBuffer, PastKeyValues, mask_with_past, past_length
 
 __all__ = ["generate", "stream", "sample_next_token", "check_sampling"]
 
@@ -55,8 +62,12 @@ def stream(model: GPT, input_ids: torch.Tensor, *, max_new_tokens: int,
            attention_mask: Optional[torch.Tensor] = None, past_key_values: Optional[PastKeyValues] = None,
            do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
            top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
-           pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, [B], one step at a time (for streaming)."""
+           pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+           preallocate: bool = True) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, [B], one step at a time (for streaming).
+
+    preallocate: keep the past in a KVBuffer written in place (default), or
+    grow the plain (k, v) tuple by concatenation at every step (the reference)."""
     check_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -73,12 +84,18 @@ def stream(model: GPT, input_ids: torch.Tensor, *, max_new_tokens: int,
                          f"{T_past + T + max_new_tokens} > n_positions {n_pos}; lower max_new_tokens to at most "
                          f"{n_pos - T_past - T}")
     mask = mask_with_past(attention_mask, B, T, T_past, input_ids.device)
+    if max_new_tokens == 0:
+        return
+    total = T_past + T + max_new_tokens - 1  # the last token is yielded, never fed back
+    full_mask = None if mask is None else _mask_buffer(mask, total)
+    buf = _kv_buffer(model, B, total) if preallocate else None
     pad = eos_token_id if pad_token_id is None else pad_token_id
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    ids, past = input_ids, past_key_values
+    ids, past, n = input_ids, past_key_values, T_past + T
     for _ in range(max_new_tokens):
-        out = model(ids, attention_mask=mask, past_key_values=past)
-        past = out.past_key_values
+        mask = None if full_mask is None else full_mask[:, :n]  # (B, T_past + T + steps so far)
+        out = model(ids, attention_mask=mask, past_key_values=past, kv_buffer=buf)
+        past = None if buf is not None else out.past_key_values  # a buffer holds its past itself
         tok = sample_next_token(out.logits[:, -1, :], do_sample=do_sample, temperature=temperature,
                                 top_k=top_k, top_p=top_p, generator=generator)
         if eos_token_id is not None:
@@ -87,9 +104,19 @@ def stream(model: GPT, input_ids: torch.Tensor, *, max_new_tokens: int,
         yield tok
         if eos_token_id is not None and bool(finished.all()):
             return
-        ids = tok[:, None]
-        if mask is not None:
-            mask = extend_mask(mask, after=1)
+        ids, n = tok[:, None], n + 1
+
+
+def _kv_buffer(model: GPT, B: int, max_length: int) -> KVBuffer:
+    cfg, w = model.config, model.transformer.wte.weight
+    return KVBuffer(cfg.n_layer, B, cfg.n_head, max_length, cfg.head_dim, device=w.device, dtype=w.dtype)
+
+
+def _mask_buffer(mask: torch.Tensor, max_length: int) -> torch.Tensor:
+    """mask [B, T0] -> [B, max_length]: the mask, then ones for every token decoding will feed."""
+    full = mask.new_ones(mask.size(0), max_length)
+    full[:, :mask.size(1)] = mask
+    return full
 
 
 def generate(model: GPT, input_ids: torch.Tensor, *, max_new_tokens: int, **kwargs) -> torch.Tensor:

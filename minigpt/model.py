@@ -20,11 +20,15 @@ The one seam for every technique is `GPT.forward(..., past_key_values=...)`:
 the past is a plain tuple over layers of `(k, v)` tensors, each
 [B, n_head, T_past, head_dim]. Prefix tuning passes a learned past, PPLM a
 nudged one; both need it differentiable, so nothing here detaches it.
+Decoding without autograd may instead hand the forward pass a preallocated
+`KVBuffer` (past.py) that it writes in place: the past is then not copied at
+every token, and what comes back is still the plain tuple (views of the buffer).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -32,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-from .past import PastKeyValues
+from .past import KVBuffer, PastKeyValues
 from .pretrained import hf_to_minigpt_state_dict, read_checkpoint, write_checkpoint
 
 __all__ = ["GPTConfig", "GPT", "GPTOutput", "PastKeyValues", "load_pretrained", "save_pretrained"]
@@ -65,11 +69,15 @@ class CausalSelfAttention(nn.Module):
         B, T, C = t.shape
         return t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
 
-    def forward(self, x, past=None, mask=None, output_attentions=False):
-        # x: (B, T, C); past: (k, v) each (B, nh, T_past, hs); mask: bool (B|1, 1, T, T_past+T) or None
+    def forward(self, x, past=None, mask=None, output_attentions=False, store=None):
+        # x: (B, T, C); past: (k, v) each (B, nh, T_past, hs); store: KVBuffer.write for this layer, or None;
+        # mask: (B|1, 1, T, T_past+T), bool for output_attentions, else additive float; or None: every key
+        # (one new token) or, for T > 1 (then there is no past), the plain causal mask, SDPA's is_causal
         q, k, v = self.c_attn(x).split(x.size(-1), dim=2)
         q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # (B, nh, T, hs)
-        if past is not None:
+        if store is not None:
+            k, v = store(k, v)  # written in place after the buffered past; views (B, nh, T_past + T, hs)
+        elif past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, nh, T_past + T, hs)
             v = torch.cat([past[1], v], dim=2)
         present = (k, v)
@@ -84,7 +92,8 @@ class CausalSelfAttention(nn.Module):
             y = self.attn_dropout(probs) @ v  # (B, nh, T, hs)
         else:
             dropout_p = self.attn_pdrop if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            is_causal = mask is None and q.size(2) > 1
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(x.shape)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y)), present, probs
 
@@ -108,14 +117,16 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, past=None, mask=None, output_attentions=False):
-        a, present, probs = self.attn(self.ln_1(x), past, mask, output_attentions)
+    def forward(self, x, past=None, mask=None, output_attentions=False, store=None):
+        a, present, probs = self.attn(self.ln_1(x), past, mask, output_attentions, store)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present, probs
 
 
 class GPT(nn.Module):
+    HEAD_LEFT_ROWS = 32  # up to this many rows, a no-grad head runs as (wte · xᵀ)ᵀ; see _lm_head
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -157,6 +168,7 @@ class GPT(nn.Module):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         inputs_embeds: Optional[torch.Tensor] = None,
+        kv_buffer: Optional[KVBuffer] = None,
     ) -> GPTOutput:
         """Run T new tokens after an optional past.
 
@@ -165,6 +177,9 @@ class GPT(nn.Module):
         past_key_values: per layer (k, v), each [B, n_head, T_past, head_dim]; kept differentiable.
         position_ids:    [B, T]; by default T_past, T_past + 1, ... or, with a mask,
                          cumsum(mask) - 1, so a left-padded row gets the positions it has alone.
+        kv_buffer:       a preallocated past (past.KVBuffer), written in place; only without autograd.
+                         It holds the past (T_past = kv_buffer.length); a `past_key_values` given with
+                         an empty buffer is copied into it first. The returned past is views of it.
         """
         cfg = self.config
         if inputs_embeds is None:
@@ -175,7 +190,10 @@ class GPT(nn.Module):
                 raise ValueError(f"inputs_embeds must be [B, T, {cfg.n_embd}], got {list(inputs_embeds.shape)}")
             B, T = inputs_embeds.shape[:2]
             x = inputs_embeds
-        T_past = self._check_past(past_key_values, B)
+        if kv_buffer is None:
+            T_past = self._check_past(past_key_values, B)
+        else:
+            T_past = self._use_buffer(kv_buffer, past_key_values, B, T)
         if T_past + T > cfg.n_positions:
             raise ValueError(
                 f"sequence too long: {T_past} past + {T} new tokens = {T_past + T} > n_positions {cfg.n_positions}; "
@@ -185,15 +203,24 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = self._positions(attention_mask, B, T, T_past)
         mask = self._attention_bias(attention_mask, T, T_past)
+        if mask is not None and not output_attentions:
+            # SDPA's own causal path skips the masked half when nothing is padded and there is no past;
+            # any other mask goes in additive form, made once here instead of once per layer by SDPA
+            plain_causal = T_past == 0 and (attention_mask is None or bool(attention_mask.all()))
+            mask = None if plain_causal else self._additive(mask, x.dtype)
 
         x = self.transformer.drop(x + self.transformer.wpe(position_ids))  # (B, T, C)
         hidden, presents, attentions = [], [], []
         for i, block in enumerate(self.transformer.h):
             if output_hidden_states:
                 hidden.append(x)
-            x, present, probs = block(x, None if past_key_values is None else past_key_values[i], mask, output_attentions)
+            past = None if past_key_values is None or kv_buffer is not None else past_key_values[i]
+            store = None if kv_buffer is None else partial(kv_buffer.write, i)
+            x, present, probs = block(x, past, mask, output_attentions, store)
             presents.append(present)
             attentions.append(probs)
+        if kv_buffer is not None:
+            kv_buffer.advance(T)
         x = self.transformer.ln_f(x)
         if output_hidden_states:
             hidden.append(x)
@@ -206,15 +233,26 @@ class GPT(nn.Module):
         )
 
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        """logits = x · wteᵀ. For one row without autograd (a batch-1 decode step),
-        through a cached contiguous copy of wteᵀ [C, V]: a one-row matmul reads that
-        layout about twice as fast on CPU, and the head is ~30% of such a step. It
-        costs one more copy of wte (154 MB for gpt2); `head_cache = False` turns it
-        off. The copy is rebuilt whenever the weight changes (new tensor, or an
-        in-place update, which bumps its _version)."""
+        """logits = x · wteᵀ, by the matmul form that reads wte fastest for the row count.
+
+        Without autograd (decoding), on CPU:
+        - one row (a batch-1 step): through a cached contiguous copy of wteᵀ [C, V];
+          a one-row matmul reads that layout faster, and the head is ~30% of such a
+          step. It costs one more copy of wte (154 MB for gpt2); `head_cache = False`
+          turns it off. The copy is rebuilt whenever the weight changes (new tensor,
+          or an in-place update, which bumps its _version).
+        - a few rows (a batched step, up to HEAD_LEFT_ROWS): as (wte · xᵀ)ᵀ, which
+          streams wte [V, C] once for all rows; x · wteᵀ runs ~1.5x slower at 8 rows.
+        Otherwise (training, prefill) the plain `lm_head`. The three forms sum the
+        same products in different orders: equal to float rounding (~1e-6 relative).
+        """
         W = self.lm_head.weight
-        one_row = x.shape[0] * x.shape[1] == 1
-        if not one_row or torch.is_grad_enabled() or not self.head_cache or not isinstance(self.lm_head, nn.Linear):
+        rows = x.shape[0] * x.shape[1]
+        if torch.is_grad_enabled() or not isinstance(self.lm_head, nn.Linear) or rows > self.HEAD_LEFT_ROWS:
+            return self.lm_head(x)
+        if rows > 1:
+            return (W @ x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], -1).contiguous()  # (B, T, V)
+        if not self.head_cache:
             return self.lm_head(x)
         key = (W.data_ptr(), W._version, W.device, W.dtype)
         if self._head_t is None or self._head_t[0] != key:
@@ -256,6 +294,24 @@ class GPT(nn.Module):
                 T_past = t.shape[2]
         return T_past
 
+    def _use_buffer(self, buf, past, B, T):
+        """Check a KVBuffer against this model and batch, copy an initial past into it; return T_past."""
+        cfg = self.config
+        if torch.is_grad_enabled():
+            raise ValueError("kv_buffer is written in place and carries no gradient: use it under torch.no_grad() "
+                             "or torch.inference_mode(); pass the past as past_key_values to train through it")
+        want = (cfg.n_layer, 2, B, cfg.n_head, buf.max_length, cfg.head_dim)
+        if tuple(buf.data.shape) != want:
+            raise ValueError(f"kv_buffer has shape {list(buf.data.shape)}; expected [n_layer, 2, batch, n_head, "
+                             f"max_length, head_dim] = {list(want)}")
+        if past is not None:
+            self._check_past(past, B)
+            buf.fill(past)
+        if buf.length + T > buf.max_length:
+            raise ValueError(f"kv_buffer is full: {buf.length} past + {T} new tokens > its max_length "
+                             f"{buf.max_length}")
+        return buf.length
+
     @staticmethod
     def _check_mask(attention_mask, B, total):
         if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, total):
@@ -287,6 +343,13 @@ class GPT(nn.Module):
             return allowed[None, None]                                     # (1, 1, T, T_past + T)
         keep = attention_mask.bool()[:, None, None, :]                     # (B, 1, 1, T_past + T)
         return (allowed & keep) | (k_idx == q_idx)                         # (B, 1, T, T_past + T)
+
+    @staticmethod
+    def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The boolean mask as the additive one softmax needs: 0 where allowed, -inf elsewhere.
+        SDPA would make exactly this from a boolean mask in every layer; here it is made once per
+        forward pass (B|1, 1, T, T_past + T)."""
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
     # ---- loading and saving (the files: see pretrained.py) ------------------------------
     @classmethod

@@ -9,7 +9,10 @@ What they all need besides the tuple lives here, written once:
   whole past at once (PPLM adds Δ to it; a prefix table reshapes into it);
 - the attention mask over the past: ones for the past positions in front,
   ones for each new token behind;
-- left padding, so a batch of prompts ends in one column.
+- left padding, so a batch of prompts ends in one column;
+- `KVBuffer`, a preallocated past that decoding writes in place instead of
+  growing the tuple by `torch.cat` (which copies the whole past every token).
+  The forward pass still returns plain `(k, v)` tuples: views of the buffer.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = ["PastKeyValues", "stack_past", "unstack_past", "past_length", "extend_mask", "mask_with_past",
-           "check_left_padded", "left_pad"]
+           "check_left_padded", "left_pad", "KVBuffer"]
 
 # One (k, v) pair per layer, each [B, n_head, T_past, head_dim].
 PastKeyValues = tuple[tuple[torch.Tensor, torch.Tensor], ...]
@@ -108,3 +111,60 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[t
         ids[i, T - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
         mask[i, T - len(r):] = 1
     return ids.to(device), mask.to(device)
+
+
+# ---- a preallocated past for decoding ------------------------------------------------------
+class KVBuffer:
+    """Room for the keys and values of every layer, written in place as decoding goes.
+
+    One tensor (L, 2, B, n_head, T_max, head_dim): `stack_past`'s layout with
+    room to grow along T. `GPT.forward(..., kv_buffer=buf)` writes the new
+    tokens' k and v at positions [length, length + T) of each layer, attends
+    over the views [:length + T], and returns those views as its plain
+    `(k, v)` tuples; only the new positions are written, so a step costs no
+    copy of the past (`torch.cat` would copy all T_past positions of every
+    layer at every token: 66 MB per step for gpt2 at 900 tokens).
+
+    Returned views stay valid: the buffer only grows, and a later step writes
+    beyond them. Written in place, it carries no gradient: use it under
+    `torch.no_grad()` / `torch.inference_mode()`; training and PPLM pass the
+    past as tuples, which stay differentiable.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_length: int, head_dim: int, *,
+                 device=None, dtype: torch.dtype = torch.float32):
+        if min(n_layer, batch, n_head, max_length, head_dim) < 1:
+            raise ValueError(f"KVBuffer sizes must be positive, got n_layer={n_layer}, batch={batch}, "
+                             f"n_head={n_head}, max_length={max_length}, head_dim={head_dim}")
+        self.data = torch.empty(n_layer, 2, batch, n_head, max_length, head_dim, device=device, dtype=dtype)
+        self.length = 0  # positions written so far: T_past for the next forward
+
+    @property
+    def max_length(self) -> int:
+        return self.data.size(4)
+
+    def fill(self, past: PastKeyValues) -> None:
+        """Copy a past (e.g. a learned prefix) into the empty buffer, once."""
+        if self.length:
+            raise ValueError(f"this KVBuffer already holds {self.length} positions; a past is copied only into "
+                             "an empty one")
+        T_past = past_length(past)
+        if T_past > self.max_length:
+            raise ValueError(f"the past holds {T_past} positions, more than the buffer's {self.max_length}")
+        for layer, (k, v) in zip(self.data, past):  # layer: (2, B, nh, T_max, hs)
+            layer[0, :, :, :T_past].copy_(k)
+            layer[1, :, :, :T_past].copy_(v)
+        self.length = T_past
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new k, v (B, nh, T, hs) of `layer` after the past; return the
+        layer's keys and values so far, views (B, nh, length + T, hs)."""
+        start, end = self.length, self.length + k.size(2)
+        kv = self.data[layer]                              # (2, B, nh, T_max, hs)
+        kv[0, :, :, start:end].copy_(k)
+        kv[1, :, :, start:end].copy_(v)
+        return kv[0, :, :, :end], kv[1, :, :, :end]
+
+    def advance(self, T: int) -> None:
+        """Count T more positions as written (after every layer has written them)."""
+        self.length += T

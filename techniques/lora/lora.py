@@ -85,9 +85,24 @@ class LoRALinear(nn.Module):
         """s·B·A·dropout(x) for x (..., in) -> (..., out)."""
         return (self.dropout(x) @ self.A.T) @ self.B.T * self.scaling
 
+    def _low_rank_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as one pair, [r, in] and [out, r]: what the forward pass multiplies by."""
+        return self.A, self.B
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # (..., out)
-        return y if self.merged else y + self.lora_branch(x)
+        """W0·x + b, then + s·B·A·dropout(x) added in place: y.addmm_(h, Bᵀ, alpha=s) with
+        h = dropout(x)·Aᵀ [N, r]. The sum of `base(x) + lora_branch(x)` (to float rounding:
+        the scaling is applied inside the multiply-add), but no [N, out] tensor besides y is
+        made, where the branch, its scaled copy and the sum were three, each as large as the
+        layer's output. y is the base layer's own fresh output on 2-D input, not a view, so
+        autograd needs no copy of its gradient for the in-place add."""
+        if self.merged:
+            return self.base(x)
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        y = self.base(x2)                     # (N, out)
+        A, B = self._low_rank_pair()
+        y.addmm_(self.dropout(x2) @ A.T, B.T, alpha=self.scaling)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
         """Δ = s·B·A, [out, in]: what `merge()` adds to W0."""
@@ -147,6 +162,21 @@ class LoRAQKV(LoRALinear):
                   else x.new_zeros(*x.shape[:-1], C)                                 # q, k or v left as W0's
                   for p in QKV]
         return torch.cat(pieces, dim=-1)
+
+    def _low_rank_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parts as one low-rank pair: A = [A_q; A_v] [k·r, C] stacked, and B [3C, k·r]
+        block-diagonal in the parts' rows (k = number of parts),
+
+            B = [[B_q, 0], [0, 0], [0, B_v]]   so   B·A·h = [B_q·A_q·h ; 0 ; B_v·A_v·h].
+
+        The zero blocks are [C, r] (weights-sized, tiny), not activation-sized: the forward
+        pass adds s·B·A·h into q|k|v in one in-place multiply-add, and rows of a part left
+        out receive exactly 0 (W0's output unchanged, bit for bit)."""
+        zeros = self.B[self.parts[0]].new_zeros(self.out_features // 3, self.r)  # (C, r)
+        A = torch.cat([self.A[q] for q in self.parts], dim=0)                           # (k·r, C)
+        B = torch.cat([torch.cat([self.B[q] if q == p else zeros for q in self.parts], dim=1)  # row block p: (C, k·r)
+                       for p in QKV], dim=0)                                                   # (3C, k·r)
+        return A, B
 
     def delta_weight(self) -> torch.Tensor:
         C = self.out_features // 3

@@ -1,0 +1,142 @@
+"""The fast paths give the plain paths' numbers: the preallocated past (KVBuffer) against the
+growing (k, v) tuple, the no-grad head forms against lm_head, and the errors the buffer raises."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minigpt import GPT, generate, stream
+from minigpt.past import KVBuffer, left_pad, past_length
+
+
+def buffer_for(model: GPT, B: int, max_length: int) -> KVBuffer:
+    cfg = model.config
+    return KVBuffer(cfg.n_layer, B, cfg.n_head, max_length, cfg.head_dim)
+
+
+def prompts(lengths, seed):
+    """Left-padded random prompts with these lengths: (ids [B, T], mask [B, T])."""
+    g = torch.Generator().manual_seed(seed)
+    return left_pad([torch.randint(0, 50257, (n,), generator=g).tolist() for n in lengths], 50256)
+
+
+def random_past(model: GPT, B: int, P: int, seed: int):
+    """A learned-prefix-like past: random keys/values, P positions, attended by every row."""
+    cfg, g = model.config, torch.Generator().manual_seed(seed)
+    return tuple((torch.randn(B, cfg.n_head, P, cfg.head_dim, generator=g),
+                  torch.randn(B, cfg.n_head, P, cfg.head_dim, generator=g)) for _ in range(cfg.n_layer))
+
+
+# ---- decoding: buffered against the growing tuple ------------------------------------------
+@given(lengths=st.lists(st.integers(1, 9), min_size=1, max_size=4), prefix=st.integers(0, 5),
+       use_eos=st.booleans(), new=st.integers(1, 12), seed=st.integers(0, 2 ** 16))
+def test_buffered_decode_gives_the_growing_tuple_tokens(tiny_hf, lengths, prefix, use_eos, new, seed):
+    """Greedy tokens identical across batch sizes, left padding, eos and an initial past."""
+    _, model, _ = tiny_hf
+    ids, mask = prompts(lengths, seed)
+    kw = dict(max_new_tokens=new, attention_mask=mask)
+    if prefix:
+        kw["past_key_values"] = random_past(model, len(lengths), prefix, seed)
+    if use_eos:  # the token row 0 emits second ends its text, so rows stop at different steps
+        free = generate(model, ids, preallocate=False, **kw)
+        kw.update(eos_token_id=int(free[0, ids.size(1) + min(1, new - 1)]), pad_token_id=0)
+    grown = generate(model, ids, preallocate=False, **kw)
+    buffered = generate(model, ids, preallocate=True, **kw)
+    assert torch.equal(grown, buffered)
+
+
+@given(lengths=st.lists(st.integers(1, 9), min_size=1, max_size=4), prefix=st.integers(0, 5),
+       steps=st.lists(st.integers(1, 4), min_size=1, max_size=6), seed=st.integers(0, 2 ** 16))
+def test_buffered_forward_gives_the_tuple_logits_and_past(tiny_hf, lengths, prefix, steps, seed):
+    """Chunks fed one after another: logits within 1e-5 and the same past, the buffer's past
+    being views of the buffer, each chunk after a padded prompt and an optional initial past."""
+    _, model, _ = tiny_hf
+    B, g = len(lengths), torch.Generator().manual_seed(seed)
+    ids, mask = prompts(lengths, seed)
+    chunks = [ids] + [torch.randint(0, 50257, (B, n), generator=g) for n in steps]
+    initial = random_past(model, B, prefix, seed) if prefix else None
+    full = torch.cat([torch.ones(B, prefix, dtype=torch.long), mask,
+                      torch.ones(B, sum(steps), dtype=torch.long)], dim=1)
+    buf = buffer_for(model, B, full.size(1))
+    past_t, past_b, seen = initial, initial, prefix
+    with torch.no_grad():
+        for x in chunks:
+            seen += x.size(1)
+            a = model(x, attention_mask=full[:, :seen], past_key_values=past_t)
+            b = model(x, attention_mask=full[:, :seen], past_key_values=past_b, kv_buffer=buf)
+            past_t, past_b = a.past_key_values, None  # the buffer holds its own past from here on
+            assert (a.logits - b.logits).abs().max() <= 1e-5
+            assert buf.length == seen == past_length(b.past_key_values)
+            for (kt, vt), (kb, vb), layer in zip(a.past_key_values, b.past_key_values, buf.data):
+                assert torch.equal(kt, kb) and torch.equal(vt, vb)
+                assert kb.data_ptr() == layer[0].data_ptr() and vb.data_ptr() == layer[1].data_ptr()
+
+
+def test_returned_views_survive_later_steps_and_the_initial_past_is_not_written(tiny_hf):
+    _, model, _ = tiny_hf
+    ids = torch.randint(0, 50257, (2, 6), generator=torch.Generator().manual_seed(4))
+    initial = random_past(model, 2, 3, 4)
+    before = [(k.clone(), v.clone()) for k, v in initial]
+    buf = buffer_for(model, 2, 3 + 6)
+    with torch.no_grad():
+        first = model(ids[:, :4], past_key_values=initial, kv_buffer=buf).past_key_values
+        kept = [(k.clone(), v.clone()) for k, v in first]
+        model(ids[:, 4:], kv_buffer=buf)
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(first, kept))
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(initial, before))
+
+
+def test_stream_steps_equal_with_and_without_the_buffer(tiny_hf):
+    _, model, _ = tiny_hf
+    ids, mask = prompts([3, 7, 1], 9)
+    a = list(stream(model, ids, attention_mask=mask, max_new_tokens=8, preallocate=True))
+    b = list(stream(model, ids, attention_mask=mask, max_new_tokens=8, preallocate=False))
+    assert len(a) == len(b) == 8 and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert list(stream(model, ids, max_new_tokens=0)) == []
+
+
+def test_buffered_decode_equals_transformers(tiny_hf, tokenizer):
+    hf, model, _ = tiny_hf
+    ids, mask = tokenizer.encode_batch(["A cat", "The weather today is", "Yes"])
+    want = hf.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False, pad_token_id=50256)
+    assert torch.equal(generate(model, ids, attention_mask=mask, max_new_tokens=15), want)
+
+
+# ---- the head: each no-grad form against lm_head ------------------------------------------
+@pytest.mark.parametrize("rows", [1, 2, 8, GPT.HEAD_LEFT_ROWS, GPT.HEAD_LEFT_ROWS + 1])
+def test_no_grad_head_forms_equal_lm_head(tiny_hf, rows):
+    """Batched decode steps read wte as (wte · xᵀ)ᵀ, one row through the cached wteᵀ, many rows
+    through lm_head: all give lm_head's logits, contiguous, in the [B, T, V] layout."""
+    _, model, _ = tiny_hf
+    ids = torch.randint(0, 50257, (rows, 1), generator=torch.Generator().manual_seed(rows))
+    with torch.no_grad():
+        fast = model(ids).logits
+    plain = model(ids).logits.detach()  # autograd on: always the plain lm_head
+    assert fast.shape == plain.shape and fast.is_contiguous()
+    assert (fast - plain).abs().max() <= 1e-5
+
+
+# ---- the buffer's errors -------------------------------------------------------------------
+def test_buffer_errors(tiny_hf):
+    _, model, _ = tiny_hf
+    x = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="torch.no_grad"):
+        model(x, kv_buffer=buffer_for(model, 2, 8))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"kv_buffer has shape .*batch"):
+            model(x, kv_buffer=buffer_for(model, 3, 8))
+        buf = buffer_for(model, 2, 4)
+        model(x, kv_buffer=buf)
+        with pytest.raises(ValueError, match="kv_buffer is full: 3 past \\+ 2 new tokens > its max_length 4"):
+            model(x[:, :2], kv_buffer=buf)
+        past = model(x).past_key_values
+        with pytest.raises(ValueError, match="already holds 3 positions"):
+            model(x[:, :1], past_key_values=past, kv_buffer=buf)
+        with pytest.raises(ValueError, match="1 layers, the model has 2"):
+            model(x[:, :1], past_key_values=past[:1], kv_buffer=buffer_for(model, 2, 8))
+        with pytest.raises(ValueError, match="the past holds 3 positions, more than the buffer's 2"):
+            model(x[:, :1], past_key_values=past, kv_buffer=buffer_for(model, 2, 2))
+    with pytest.raises(ValueError, match="sizes must be positive"):
+        KVBuffer(2, 0, 4, 8, 8)
