@@ -4,7 +4,7 @@ from .device import resolve_device
 from .generation import check_sampling, generate, sample_next_token, stream
 from .io import atomic_save_dir, load_tensors, read_json, save_tensors, write_json
 from .model import GPT, GPTOutput, load_pretrained, save_pretrained
-from .past import (PastKeyValues, check_left_padded, extend_mask, left_pad, mask_with_past, past_length, stack_past,
+from .past import (KVBuffer, PastKeyValues, check_left_padded, extend_mask, left_pad, mask_with_past, past_length, stack_past,
                    unstack_past)
 from .tokenizer import EOT_ID, Tokenizer, get_tokenizer
 from .training import (Example, TrainConfig, causal_lm_loss, collate_lm, evaluate, examples_from_pairs,
@@ -12,7 +12,7 @@ from .training import (Example, TrainConfig, causal_lm_loss, collate_lm, evaluat
 
 __all__ = [
     "GPT", "GPTConfig", "GPT2_SIZES", "GPTOutput", "load_pretrained", "save_pretrained",
-    "PastKeyValues", "stack_past", "unstack_past", "past_length", "extend_mask", "mask_with_past",
+    "PastKeyValues", "KVBuffer", "stack_past", "unstack_past", "past_length", "extend_mask", "mask_with_past",
     "check_left_padded", "left_pad",
     "generate", "stream", "sample_next_token", "check_sampling",
     "get_tokenizer", "Tokenizer", "EOT_ID",
