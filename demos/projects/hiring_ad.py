@@ -1,0 +1,279 @@
+"""Ethical hiring tool: PPLM steers job adverts away from masculine-coded words, measured by genderdecoder3.
+
+The tutorial's fake ("Ethical hiring tool", PPLM major project) replaced "strong" with "qualified" and
+"aggressive" with "inclusive" in two fixed strings. Here the model continues the opening of a job
+advert for each of 10 roles (data/hiring/prompts.txt, written for this project) several times,
+unperturbed and then under PPLM with the same seeds (continuation k, counted over all roles, draws
+from its own torch.Generator seeded --seed + k), in the library's avoid mode:
+`pplm.generate(..., avoid_bow=<masculine-coded words>)`, loss -log(1 - Σ_{w in bag} p̃(w)) (not in the
+PPLM paper: its bag-of-words loss turned around, to push probability off a bag).
+
+The avoid bag comes from genderdecoder3's masculine-coded list (Gaucher, Friesen & Kay 2011). Its
+entries are word STEMS ("compet", "lead", "analy"), matched by genderdecoder3 as the start of a word,
+so each stem is expanded to every single GPT-2 token of the tokenizer's vocabulary that is a leading
+space followed by a word starting with the stem, in any case (" competitive", " Leader", " analyst",
+...): those are the tokens that begin a coded word after a space. Stems no single token starts with
+(e.g. "headstrong", "self-relian") cannot be scored by a one-token-ahead loss and are left out (the
+bag's summary names them); so are words whose first token is shorter than the stem (" comp"+"etitive").
+With --attract-feminine the feminine-coded stems, expanded the same way, are also given as an
+attracting bag (bow=); by default they are not (avoid mode alone).
+
+Yardstick: genderdecoder3 (`assess`, MIT, nobody here wrote it) on each continuation (the generated
+text only; the openings are neutral and the same before and after): masculine- and feminine-coded
+words per 100 words (pooled over all continuations; words counted as assess splits them) and the
+distribution of its verdicts ("strongly masculine-coded" ... "neutral" ... "strongly feminine-coded").
+
+Hyperparameters: the reference's bag-of-words settings (uber-research/PPLM: stepsize 0.03, 3
+iterations, window 5, gamma 1.5, kl_scale 0.01, gm_scale 0.95, top-k 10 sampling); the avoid loss is
+a bag loss, so it takes them unchanged. Scaled for a 2-core CPU: 40 new tokens (the paper: 50) and
+4 samples per role. On the bundled model the avoided tokens hold about 0.1-0.2% of the next-token
+mass and never reach the top 10 the sampler draws from, so its unperturbed adverts contain no
+masculine-coded word and the yardstick has nothing to see fall; metrics.json then also carries the
+bag's mass per step (the steering's own signal, a diagnostic only), before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from minigpt import get_tokenizer
+from minigpt.cli import positive_int, run_command
+from techniques import pplm
+
+from ..common import Stopwatch, choose_model, new_figure, save_figure
+from .common import REPO, ProjectResult, metric_figure, project_parser, require, write_metrics, write_samples
+from .sentiment_story import continuations, mean
+
+NAME = "hiring_ad"
+TITLE = "Ethical hiring tool"
+TECHNIQUE = "PPLM"
+NEEDS = ("genderdecoder3",)
+
+PROMPTS_FILE = REPO / "data" / "hiring" / "prompts.txt"
+SAMPLING = dict(do_sample=True, top_k=10, temperature=1.0)
+KNOBS = dict(stepsize=0.03, num_iterations=3, window_length=5, gamma=1.5, gm_scale=0.95, kl_scale=0.01)
+VERDICTS = ("strongly feminine-coded", "feminine-coded", "neutral", "masculine-coded", "strongly masculine-coded")
+
+
+@dataclass
+class Sizes:
+    roles: int
+    samples: int
+    tokens: int
+
+
+SIZES = {"full": Sizes(10, 4, 40), "quick": Sizes(10, 2, 25), "smoke": Sizes(2, 1, 4)}
+
+
+# ---- data and bags ---------------------------------------------------------------------------------
+def read_prompts(path: Path = PROMPTS_FILE) -> list[tuple[str, str]]:
+    """(role, prompt) rows of `role<TAB>prompt`; `#` lines are comments."""
+    if not path.is_file():
+        raise FileNotFoundError(f"job-advert prompts {path} not found")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        if "\t" not in line:
+            raise ValueError(f"{path}, line {n}: expected `role<TAB>prompt`")
+        role, prompt = (s.strip() for s in line.split("\t", 1))
+        rows.append((role, prompt))
+    if not rows:
+        raise ValueError(f"{path} holds no prompts")
+    return rows
+
+
+def stem_bag(stems: Sequence[str], name: str) -> tuple[pplm.BagOfWords, list[str]]:
+    """The single GPT-2 tokens " <word>" whose word starts with one of the stems (any case), as a bag;
+    and the stems no token covers."""
+    tok = get_tokenizer()
+    stems = [s.lower() for s in stems]
+    single, covered = {}, set()
+    for i in range(tok.vocab_size):
+        s = tok.token_str(i)
+        if not s.startswith(" "):
+            continue
+        word = s[1:].lower()
+        hits = [st for st in stems if word.startswith(st)]
+        if hits:
+            single[s] = i
+            covered.update(hits)
+    uncovered = [s for s in stems if s not in covered]
+    return pplm.BagOfWords(name, list(single), single, {}), uncovered
+
+
+def genderdecoder():
+    """genderdecoder3, or a one-line error naming the demos extra."""
+    return require("genderdecoder3")
+
+
+# ---- the yardstick -----------------------------------------------------------------------------------
+def ad_words(text: str) -> list[str]:
+    """The words of a text as genderdecoder3.assess splits them (ASCII only, punctuation . , : ; ( ) dropped)."""
+    text = re.sub(r"\s", " ", "".join(c if ord(c) < 128 else " " for c in text))
+    return [w for w in re.sub(r"[.\t,:;()]", "", text).split(" ") if w]
+
+
+@dataclass
+class Assessment:
+    words: int
+    masculine: list[str]
+    feminine: list[str]
+    verdict: str
+
+
+def assess_all(gd, texts: Sequence[str]) -> list[Assessment]:
+    out = []
+    for t in texts:
+        r = gd.assess(t)
+        out.append(Assessment(len(ad_words(t)), r["masculine_coded_words"], r["feminine_coded_words"], r["result"]))
+    return out
+
+
+def per_100(items: Sequence[Assessment], kind: str) -> float:
+    """Coded words per 100 words, pooled over all texts."""
+    words = sum(a.words for a in items)
+    return 100 * sum(len(getattr(a, kind)) for a in items) / max(1, words)
+
+
+def verdict_counts(items: Sequence[Assessment]) -> dict[str, int]:
+    c = Counter(a.verdict for a in items)
+    return {v: c.get(v, 0) for v in VERDICTS}
+
+
+# ---- options and the run -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = project_parser(NAME, "PPLM's avoid mode steers job adverts for 10 roles away from masculine-coded words "
+                             "(genderdecoder3's list, expanded to GPT-2 tokens); genderdecoder3 measures the "
+                             "coded words before and after, with the same seeds.", needs=NEEDS)
+    g = p.add_argument_group("this project")
+    g.add_argument("--attract-feminine", action="store_true",
+                   help="also steer towards the feminine-coded words (bow=), besides avoiding the masculine ones")
+    g.add_argument("--samples", type=positive_int, help="continuations per role (default 4; --quick 2)")
+    g.add_argument("--tokens", type=positive_int, help="new tokens per continuation (default 40; --quick 25)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def run(args) -> ProjectResult:
+    clock = Stopwatch()
+    gd = genderdecoder()
+    sizes = SIZES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    samples, tokens = args.samples or sizes.samples, args.tokens or sizes.tokens
+    rows = read_prompts()[:sizes.roles]
+    chosen = choose_model(args)
+    print(chosen.reason)
+    avoid, avoid_missing = stem_bag(gd.masculine_coded_words, "masculine-coded")
+    attract, attract_missing = stem_bag(gd.feminine_coded_words, "feminine-coded")
+    print(f"avoid bag: {len(avoid.token_ids)} GPT-2 tokens from {len(gd.masculine_coded_words)} masculine-coded "
+          f"stems ({len(avoid_missing)} stems no single token starts with: {', '.join(avoid_missing) or 'none'})")
+    steer = dict(avoid_bow=avoid)
+    if args.attract_feminine:
+        steer["bow"] = attract
+        print(f"attract bag: {len(attract.token_ids)} GPT-2 tokens from {len(gd.feminine_coded_words)} "
+              f"feminine-coded stems")
+    prompts = [p for _, p in rows]
+    common = dict(samples=samples, seed=args.seed, max_new_tokens=tokens, progress=not args.no_progress,
+                  **SAMPLING)
+    print(f"{len(prompts)} roles x {samples} samples x {tokens} tokens, unperturbed and under PPLM")
+    tok = get_tokenizer()
+    model = chosen.model
+    plain = continuations(model, prompts, desc="unperturbed", **steer, **common, **{**KNOBS, "stepsize": 0.0})
+    steered = continuations(model, prompts, desc="PPLM avoid", **steer, **common, **KNOBS)
+    texts = {"before": [tok.decode(t) for t in plain.tokens], "after": [tok.decode(t) for t in steered.tokens]}
+    scored = {k: assess_all(gd, v) for k, v in texts.items()}
+    result = ProjectResult(
+        NAME, "masculine-coded words per 100 words", False, per_100(scored["before"], "masculine"),
+        per_100(scored["after"], "masculine"), chosen.name, len(texts["before"]), 0.0,
+        extra={"feminine_per_100_before": per_100(scored["before"], "feminine"),
+               "feminine_per_100_after": per_100(scored["after"], "feminine"),
+               "verdicts_before": verdict_counts(scored["before"]),
+               "verdicts_after": verdict_counts(scored["after"]),
+               "words_before": sum(a.words for a in scored["before"]),
+               "words_after": sum(a.words for a in scored["after"]),
+               "mode": "avoid masculine-coded + attract feminine-coded" if args.attract_feminine
+               else "avoid masculine-coded only",
+               "bag_mass_per_step_before": mean(plain.attribute),
+               "bag_mass_per_step_after": mean(steered.attribute),
+               "diagnostics_note": f"the {'feminine' if args.attract_feminine else 'masculine'}-coded bag's "
+                                   "probability mass per step under the distribution sampled from (p before, "
+                                   "p̃ after): the steering's own signal, not the yardstick",
+               "avoid_bag_tokens": len(avoid.token_ids), "stems_without_a_token": avoid_missing,
+               "knobs": KNOBS, "sampling": SAMPLING, "roles": len(rows), "samples_per_role": samples,
+               "new_tokens": tokens, "seed": args.seed,
+               "scored": "the continuation only (the openings are neutral and the same before and after)"})
+    result.seconds = clock.elapsed()
+    print(f"  masculine-coded per 100 words {result.before:.2f} -> {result.after:.2f}; feminine-coded "
+          f"{result.extra['feminine_per_100_before']:.2f} -> {result.extra['feminine_per_100_after']:.2f}")
+    write_outputs(args.out, result, rows, samples, texts, scored)
+    print(f"{TITLE}: wrote {args.out} in {clock.elapsed():.0f} s")
+    return result
+
+
+def _score(a: Assessment) -> str:
+    words = lambda ws: ", ".join(ws) or "none"  # noqa: E731
+    return f"{a.verdict}; masculine: {words(a.masculine)}; feminine: {words(a.feminine)}"
+
+
+def write_outputs(out, result: ProjectResult, rows, samples, texts, scored) -> None:
+    """metrics.json, samples.md, metric.png, verdicts.png."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    rates = {k: [100 * len(a.masculine) / max(1, a.words) for a in v] for k, v in scored.items()}
+    metric_figure(out, result, labels=("unperturbed", "PPLM (avoid)"), unit="per 100 words",
+                  per_item=(rates["before"], rates["after"]))
+    verdict_figure(out, result)
+    jobs = [(role, prompt, j) for role, prompt in rows for j in range(samples)]
+    table = [{"input": f"{role} (sample {j + 1} of {samples}, seed {result.extra['seed'] + k}): {prompt}",
+              "before": prompt + texts["before"][k], "after": prompt + texts["after"][k],
+              "before_score": _score(scored["before"][k]), "after_score": _score(scored["after"][k])}
+             for k, (role, prompt, j) in enumerate(jobs)]
+    note = (f"Before: unperturbed sampling (top-k 10). After: PPLM, {result.extra['mode']} (knobs {KNOBS}). Same "
+            "seed per sample before and after. Scores: genderdecoder3's verdict and coded words, on the continuation "
+            f"only. {result.extra['new_tokens']} new tokens and {samples} sample(s) per role (the paper: 50 tokens) "
+            "to fit a 2-core CPU.\n\n"
+            f"Totals: masculine-coded words per 100 words {result.before:.2f} -> {result.after:.2f}, feminine-coded "
+            f"{result.extra['feminine_per_100_before']:.2f} -> {result.extra['feminine_per_100_after']:.2f}; "
+            f"verdicts before {result.extra['verdicts_before']}, after {result.extra['verdicts_after']}."
+            + (" The unperturbed text holds no masculine-coded word at all, so the yardstick has nothing to see "
+               "fall; the steered bag's probability mass per step (the steering's own signal, a diagnostic only) "
+               f"went from {result.extra['bag_mass_per_step_before']:.5f} to "
+               f"{result.extra['bag_mass_per_step_after']:.5f}." if result.before == 0 else ""))
+    write_samples(out, f"{TITLE}: unperturbed vs PPLM avoid mode", table, note)
+    write_metrics(result, out)
+
+
+def verdict_figure(out, result: ProjectResult) -> Path:
+    """verdicts.png: genderdecoder3's verdicts before/after, and coded words per 100 words."""
+    fig = new_figure()
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    x = range(len(VERDICTS))
+    for off, key, color, label in ((-0.2, "verdicts_before", "#9aa5b1", "unperturbed"),
+                                   (0.2, "verdicts_after", "#1a7f37", "PPLM (avoid)")):
+        ax1.bar([i + off for i in x], [result.extra[key][v] for v in VERDICTS], width=0.4, color=color, label=label)
+    ax1.set_xticks(list(x), [v.replace(" ", "\n", 1).replace("-coded", "") for v in VERDICTS], fontsize=8)
+    ax1.set(ylabel="continuations", title="genderdecoder3 verdicts")
+    ax1.legend(fontsize=8)
+    pairs = [("masculine", result.before, result.after),
+             ("feminine", result.extra["feminine_per_100_before"], result.extra["feminine_per_100_after"])]
+    for i, (label, b, a) in enumerate(pairs):
+        ax2.bar([i - 0.2, i + 0.2], [b, a], width=0.4, color=["#9aa5b1", "#1a7f37"])
+        for xx, v in ((i - 0.2, b), (i + 0.2, a)):
+            ax2.annotate(f"{v:.2f}", (xx, v), ha="center", va="bottom", fontsize=8)
+    ax2.set_xticks([0, 1], ["masculine-coded", "feminine-coded"])
+    ax2.set(ylabel="coded words per 100 words", title="grey: unperturbed, green: PPLM")
+    for ax in (ax1, ax2):
+        ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, Path(out) / "verdicts.png", "Ethical hiring tool: before vs after, the same seeds")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: run(args), out=args.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

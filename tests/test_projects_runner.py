@@ -1,0 +1,38 @@
+"""python -m demos.projects: the list, and a run of two projects into one index."""
+from __future__ import annotations
+
+import json
+
+from demos.projects.__main__ import PROJECTS, main, project
+
+
+def test_every_project_follows_the_contract():
+    for name in PROJECTS:
+        m = project(name)
+        assert m.NAME == name and m.TITLE and m.TECHNIQUE and isinstance(m.NEEDS, tuple)
+        assert callable(m.main) and callable(m.run) and callable(m.build_parser)
+
+
+def test_list_names_every_project(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for name in PROJECTS:
+        assert name in out
+
+
+def test_run_writes_one_index_of_the_runs(tmp_path, capsys):
+    out = tmp_path / "projects"
+    assert main(["run", "poetry", "hiring_ad", "--smoke", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["project"] for r in summary["projects"]] == ["poetry", "hiring_ad"]
+    for r in summary["projects"]:
+        assert r["model"] == "micro-random" and r["n"] > 0
+        assert json.loads((out / r["project"] / "metrics.json").read_text()) == r
+    page = (out / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "hiring_ad" in page
+
+
+def test_unknown_project_is_one_line(tmp_path, capsys):
+    assert main(["run", "nope", "--smoke", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown project(s) nope") and err.count("\n") == 1
