@@ -390,7 +390,7 @@ def _loss_figure(history: list[dict], eval_before: float, path: Path, title: str
 
 def _heatmaps_figure(panels: Sequence[tuple[str, torch.Tensor]], path: Path, title: str) -> Path:
     """One heatmap per matrix, each on its own symmetric colour scale clipped at the 99.5th percentile of |value|."""
-    fig = new_figure((8, 3.4))
+    fig = new_figure((8, 3.1))
     axes = fig.subplots(1, len(panels))
     for ax, (name, m) in zip(axes, panels):
         m = m.detach().float().cpu()
@@ -882,9 +882,9 @@ def forecast(ctx: TourContext) -> dict[str, float]:
     one-token decode of this model on this machine, plus a fixed cost per figure."""
     model, s = ctx.model, ctx.sizes
     per_train_token, per_decode = _time_model(ctx)
-    # Measured on the bundled model: a PPLM token costs about 20 one-token forwards (2 plain, then 3 iterations
+    # Measured on the bundled model: a PPLM token costs about 12 one-token forwards (2 plain, then 3 iterations
     # of a forward and a backward through the whole past); an optimizer step about 1.3 forward/backwards.
-    pplm_cost, step_overhead = 20, 1.3
+    pplm_cost, step_overhead = 12, 1.3
     figure = 1.5    # seconds to draw and save one PNG
     verse, record = 26, 70  # padded tokens per example in a batch: a verse, an E2E record
     lora_eval = (s.lora_steps / s.lora_eval_every + 1) * (s.lora_eval_verses or 105) * verse / 3
