@@ -150,7 +150,7 @@ def describe_plan(n_train: int, n_eval: int, config: TrainConfig) -> str:
     """One line, printed before training starts: the real number of steps and what it means."""
     steps, epochs = plan_steps(n_train, config)
     per_epoch = -(-n_train // config.batch_size)
-    shown = f"{epochs:.2f}".rstrip("0").rstrip(".")  # 3, 1.5, 1.33
+    shown = f"{epochs:.2f}".rstrip("0").rstrip(".") if epochs >= 0.01 else f"{epochs:.1g}"  # 3, 1.5, 1.33, 0.003
     return (f"training {steps} step{'s' if steps != 1 else ''} ({shown} epoch{'s' if epochs != 1 else ''} of "
             f"{per_epoch} step{'s' if per_epoch != 1 else ''}, batch {config.batch_size}) on {n_train} examples"
             + (f"; eval loss on {n_eval} held-out examples" if n_eval else "; no eval split"))
