@@ -68,7 +68,7 @@ def test_hybrid_reports_all_eight_configurations(smoke_runs):
     assert len({(r["lora"], r["prefix"], r["pplm"]) for r in rows}) == 8  # every combination once
     table = {r["key"]: r for r in rows}
     for row in rows:
-        for m in ("vader_compound_mean", "style_perplexity", "topic_named_share"):
+        for m in ("vader_compound_mean", "style_perplexity", "label_preference"):
             assert math.isfinite(row[m]), m
     assert metrics["before"] == table["none"]["vader_compound_mean"]
     assert metrics["after"] == table["all"]["vader_compound_mean"]
@@ -225,8 +225,18 @@ def test_scifi_genre_share_counts_whole_words():
     assert scifi.genre_share([""], bag) == 0.0
 
 
-def test_hybrid_topics_avoid_function_words_and_sentiment_words():
-    assert hybrid.topic_word("and when they reached the strait symplegades", set()) == "symplegades"
-    assert hybrid.topic_word("with pale blue berries. in these peaceful shades--", {"peaceful"}) == "berries"
-    assert hybrid.topic_word("upon thee, thou art", set()) is None
-    assert hybrid.uses_word("The Harbour lights", "harbour") and not hybrid.uses_word("harbours", "harbour")
+def test_hybrid_label_preference_is_the_cross_entropy_gap():
+    held = hybrid.HeldOut([" a", " b", " c", " d"], positive=[0, 2], negative=[1])
+    scores = poetry.Perplexity(text_nll=[2.0, 9.0, 4.0, 100.0], text_tokens=[1, 3, 3, 1])
+    # negative: 9 nats / 3 tokens = 3; positive: (2 + 4) nats / (1 + 3) tokens = 1.5 (token-weighted)
+    assert hybrid.label_preference(scores, held) == pytest.approx(1.5)
+    assert math.isnan(hybrid.label_preference(scores, hybrid.HeldOut([" a"], [0], [])))
+
+
+def test_hybrid_prompts_are_neutral_verse_openings():
+    vader = pytest.importorskip("vaderSentiment.vaderSentiment").SentimentIntensityAnalyzer()
+    openings = hybrid.neutral_openings(vader, 20)
+    assert len(openings) == 20 and openings[0] == hybrid.TUTORIAL_PROMPT
+    assert all(vader.polarity_scores(o)["compound"] == 0 for o in openings)
+    held = hybrid.held_out(None)
+    assert held.positive and held.negative and not set(held.positive) & set(held.negative)

@@ -249,7 +249,8 @@ def test_e2e_groups_references_by_input():
 
 
 def test_summarizer_inputs():
-    assert summarizer.detokenize("Recognition ( NER ) systems , which work .") == "Recognition (NER) systems, which work."
+    assert summarizer.detokenize("Recognition ( NER ) systems , which work .") == \
+        "Recognition (NER) systems, which work."
     assert summarizer.first_sentence(" They find X. Then Y.\nMore") == "They find X."
     assert summarizer.first_sentence("no end\nsecond line") == "no end"
     from minigpt import get_tokenizer

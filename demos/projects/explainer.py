@@ -72,7 +72,7 @@ class Sizes:
     shown: int
 
 
-SIZES = {"full": Sizes(None, None, 150, 30, 2, 64, 6),
+SIZES = {"full": Sizes(None, None, 120, 30, 2, 64, 6),
          "quick": Sizes(None, 12, 60, 20, 1, 64, 4),
          "smoke": Sizes(4, 2, 2, 2, 1, 6, 2)}
 
@@ -305,7 +305,8 @@ def run(args) -> ProjectResult:
             f"{size.samples} sample(s) each: no prefix {_fmt(_mean(fre_plain['simple']))}; simple prefix "
             f"{_fmt(_mean(fre_steered['simple']))}; expert prefix {_fmt(_mean(fre_steered['expert']))}. **Gap "
             f"(simple - expert): {gap_before:.1f} before -> {gap_after:.1f} after** (the written references: "
-            f"{_fmt(fre_reference['simple'])} vs {_fmt(fre_reference['expert'])}). Held-out loss (nats/token), no prefix "
+            f"{_fmt(fre_reference['simple'])} vs {_fmt(fre_reference['expert'])}). Held-out loss (nats/token), "
+            "no prefix "
             f"-> the level's prefix: simple {loss_before['simple']:.3f} -> {loss_after['simple']:.3f}, expert "
             f"{loss_before['expert']:.3f} -> {loss_after['expert']:.3f}. Prefixes: {runs['simple'].how}. Each sample "
             "uses the same seed in every variant. lr: the paper's 5e-5..8e-5 suits GPT-2 medium over thousands of "

@@ -7,39 +7,41 @@ all three, on the same prompts and seeds:
 - style, LoRA (Hu et al. 2021; r = 8, alpha = 16 on q and v): the poetry project's adapter, trained here with
   its function on the poem verses (or loaded with --lora DIR), merged into the weights (W0 + (alpha/r)·B·A);
 - task, prefix tuning (Li & Liang 2021; P = 10 virtual tokens, the paper's table-to-text length, MLP-
-  reparametrised with hidden width 512): "Topic: <word>\\nVerse:" -> a verse that uses the word, trained on the
-  base model from the poem verses of data/poem_sentiment (train split; dev for the eval loss), each verse's
-  topic being its longest word of four letters or more that is neither a function word, nor in VADER's
-  lexicon, nor in the PPLM bag, so that naming the topic never moves the sentiment yardstick (or --prefix DIR);
-- sentiment, PPLM (Dathathri et al. 2020) with the `positive_words` bag and the paper's bag-of-words knobs
+  reparametrised with hidden width 512): write a positive verse, trained on the base model on the verses of
+  data/poem_sentiment that its annotators labelled positive (train split; the dev split's positive verses for
+  the eval loss), each read after "<|endoftext|>" (or --prefix DIR);
+- sentiment, PPLM (Dathathri et al. 2020) with the `positive_words` bag and the reference's bag-of-words knobs
   (stepsize 0.03, 3 iterations, gamma 1.5, window 5, kl_scale 0.01, gm_scale 0.95, top-k 10), on the past that
   the prefix starts (`techniques.pplm.generate(..., past_key_values=prefix.past_key_values(1))`).
 
 Every configuration samples with the same sampler (PPLM's, with stepsize 0 where PPLM is off, which is plain
-top-k 10 sampling) from the same seed per prompt. Yardsticks, per configuration: sentiment = the mean VADER
-compound score (vaderSentiment) of the continuations (headline: before = none, after = all three; higher is
-better); style = the perplexity of the held-out (test) poem verses under the model with its adapters, by its
-definition over the verses' own tokens, and for configurations with PPLM under PPLM's own next-token
-distribution, p_out ∝ p̃^gm_scale · p^(1 - gm_scale) before top-k, teacher-forced along each verse with the
-perturbed past carried as in generation; task = the share of continuations that use their topic word (a whole-
-word, case-insensitive match). The prompts are the topics of the first test verses. Where the small model
-forced a change: the LoRA lr (2e-3, not 2e-4) and the prefix lr (3e-3, not the paper's 5e-5 to 8e-5 for GPT-2
-medium), both for runs of a few hundred steps; the LoRA and the prefix are trained apart, on the base model,
-and composed only at generation.
+top-k 10 sampling) from the same seed per sample. The prompts are neutral verse openings: the tutorial's own
+"the day was", then the first two words of the test verses whose opening VADER scores 0. Yardsticks, per
+configuration:
+- sentiment: the mean VADER compound score (vaderSentiment) of the continuations (headline: before = none,
+  after = all three; higher is better), and the share rated positive (compound >= 0.05);
+- style: the perplexity of the held-out (test) poem verses under the model with its adapters, by its
+  definition over the verses' own tokens; under PPLM, that of PPLM's own next-token distribution,
+  p_out ∝ p̃^gm_scale · p^(1 - gm_scale) before top-k, teacher-forced along each verse with the perturbed past
+  carried as in generation (`pplm_forced`);
+- task: from the same scoring, the held-out label preference CE(negative) - CE(positive): how many more nats per
+  token the configuration spends on the test verses the annotators labelled negative than on those labelled
+  positive (higher = it prefers positive verses more). The labels are the dataset's, not any model's.
+Where the small model forced a change: the LoRA lr (2e-3, not 2e-4) and the prefix lr (3e-3, not the paper's
+5e-5 to 8e-5 for GPT-2 medium), both for runs of a few hundred steps; the LoRA and the prefix are trained
+apart, on the base model, and composed only at generation.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from minigpt import EOT_ID, GPT, TrainConfig, examples_from_pairs, get_tokenizer, save_history, stack_past
+from minigpt import EOT_ID, GPT, TrainConfig, get_tokenizer, save_history, stack_past
 from minigpt.cli import describe_plan, run_command
 from techniques import pplm
 from techniques.lora import merge_lora, save_adapter as save_lora_adapter
@@ -49,7 +51,8 @@ from techniques.prefix import (PrefixTuning, load_adapter as load_prefix_adapter
 
 from ..common import Stopwatch, choose_model, finite_or_none, format_seconds, new_figure, save_figure
 from .common import ProjectResult, loss_figure, metric_figure, project_parser, require, write_metrics, write_samples
-from .poetry import EOT, SIZES as POETRY_SIZES, Perplexity, poetry_lora, progress, read_verses, text_perplexity
+from .poetry import (EOT, SIZES as POETRY_SIZES, Perplexity, poetry_lora, progress, read_verses, text_perplexity,
+                     verse_examples)
 
 NAME = "hybrid"
 TITLE = "Hybrid sentiment system"
@@ -57,6 +60,7 @@ TECHNIQUE = "LoRA + prefix + PPLM"
 NEEDS = ("vaderSentiment",)
 
 BAG = "positive_words"
+TUTORIAL_PROMPT = "the day was"   # the tutorial's hybrid_sentiment('The day was'), lower-cased like the verses
 # The paper's bag-of-words settings (Dathathri et al. 2020, appendix; the reference run_pplm.py's BoW example).
 PPLM_KNOBS = dict(stepsize=0.03, num_iterations=3, gamma=1.5, window_length=5, kl_scale=0.01, gm_scale=0.95,
                   do_sample=True, top_k=10)
@@ -70,78 +74,49 @@ CONFIGS = (("none", "none (base model)", False, False, False),
            ("lora+pplm", "LoRA + PPLM", True, False, True),
            ("prefix+pplm", "prefix + PPLM", False, True, True),
            ("all", "LoRA + prefix + PPLM", True, True, True))
-FUNCTION_WORDS = frozenset("""
-about above after again against along also among another around because been before being below beneath beside
-between beyond both came come could does doing down during each either even ever every from have having hence
-here hers herself himself into itself just last least less like made make many more most much must myself near
-neither never none nothing often once only other ours over same shall should since some still such than that
-their them themselves then there these they thee thine this those thou though through thus thy till together
-unto upon very were what whatever when whence where whether which while whom whose will with within without
-would your yours yourself hath doth didst dost canst shalt wilt art""".split())
-
-
 @dataclass
 class Sizes:
     lora_steps: int = 300         # the poetry project's full run
-    prefix_steps: int = 300
+    prefix_steps: int = 200       # 133 positive verses at batch 8: about 12 epochs
     prefix_batch: int = 8
-    prefix_eval_every: int = 50
-    train_verses: Optional[int] = None
+    prefix_eval_every: int = 25
+    train_verses: Optional[int] = None   # None = every positive verse of the split
     dev_verses: Optional[int] = None
-    style_verses: Optional[int] = None   # held-out verses for the style perplexity (None = the whole test split)
+    test_verses: Optional[int] = None    # held-out verses per label scored (None = the whole test split)
     prompts: int = 20
+    samples_per_prompt: int = 2
     tokens: int = 30
     pplm_batch: int = 64          # verses scored together under PPLM
 
 
 SIZES = {"full": Sizes(),
-         "quick": Sizes(lora_steps=120, prefix_steps=100, prefix_eval_every=25, style_verses=40, prompts=8),
-         "smoke": Sizes(lora_steps=2, prefix_steps=2, prefix_batch=4, prefix_eval_every=1, train_verses=16,
-                        dev_verses=4, style_verses=1, prompts=1, tokens=3)}
+         "quick": Sizes(lora_steps=120, prefix_steps=80, prefix_eval_every=20, test_verses=12, prompts=8),
+         "smoke": Sizes(lora_steps=2, prefix_steps=2, prefix_batch=4, prefix_eval_every=1, train_verses=8,
+                        dev_verses=2, test_verses=1, prompts=1, samples_per_prompt=1, tokens=3)}
 
 
-# ---- the prefix's task: topic -> verse ---------------------------------------------------------------------
-def topic_word(verse: str, exclude: set[str]) -> Optional[str]:
-    """The verse's longest word of >= 4 letters that is not a function word or in `exclude` (the first of equal
-    length), or None."""
-    words = [w for w in re.findall(r"[a-z]+", verse.lower())
-             if len(w) >= 4 and w not in FUNCTION_WORDS and w not in exclude]
-    return max(words, key=len) if words else None
+# ---- the prefix's task: a positive verse ---------------------------------------------------------------------
+POSITIVE, NEGATIVE = 1, -1   # data/poem_sentiment's labels
 
 
-def topic_prompt(word: str) -> str:
-    return f"{EOT}Topic: {word}\nVerse:"
-
-
-def topic_pairs(verses: Sequence[str], exclude: set[str]) -> list[tuple[str, str]]:
-    """(topic, verse) for every verse that has a topic word."""
-    return [(w, v) for v in verses for w in [topic_word(v, exclude)] if w]
-
-
-def uses_word(text: str, word: str) -> bool:
-    """Whole-word, case-insensitive."""
-    return re.search(rf"\b{re.escape(word.lower())}\b", text.lower()) is not None
+def labelled_verses(split: str, label: int) -> list[str]:
+    return [v for v, y in read_verses(split, with_labels=True) if y == label]
 
 
 def prefix_lr(model: GPT) -> float:
     return 5e-4 if model.config.n_embd >= 512 else 3e-3
 
 
-def task_prefix(base: GPT, args, sizes: Sizes, exclude: set[str]) -> tuple[PrefixTuning, list[dict], dict]:
-    """The task prefix: loaded from --prefix DIR, or trained on topic -> verse pairs (base model frozen)."""
+def task_prefix(base: GPT, args, sizes: Sizes) -> tuple[PrefixTuning, list[dict], dict]:
+    """The task prefix: loaded from --prefix DIR, or trained on the positive verses (base model frozen)."""
     if args.prefix:
         prefix = load_prefix_adapter(base, args.prefix).eval()
         print(f"loaded the prefix from {args.prefix}: P={prefix.num_virtual_tokens}")
         return prefix, [], {"adapter": str(args.prefix)}
-    tok = get_tokenizer()
     P = PREFIX["num_virtual_tokens"]
-    max_len = min(80, base.config.n_positions - P)
-
-    def examples(verses):
-        return examples_from_pairs(tok, [(topic_prompt(w), " " + v) for w, v in topic_pairs(verses, exclude)], max_len)
-
-    train_ex = examples(read_verses("train")[:sizes.train_verses])
-    dev_ex = examples(read_verses("dev")[:sizes.dev_verses])
+    max_len = min(64, base.config.n_positions - P)
+    train_ex = verse_examples(labelled_verses("train", POSITIVE)[:sizes.train_verses], max_len)
+    dev_ex = verse_examples(labelled_verses("dev", POSITIVE)[:sizes.dev_verses], max_len)
     torch.manual_seed(args.seed)
     prefix = PrefixTuning(base.config, P, projection=PREFIX["projection"], hidden_size=PREFIX["hidden_size"]).to(
         base.device)
@@ -152,7 +127,13 @@ def task_prefix(base: GPT, args, sizes: Sizes, exclude: set[str]) -> tuple[Prefi
     print(describe_plan(len(train_ex), len(dev_ex), config), flush=True)
     history = train_prefix(base, prefix, train_ex, eval_examples=dev_ex, config=config)
     return prefix.fold().eval(), history, {"steps": len(history), "lr": config.lr, "batch_size": config.batch_size,
-                                           "train_pairs": len(train_ex), "dev_pairs": len(dev_ex), **PREFIX}
+                                           "train_verses": len(train_ex), "dev_verses": len(dev_ex), **PREFIX}
+
+
+def neutral_openings(vader, n: int) -> list[str]:
+    """The tutorial's "the day was", then the first two words of test verses whose opening VADER scores 0."""
+    openings = [TUTORIAL_PROMPT] + [" ".join(v.split()[:2]) for v in read_verses("test")]
+    return [o for o in openings if vader.polarity_scores(o)["compound"] == 0][:n]
 
 
 # ---- style under PPLM: teacher-forced perplexity -------------------------------------------------------------
@@ -214,8 +195,7 @@ def pplm_perplexity(model: GPT, texts: Sequence[str], bag, knobs: dict, *, prefi
         logp, _ = pplm_forced(model, ids.to(model.device), bags, cfg, prefix)
         nll += (-(logp.cpu() * scored).sum(1)).tolist()
         counts += scored.sum(1).long().tolist()
-    total, n = float(sum(nll)), int(sum(counts))
-    return Perplexity(math.exp(total / n), total, n, [math.exp(a / b) for a, b in zip(nll, counts)])
+    return Perplexity(nll, counts)
 
 
 # ---- generation and the ablation -------------------------------------------------------------------------
@@ -233,38 +213,63 @@ def continuations(model: GPT, prompts: Sequence[str], bag, knobs: dict, *, seed:
     return out
 
 
-def run_ablation(models: dict[bool, GPT], prefix: PrefixTuning, bag, topics: Sequence[str], style_texts: Sequence[str],
-                 vader, *, seed: int, sizes: Sizes) -> tuple[dict, dict]:
+@dataclass
+class HeldOut:
+    """The held-out verses scored for style (all of them) and task (the labelled positive and negative ones)."""
+    texts: list[str]
+    positive: list[int]   # indices into texts
+    negative: list[int]
+
+
+def held_out(n: Optional[int]) -> HeldOut:
+    """The test split; with n, only the first n verses of each label (positive, negative, the others)."""
+    rows = read_verses("test", with_labels=True)
+    if n is not None:
+        rows = ([r for r in rows if r[1] == POSITIVE][:n] + [r for r in rows if r[1] == NEGATIVE][:n]
+                + [r for r in rows if r[1] not in (POSITIVE, NEGATIVE)][:n])
+    return HeldOut([" " + v for v, _ in rows], [i for i, (_, y) in enumerate(rows) if y == POSITIVE],
+                   [i for i, (_, y) in enumerate(rows) if y == NEGATIVE])
+
+
+def label_preference(scores: Perplexity, held: HeldOut) -> float:
+    """CE(negative verses) - CE(positive verses), nats/token (nan when either set is empty)."""
+    if not held.positive or not held.negative:
+        return float("nan")
+    return scores.subset(held.negative).mean_cross_entropy - scores.subset(held.positive).mean_cross_entropy
+
+
+def run_ablation(models: dict[bool, GPT], prefix: PrefixTuning, bag, prompts: Sequence[str], held: HeldOut, vader,
+                 *, seed: int, sizes: Sizes) -> tuple[dict, dict]:
     """Every configuration on the same prompts and seeds: (rows of metrics, texts per configuration)."""
-    prompts = [topic_prompt(w) for w in topics]
+    contexts = [EOT + " " + p for p in prompts]
     rows, texts = {}, {}
     for key, label, use_lora, use_prefix, use_pplm in CONFIGS:
         clock = Stopwatch()
         model, pre = models[use_lora], (prefix if use_prefix else None)
         knobs = PPLM_KNOBS if use_pplm else {**PPLM_KNOBS, "stepsize": 0.0}
-        outs = continuations(model, prompts, bag, knobs, seed=seed, max_new_tokens=sizes.tokens, prefix=pre)
-        style = (pplm_perplexity(model, style_texts, bag, knobs, prefix=pre, batch_size=sizes.pplm_batch) if use_pplm
-                 else text_perplexity(model, style_texts, prefix=pre))
+        outs = continuations(model, contexts, bag, knobs, seed=seed, max_new_tokens=sizes.tokens, prefix=pre)
+        scores = (pplm_perplexity(model, held.texts, bag, knobs, prefix=pre, batch_size=sizes.pplm_batch)
+                  if use_pplm else text_perplexity(model, held.texts, prefix=pre))
         compound = [vader.polarity_scores(t)["compound"] for t in outs]
         rows[key] = {"label": label, "lora": use_lora, "prefix": use_prefix, "pplm": use_pplm,
                      "vader_compound_mean": sum(compound) / len(compound),
                      "vader_positive_share": sum(c >= 0.05 for c in compound) / len(compound),
-                     "style_perplexity": style.value,
-                     "topic_named_share": sum(uses_word(t, w) for t, w in zip(outs, topics)) / len(topics),
+                     "style_perplexity": scores.value,
+                     "label_preference": label_preference(scores, held),
                      "words_per_sample": sum(len(t.split()) for t in outs) / len(outs)}
         texts[key] = [(t, c) for t, c in zip(outs, compound)]
         r = rows[key]
         print(f"  {label:<22} VADER {r['vader_compound_mean']:+.3f}  style perplexity {r['style_perplexity']:8.2f}  "
-              f"topic named {100 * r['topic_named_share']:3.0f}%  ({format_seconds(clock.elapsed())})", flush=True)
+              f"label preference {r['label_preference']:+.3f}  ({format_seconds(clock.elapsed())})", flush=True)
     return rows, texts
 
 
 # ---- the project ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = project_parser(NAME, "LoRA (style: poem verses) + prefix (task: topic -> verse) + PPLM (sentiment: the "
+    p = project_parser(NAME, "LoRA (style: poem verses) + prefix (task: a positive verse) + PPLM (sentiment: the "
                              "positive_words bag), composed; an ablation over all 8 combinations on the same "
-                             "prompts and seeds, measured by VADER, held-out verse perplexity and topic use.",
-                       needs=NEEDS)
+                             "prompts and seeds, measured by VADER, held-out verse perplexity and the held-out "
+                             "preference for positive over negative verses.", needs=NEEDS)
     g = p.add_argument_group("adapters")
     g.add_argument("--lora", metavar="DIR", help="load this LoRA adapter (e.g. runs/poetry/adapter, or OUT/adapter/"
                                                  "lora of an earlier run) instead of training the poetry adapter")
@@ -284,28 +289,30 @@ def run(args) -> ProjectResult:
     print(chosen.reason)
     base = chosen.model
     bag = pplm.load_bag(BAG, get_tokenizer())
-    exclude = set(vader.lexicon) | {w.lower() for w in bag.words}
-    topics = [w for w, _ in topic_pairs(read_verses("test"), exclude)][:sizes.prompts]
-    style_texts = [" " + v for v in read_verses("test")[:sizes.style_verses]]
+    openings = neutral_openings(vader, sizes.prompts)
+    prompts = [o for o in openings for _ in range(sizes.samples_per_prompt)]   # sample i draws from seed + i
+    held = held_out(sizes.test_verses)
 
     poetry_sizes = POETRY_SIZES["smoke" if args.smoke else "full"]
     poetry_sizes = type(poetry_sizes)(**{**poetry_sizes.__dict__, "steps": sizes.lora_steps})
     print("style: the poetry project's LoRA adapter")
     lora_model, lora_history, lora_info = poetry_lora(base, args, poetry_sizes)
-    print("task: a prefix for topic -> verse")
-    prefix, prefix_history, prefix_info = task_prefix(base, args, sizes, exclude)
+    print("task: a prefix for positive verses")
+    prefix, prefix_history, prefix_info = task_prefix(base, args, sizes)
     merged = merge_lora(copy.deepcopy(lora_model))       # W0 + (alpha/r)·B·A folded in: a plain GPT again
-    print(f"ablation: {len(CONFIGS)} configurations x {len(topics)} prompts, {sizes.tokens} tokens, the same seeds; "
-          f"style = perplexity of {len(style_texts)} held-out verses")
-    rows, texts = run_ablation({False: base, True: merged}, prefix, bag, topics, style_texts, vader, seed=args.seed,
+    print(f"ablation: {len(CONFIGS)} configurations x {len(prompts)} samples ({len(openings)} openings), "
+          f"{sizes.tokens} tokens, the same seeds; {len(held.texts)} held-out verses scored")
+    rows, texts = run_ablation({False: base, True: merged}, prefix, bag, prompts, held, vader, seed=args.seed,
                                sizes=sizes)
 
     result = ProjectResult(NAME, "VADER compound (mean)", True, rows["none"]["vader_compound_mean"],
-                           rows["all"]["vader_compound_mean"], chosen.name, len(topics), clock.elapsed(), extra={
+                           rows["all"]["vader_compound_mean"], chosen.name, len(prompts), clock.elapsed(), extra={
                                "ablation": [{"key": k, **{m: (finite_or_none(v) if isinstance(v, float) else v)
                                                           for m, v in r.items()}} for k, r in rows.items()],
                                "before_is": "none (base model)", "after_is": "LoRA + prefix + PPLM",
-                               "topics": topics, "tokens": sizes.tokens, "style_verses": len(style_texts),
+                               "openings": openings, "samples_per_opening": sizes.samples_per_prompt,
+                               "tokens": sizes.tokens, "heldout_verses": len(held.texts),
+                               "heldout_positive": len(held.positive), "heldout_negative": len(held.negative),
                                "pplm": {"bag": BAG, **PPLM_KNOBS}, "lora": lora_info, "prefix": prefix_info})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -316,11 +323,11 @@ def run(args) -> ProjectResult:
     if prefix_history:
         save_prefix_adapter(prefix, out / "adapter" / "prefix", base_model_name_or_path=chosen.name)
         save_history(prefix_history, out, "prefix_history.json")
-        loss_figure(out, prefix_history, f"Task: prefix (P={PREFIX['num_virtual_tokens']}) for topic -> verse: loss",
+        loss_figure(out, prefix_history, f"Task: prefix (P={PREFIX['num_virtual_tokens']}) on positive verses: loss",
                     "prefix_loss.png")
-    write_hybrid_samples(out, rows, texts, topics, result, sizes)
+    write_hybrid_samples(out, rows, texts, prompts, result, sizes)
     metric_figure(out, result, labels=("none (base model)", "LoRA + prefix + PPLM"))
-    ablation_figure(out / "ablation.png", rows, result.model, len(topics), len(style_texts))
+    ablation_figure(out / "ablation.png", rows, result.model, len(prompts), len(held.texts))
     result.seconds = clock.elapsed()
     write_metrics(result, out)
     print(f"wrote {out}/metrics.json, samples.md, metric.png, ablation.png in {format_seconds(result.seconds)}")
@@ -329,12 +336,12 @@ def run(args) -> ProjectResult:
 
 # ---- reports ---------------------------------------------------------------------------------------------
 TABLE_HEADER = ("configuration", "VADER compound (mean)", "rated positive", "style: held-out verse perplexity",
-                "task: topic word used", "words per sample")
+                "task: label preference (nats/token)", "words per sample")
 
 
 def ablation_table(rows: dict) -> list[list[str]]:
     return [[r["label"], f"{r['vader_compound_mean']:+.3f}", f"{100 * r['vader_positive_share']:.0f}%",
-             f"{r['style_perplexity']:.2f}", f"{100 * r['topic_named_share']:.0f}%", f"{r['words_per_sample']:.1f}"]
+             f"{r['style_perplexity']:.2f}", f"{r['label_preference']:+.3f}", f"{r['words_per_sample']:.1f}"]
             for r in rows.values()]
 
 
@@ -343,33 +350,35 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows])
 
 
-def write_hybrid_samples(out: Path, rows: dict, texts: dict, topics: Sequence[str], result: ProjectResult,
+def write_hybrid_samples(out: Path, rows: dict, texts: dict, prompts: Sequence[str], result: ProjectResult,
                          sizes: Sizes) -> Path:
-    """samples.md: the ablation table and settings, each prompt's none vs all-three texts, then every
-    configuration's text for every prompt."""
+    """samples.md: the ablation table and settings, each sample's none vs all-three texts, then every
+    configuration's text for every sample."""
     knobs = ", ".join(f"{k}={v}" for k, v in PPLM_KNOBS.items())
     x = result.extra
-    note = (f"Model: {result.model}. {len(topics)} prompts `Topic: <word>\\nVerse:` (the topics of the first test "
-            f"verses), {sizes.tokens} tokens, one seed per prompt shared by every configuration. Style: "
-            f"{_how(x['lora'], 'the poetry project')} LoRA (r=8, alpha=16, q and v), merged. Task: "
-            f"{_how(x['prefix'], 'topic -> verse pairs')} prefix (P={PREFIX['num_virtual_tokens']}, MLP hidden "
+    note = (f"Model: {result.model}. {len(prompts)} samples: {len(x['openings'])} neutral verse openings (the "
+            f"tutorial's \"{TUTORIAL_PROMPT}\", then test-verse openings VADER scores 0) x "
+            f"{x['samples_per_opening']} seeds, {sizes.tokens} tokens; sample i draws from seed + i in every "
+            f"configuration. Style: {_how(x['lora'], 'the poetry project')} LoRA (r=8, alpha=16, q and v), merged. "
+            f"Task: {_how(x['prefix'], 'positive verses')} prefix (P={PREFIX['num_virtual_tokens']}, MLP hidden "
             f"{PREFIX['hidden_size']}), trained on the base model. Sentiment: PPLM with the {BAG} bag ({knobs}); "
             "without PPLM the same sampler runs with stepsize 0 (top-k 10). The small model forced higher learning "
             "rates than the papers' (LoRA 2e-3, prefix 3e-3) for runs of a few hundred steps.\n\n"
             "Yardsticks: VADER compound mean of the continuations (vaderSentiment; rated positive = compound >= "
-            f"0.05); perplexity of {x['style_verses']} held-out poem verses under the model and its adapters (with "
-            "PPLM: under PPLM's fused next-token distribution, teacher-forced; lower is closer to the verses' style); "
-            "share of continuations using their topic word (whole word).\n\n"
+            f"0.05); perplexity of {x['heldout_verses']} held-out poem verses under the model and its adapters (with "
+            "PPLM: under PPLM's fused next-token distribution, teacher-forced; lower = closer to the verses); label "
+            f"preference = CE of the {x['heldout_negative']} held-out verses labelled negative minus CE of the "
+            f"{x['heldout_positive']} labelled positive, nats/token (higher = prefers the positive ones more).\n\n"
             + markdown_table(TABLE_HEADER, ablation_table(rows))
-            + "\n\nBelow, each prompt: before = none (base model), after = LoRA + prefix + PPLM (VADER compound in "
+            + "\n\nBelow, each sample: before = none (base model), after = LoRA + prefix + PPLM (VADER compound in "
               "brackets); then every configuration.")
-    sample_rows = [{"input": topic_prompt(w)[len(EOT):], "before": texts["none"][i][0],
-                    "after": texts["all"][i][0], "before_score": f"VADER {texts['none'][i][1]:+.3f}",
-                    "after_score": f"VADER {texts['all'][i][1]:+.3f}"} for i, w in enumerate(topics)]
+    sample_rows = [{"input": p, "before": texts["none"][i][0], "after": texts["all"][i][0],
+                    "before_score": f"VADER {texts['none'][i][1]:+.3f}",
+                    "after_score": f"VADER {texts['all'][i][1]:+.3f}"} for i, p in enumerate(prompts)]
     path = write_samples(out, f"{TITLE}: the ablation", sample_rows, note=note)
-    lines = ["\n# Every configuration, every prompt\n"]
-    for i, w in enumerate(topics):
-        lines.append(f"## topic: {w}\n")
+    lines = ["\n# Every configuration, every sample\n"]
+    for i, p in enumerate(prompts):
+        lines.append(f"## {i + 1}. {p}\n")
         table = [[rows[k]["label"], f"{texts[k][i][1]:+.3f}", " ".join(texts[k][i][0].split()) or "(empty)"]
                  for k in rows]
         lines.append(markdown_table(("configuration", "VADER", "continuation"), table) + "\n")
@@ -384,18 +393,19 @@ def _how(info: dict, what: str) -> str:
     return f"trained in this run ({what}, {info['steps']} steps)"
 
 
-def ablation_figure(path: Path, rows: dict, model: str, n_prompts: int, n_verses: int) -> Path:
+def ablation_figure(path: Path, rows: dict, model: str, n_samples: int, n_verses: int) -> Path:
     """Grouped bars: the three yardsticks (one panel each), one bar per configuration."""
     fig = new_figure((11, 4.5))
     axes = fig.subplots(1, 3)
     keys = list(rows)
     colors = ["#9aa5b1", "#4c72b0", "#dd8452", "#55a868", "#8172b3", "#937860", "#da8bc3", "#c44e52"]
-    panels = (("vader_compound_mean", f"sentiment: VADER compound\n(mean of {n_prompts}; higher = more positive)",
-               "{:+.2f}", 1.0),
-              ("style_perplexity", f"style: perplexity of {n_verses}\nheld-out verses (lower = closer)", "{:.0f}", 1.0),
-              ("topic_named_share", f"task: topic word used\n(% of {n_prompts} samples)", "{:.0f}%", 100.0))
-    for ax, (metric, title, fmt, scale) in zip(axes, panels):
-        values = [scale * rows[k][metric] for k in keys]
+    panels = (("vader_compound_mean", f"sentiment: VADER compound\n(mean of {n_samples}; higher = more positive)",
+               "{:+.2f}"),
+              ("style_perplexity", f"style: perplexity of {n_verses}\nheld-out verses (lower = closer)", "{:.0f}"),
+              ("label_preference", "task: CE(negative) - CE(positive)\nheld-out verses, nats/token (higher = "
+                                   "prefers positive)", "{:+.3f}"))
+    for ax, (metric, title, fmt) in zip(axes, panels):
+        values = [rows[k][metric] for k in keys]
         bars = ax.bar(range(len(keys)), values, color=colors[:len(keys)])
         for b, v in zip(bars, values):
             ax.annotate(fmt.format(v), (b.get_x() + b.get_width() / 2, v), ha="center",
@@ -403,8 +413,6 @@ def ablation_figure(path: Path, rows: dict, model: str, n_prompts: int, n_verses
         ax.set_xticks(range(len(keys)), [rows[k]["label"].replace(" (base model)", "") for k in keys], rotation=60,
                       ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
-        if metric == "topic_named_share":
-            ax.set_ylim(0, 105)
         ax.axhline(0, color="#333", lw=0.6)
         ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path, f"{NAME}: the ablation (model {model}; same prompts and seeds in every bar)")

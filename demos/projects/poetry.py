@@ -165,14 +165,32 @@ def _eval_loss(history: list[dict], which: int) -> Optional[float]:
 # ---- the yardstick: perplexity by its definition -------------------------------------------------------
 @dataclass
 class Perplexity:
-    value: float             # exp(nll / tokens)
-    nll: float               # Σ -log p(token | what precedes it), nats, over every scored token
-    tokens: int              # how many tokens were scored
-    per_text: list[float]    # each text's own perplexity
+    """exp(Σ nll / Σ tokens) over texts, from each text's summed nll (nats) and its number of scored tokens."""
+    text_nll: list[float]
+    text_tokens: list[int]
+
+    @property
+    def nll(self) -> float:
+        return float(sum(self.text_nll))
+
+    @property
+    def tokens(self) -> int:
+        return int(sum(self.text_tokens))
 
     @property
     def mean_cross_entropy(self) -> float:
         return self.nll / self.tokens
+
+    @property
+    def value(self) -> float:
+        return math.exp(self.mean_cross_entropy)
+
+    @property
+    def per_text(self) -> list[float]:
+        return [math.exp(a / b) for a, b in zip(self.text_nll, self.text_tokens)]
+
+    def subset(self, indices: Sequence[int]) -> "Perplexity":
+        return Perplexity([self.text_nll[i] for i in indices], [self.text_tokens[i] for i in indices])
 
 
 @torch.no_grad()
@@ -216,8 +234,7 @@ def text_perplexity(model: GPT, texts: Sequence[str], contexts: Optional[Sequenc
             counts += counted.sum(1).long().tolist()
     finally:
         model.train(was_training)
-    total, n = float(sum(nll)), int(sum(counts))
-    return Perplexity(math.exp(total / n), total, n, [math.exp(a / b) for a, b in zip(nll, counts)])
+    return Perplexity(nll, counts)
 
 
 # ---- samples -------------------------------------------------------------------------------------------

@@ -274,7 +274,8 @@ def run(args) -> ProjectResult:
 
     result = ProjectResult(NAME, "F1 (SQuAD)", True, f1_before, f1_after, chosen.name, len(test_q), watch.elapsed(),
                            extra={"em_before": round(em_before, 3), "em_after": round(em_after, 3),
-                                  "answer_loss_before": round(loss_before, 4), "answer_loss_after": round(loss_after, 4),
+                                  "answer_loss_before": round(loss_before, 4),
+                                  "answer_loss_after": round(loss_after, 4),
                                   "train_questions": len(train_ex), "train_left_out": dropped, "P": P,
                                   "data": data.name, "decoding": "greedy", "prefix": prefix_run.how,
                                   "metric": "SQuAD v1.1 EM and F1 (official definitions), mean x100"})
@@ -282,7 +283,8 @@ def run(args) -> ProjectResult:
     out.mkdir(parents=True, exist_ok=True)
     note = (f"Prompt `{qa_prompt('{context}', '{question}')}`, greedy, the answer up to <|endoftext|> or a newline. "
             f"SQuAD v1.1 metrics (official definitions, max over the gold answers, x100) on {len(test_q)} test "
-            f"questions of {data.name}: **F1 {f1_before:.1f} -> {f1_after:.1f}**, EM {em_before:.1f} -> {em_after:.1f}; "
+            f"questions of {data.name}: **F1 {f1_before:.1f} -> {f1_after:.1f}**, EM {em_before:.1f} -> "
+            f"{em_after:.1f}; "
             f"answer loss {loss_before:.3f} -> {loss_after:.3f} nats/token. Model {chosen.name}; prefix: "
             f"{prefix_run.how}. The paper's lr (5e-5..8e-5) is for GPT-2 medium over thousands of steps; narrower "
             "models use prefix_lr's higher rate."

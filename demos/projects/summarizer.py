@@ -176,7 +176,8 @@ def run(args) -> ProjectResult:
             for when, scores in (("before", s_before), ("after", s_after)) for k in ROUGE_TYPES}
     result = ProjectResult(NAME, "ROUGE-L F1", True, mean["rougeL_before"], mean["rougeL_after"], chosen.name,
                            len(test_docs), watch.elapsed(),
-                           extra={**mean, "val_loss_before": round(loss_before, 4), "val_loss_after": round(loss_after, 4),
+                           extra={**mean, "val_loss_before": round(loss_before, 4),
+                                  "val_loss_after": round(loss_after, 4),
                                   "P": P, "abstract_budget_tokens": budget, "train_papers": len(train_ex),
                                   "decoding": "greedy, first sentence", "prefix": prefix_run.how,
                                   "rouge": "rouge_score F1 x100, use_stemmer=True, mean over test papers"})
