@@ -46,8 +46,8 @@ from techniques import pplm
 from techniques.lora import apply_lora, lora_modules, lora_parameters, lora_summary, merge_lora
 from techniques.prefix import PrefixTuning, train_prefix
 
-from .common import (Report, Stopwatch, add_demo_args, choose_model, finite_or_none, format_seconds, html_item,
-                     new_figure, save_figure)
+from .common import (Report, Stopwatch, add_demo_args, bow_stepsize, choose_model, finite_or_none, format_seconds,
+                     html_item, new_figure, save_figure)
 
 __all__ = ["Sizes", "SIZES", "TourContext", "StepResult", "STEPS", "step_next_token", "step_attention", "step_lora",
            "step_prefix", "step_pplm", "step_hybrid", "run_tour", "build_summary", "build_report", "setup", "show",
@@ -75,20 +75,17 @@ E2E_MAX_TOKENS = 110   # prompt + completion tokens kept per record (the longest
 
 # PPLM with a bag of words: the paper's BoW settings (Dathathri et al. 2020, appendix: stepsize 0.03-0.04,
 # 3 iterations, gamma 1.5, gm_scale 0.95, kl_scale 0.01, window 5, top-k 10 sampling), for GPT-2 medium.
-# The bundled tiny model forced one change, the step size: at 0.03 its bag mass per token rose by only ~4%
-# (0.071 -> 0.073 over 2 x 30 tokens), at 0.3 by ~60%, with the text still readable; models narrower than
-# 512 take 0.3 (see pplm_knobs).
+# The bundled tiny model forced one change, the step size: models narrower than 512 take 10x (0.3), see
+# demos.common.bow_stepsize for the measurement behind it.
 PPLM_BAG = "positive_words"
 PPLM_PROMPT = "The lake"
 PPLM_KNOBS = dict(stepsize=0.03, num_iterations=3, gamma=1.5, gm_scale=0.95, kl_scale=0.01, window_length=5,
                   do_sample=True, top_k=10)
-SMALL_MODEL_STEPSIZE = 0.3
 
 
 def pplm_knobs(model: GPT, steer: bool = True) -> dict:
     """The PPLM knobs for this model; steer=False gives the same sampling with stepsize 0 (plain decoding)."""
-    stepsize = PPLM_KNOBS["stepsize"] if model.config.n_embd >= 512 else SMALL_MODEL_STEPSIZE
-    return {**PPLM_KNOBS, "stepsize": stepsize if steer else 0.0}
+    return {**PPLM_KNOBS, "stepsize": bow_stepsize(model, PPLM_KNOBS["stepsize"]) if steer else 0.0}
 
 
 @dataclass

@@ -94,9 +94,11 @@ def test_each_project_writes_its_own_numbers(smoke_runs):
     assert {"positive_share_before", "positive_share_after"} <= set(s["extra"])
     assert s["n"] == 2 * 1                                   # smoke: 2 prompts x 1 sample
     h = json.loads((smoke_runs["hiring_ad"][1] / "metrics.json").read_text())
-    assert h["metric"] == "masculine-coded words per 100 words" and h["higher_is_better"] is False
+    assert h["metric"] == "feminine- minus masculine-coded words per 100 words" and h["higher_is_better"] is True
     assert sum(h["extra"]["verdicts_before"].values()) == h["n"] == sum(h["extra"]["verdicts_after"].values())
-    assert h["extra"]["feminine_per_100_before"] >= 0 and h["extra"]["mode"] == "avoid masculine-coded only"
+    for when in ("before", "after"):   # the headline is the balance of the two reported rates
+        assert h[when] == pytest.approx(h["extra"][f"feminine_per_100_{when}"] - h["extra"][f"masculine_per_100_{when}"])
+    assert h["extra"]["mode"] == "avoid masculine-coded + attract feminine-coded"
     assert 0 < h["extra"]["bag_mass_per_step_before"] < 1 and 0 < h["extra"]["bag_mass_per_step_after"] < 1
     y = json.loads((smoke_runs["hypothesis"][1] / "metrics.json").read_text())
     assert y["metric"].startswith("science-bag tokens") and 0 <= y["before"] <= 100 and 0 <= y["after"] <= 100

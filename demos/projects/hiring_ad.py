@@ -1,12 +1,13 @@
-"""Ethical hiring tool: PPLM steers job adverts away from masculine-coded words, measured by genderdecoder3.
+"""Ethical hiring tool: PPLM steers job adverts from masculine- to feminine-coded words, measured by genderdecoder3.
 
 The tutorial's fake ("Ethical hiring tool", PPLM major project) replaced "strong" with "qualified" and
 "aggressive" with "inclusive" in two fixed strings. Here the model continues the opening of a job
 advert for each of 10 roles (data/hiring/prompts.txt, written for this project) several times,
 unperturbed and then under PPLM with the same seeds (continuation k, counted over all roles, draws
-from its own torch.Generator seeded --seed + k), in the library's avoid mode:
+from its own torch.Generator seeded --seed + k), with two bags at once: the library's avoid mode,
 `pplm.generate(..., avoid_bow=<masculine-coded words>)`, loss -log(1 - Σ_{w in bag} p̃(w)) (not in the
-PPLM paper: its bag-of-words loss turned around, to push probability off a bag).
+PPLM paper: its bag-of-words loss turned around, to push probability off a bag), and the paper's
+bag-of-words loss towards the feminine-coded words (`bow=`); --avoid-only drops the second.
 
 The avoid bag comes from genderdecoder3's masculine-coded list (Gaucher, Friesen & Kay 2011). Its
 entries are word STEMS ("compet", "lead", "analy"), matched by genderdecoder3 as the start of a word,
@@ -15,21 +16,25 @@ space followed by a word starting with the stem, in any case (" competitive", " 
 ...): those are the tokens that begin a coded word after a space. Stems no single token starts with
 (e.g. "headstrong", "self-relian") cannot be scored by a one-token-ahead loss and are left out (the
 bag's summary names them); so are words whose first token is shorter than the stem (" comp"+"etitive").
-With --attract-feminine the feminine-coded stems, expanded the same way, are also given as an
-attracting bag (bow=); by default they are not (avoid mode alone).
+The feminine-coded stems are expanded the same way into the attracting bag.
 
 Yardstick: genderdecoder3 (`assess`, MIT, nobody here wrote it) on each continuation (the generated
 text only; the openings are neutral and the same before and after): masculine- and feminine-coded
 words per 100 words (pooled over all continuations; words counted as assess splits them) and the
 distribution of its verdicts ("strongly masculine-coded" ... "neutral" ... "strongly feminine-coded").
+The headline is the balance the verdicts are read from, feminine-coded minus masculine-coded words per
+100 words (higher = further from masculine-coded wording; genderdecoder3's own explanation: feminine
+wording "will encourage women applicants" with "only a slight effect" on men). A first version led with
+masculine-coded words alone; on the bundled model the unperturbed adverts hold none, so that number
+could only read 0 -> 0. It is still reported, unchanged, beside the balance.
 
 Hyperparameters: the reference's bag-of-words settings (uber-research/PPLM: stepsize 0.03, 3
-iterations, window 5, gamma 1.5, kl_scale 0.01, gm_scale 0.95, top-k 10 sampling); the avoid loss is
-a bag loss, so it takes them unchanged. Scaled for a 2-core CPU: 40 new tokens (the paper: 50) and
-4 samples per role. On the bundled model the avoided tokens hold about 0.1-0.2% of the next-token
-mass and never reach the top 10 the sampler draws from, so its unperturbed adverts contain no
-masculine-coded word and the yardstick has nothing to see fall; metrics.json then also carries the
-bag's mass per step (the steering's own signal, a diagnostic only), before and after.
+iterations, window 5, gamma 1.5, kl_scale 0.01, gm_scale 0.95, top-k 10 sampling), 50 new tokens; the
+avoid loss is a bag loss, so it takes them unchanged. On models narrower than 512 the step size is 10x
+(demos.common.bow_stepsize, as in the tour). On the bundled model the masculine-coded tokens hold about
+0.1-0.2% of the next-token mass and never reach the top 10 the sampler draws from, so its unperturbed
+adverts contain none; metrics.json also carries the steered bag's mass per step (the steering's own
+signal, a diagnostic only), before and after.
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ from minigpt import get_tokenizer
 from minigpt.cli import positive_int, run_command
 from techniques import pplm
 
-from ..common import Stopwatch, choose_model, new_figure, save_figure
+from ..common import Stopwatch, bow_stepsize, choose_model, new_figure, save_figure
 from .common import REPO, ProjectResult, metric_figure, project_parser, require, write_metrics, write_samples
 from .sentiment_story import continuations, mean
 
@@ -66,7 +71,7 @@ class Sizes:
     tokens: int
 
 
-SIZES = {"full": Sizes(10, 4, 40), "quick": Sizes(10, 2, 25), "smoke": Sizes(2, 1, 4)}
+SIZES = {"full": Sizes(10, 10, 50), "quick": Sizes(10, 2, 25), "smoke": Sizes(2, 1, 4)}
 
 
 # ---- data and bags ---------------------------------------------------------------------------------
@@ -147,14 +152,16 @@ def verdict_counts(items: Sequence[Assessment]) -> dict[str, int]:
 
 # ---- options and the run -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = project_parser(NAME, "PPLM's avoid mode steers job adverts for 10 roles away from masculine-coded words "
-                             "(genderdecoder3's list, expanded to GPT-2 tokens); genderdecoder3 measures the "
-                             "coded words before and after, with the same seeds.", needs=NEEDS)
+    p = project_parser(NAME, "PPLM steers job adverts for 10 roles away from masculine-coded words (its avoid "
+                             "mode) and towards feminine-coded ones (genderdecoder3's lists, expanded to GPT-2 "
+                             "tokens); genderdecoder3 measures the coded words before and after, with the same "
+                             "seeds.", needs=NEEDS)
     g = p.add_argument_group("this project")
-    g.add_argument("--attract-feminine", action="store_true",
-                   help="also steer towards the feminine-coded words (bow=), besides avoiding the masculine ones")
-    g.add_argument("--samples", type=positive_int, help="continuations per role (default 4; --quick 2)")
-    g.add_argument("--tokens", type=positive_int, help="new tokens per continuation (default 40; --quick 25)")
+    g.add_argument("--avoid-only", action="store_true",
+                   help="only avoid the masculine-coded words (avoid_bow=); by default PPLM also steers towards "
+                        "the feminine-coded ones (bow=)")
+    g.add_argument("--samples", type=positive_int, help="continuations per role (default 10; --quick 2)")
+    g.add_argument("--tokens", type=positive_int, help="new tokens per continuation (default 50; --quick 25)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -172,7 +179,7 @@ def run(args) -> ProjectResult:
     print(f"avoid bag: {len(avoid.token_ids)} GPT-2 tokens from {len(gd.masculine_coded_words)} masculine-coded "
           f"stems ({len(avoid_missing)} stems no single token starts with: {', '.join(avoid_missing) or 'none'})")
     steer = dict(avoid_bow=avoid)
-    if args.attract_feminine:
+    if not args.avoid_only:
         steer["bow"] = attract
         print(f"attract bag: {len(attract.token_ids)} GPT-2 tokens from {len(gd.feminine_coded_words)} "
               f"feminine-coded stems")
@@ -182,33 +189,40 @@ def run(args) -> ProjectResult:
     print(f"{len(prompts)} roles x {samples} samples x {tokens} tokens, unperturbed and under PPLM")
     tok = get_tokenizer()
     model = chosen.model
+    knobs = {**KNOBS, "stepsize": bow_stepsize(model, KNOBS["stepsize"])}
     plain = continuations(model, prompts, desc="unperturbed", **steer, **common, **{**KNOBS, "stepsize": 0.0})
-    steered = continuations(model, prompts, desc="PPLM avoid", **steer, **common, **KNOBS)
+    steered = continuations(model, prompts, desc="PPLM", **steer, **common, **knobs)
     texts = {"before": [tok.decode(t) for t in plain.tokens], "after": [tok.decode(t) for t in steered.tokens]}
     scored = {k: assess_all(gd, v) for k, v in texts.items()}
+    rate = {(k, kind): per_100(v, kind) for k, v in scored.items() for kind in ("masculine", "feminine")}
     result = ProjectResult(
-        NAME, "masculine-coded words per 100 words", False, per_100(scored["before"], "masculine"),
-        per_100(scored["after"], "masculine"), chosen.name, len(texts["before"]), 0.0,
-        extra={"feminine_per_100_before": per_100(scored["before"], "feminine"),
-               "feminine_per_100_after": per_100(scored["after"], "feminine"),
+        NAME, "feminine- minus masculine-coded words per 100 words", True,
+        rate["before", "feminine"] - rate["before", "masculine"], rate["after", "feminine"] - rate["after", "masculine"],
+        chosen.name, len(texts["before"]), 0.0,
+        extra={"masculine_per_100_before": rate["before", "masculine"],
+               "masculine_per_100_after": rate["after", "masculine"],
+               "feminine_per_100_before": rate["before", "feminine"],
+               "feminine_per_100_after": rate["after", "feminine"],
                "verdicts_before": verdict_counts(scored["before"]),
                "verdicts_after": verdict_counts(scored["after"]),
                "words_before": sum(a.words for a in scored["before"]),
                "words_after": sum(a.words for a in scored["after"]),
-               "mode": "avoid masculine-coded + attract feminine-coded" if args.attract_feminine
+               "mode": "avoid masculine-coded + attract feminine-coded" if not args.avoid_only
                else "avoid masculine-coded only",
                "bag_mass_per_step_before": mean(plain.attribute),
                "bag_mass_per_step_after": mean(steered.attribute),
-               "diagnostics_note": f"the {'feminine' if args.attract_feminine else 'masculine'}-coded bag's "
+               "diagnostics_note": f"the {'masculine' if args.avoid_only else 'feminine'}-coded bag's "
                                    "probability mass per step under the distribution sampled from (p before, "
                                    "p̃ after): the steering's own signal, not the yardstick",
                "avoid_bag_tokens": len(avoid.token_ids), "stems_without_a_token": avoid_missing,
-               "knobs": KNOBS, "sampling": SAMPLING, "roles": len(rows), "samples_per_role": samples,
+               "knobs": knobs, "sampling": SAMPLING, "roles": len(rows), "samples_per_role": samples,
                "new_tokens": tokens, "seed": args.seed,
                "scored": "the continuation only (the openings are neutral and the same before and after)"})
     result.seconds = clock.elapsed()
-    print(f"  masculine-coded per 100 words {result.before:.2f} -> {result.after:.2f}; feminine-coded "
-          f"{result.extra['feminine_per_100_before']:.2f} -> {result.extra['feminine_per_100_after']:.2f}")
+    x = result.extra
+    print(f"  masculine-coded per 100 words {x['masculine_per_100_before']:.2f} -> {x['masculine_per_100_after']:.2f}; "
+          f"feminine-coded {x['feminine_per_100_before']:.2f} -> {x['feminine_per_100_after']:.2f}; balance "
+          f"{result.before:+.2f} -> {result.after:+.2f}")
     write_outputs(args.out, result, rows, samples, texts, scored)
     print(f"{TITLE}: wrote {args.out} in {clock.elapsed():.0f} s")
     return result
@@ -222,8 +236,8 @@ def _score(a: Assessment) -> str:
 def write_outputs(out, result: ProjectResult, rows, samples, texts, scored) -> None:
     """metrics.json, samples.md, metric.png, verdicts.png."""
     Path(out).mkdir(parents=True, exist_ok=True)
-    rates = {k: [100 * len(a.masculine) / max(1, a.words) for a in v] for k, v in scored.items()}
-    metric_figure(out, result, labels=("unperturbed", "PPLM (avoid)"), unit="per 100 words",
+    rates = {k: [100 * (len(a.feminine) - len(a.masculine)) / max(1, a.words) for a in v] for k, v in scored.items()}
+    metric_figure(out, result, labels=("unperturbed", "PPLM"), unit="per 100 words",
                   per_item=(rates["before"], rates["after"]))
     verdict_figure(out, result)
     jobs = [(role, prompt, j) for role, prompt in rows for j in range(samples)]
@@ -231,18 +245,17 @@ def write_outputs(out, result: ProjectResult, rows, samples, texts, scored) -> N
               "before": prompt + texts["before"][k], "after": prompt + texts["after"][k],
               "before_score": _score(scored["before"][k]), "after_score": _score(scored["after"][k])}
              for k, (role, prompt, j) in enumerate(jobs)]
-    note = (f"Before: unperturbed sampling (top-k 10). After: PPLM, {result.extra['mode']} (knobs {KNOBS}). Same "
-            "seed per sample before and after. Scores: genderdecoder3's verdict and coded words, on the continuation "
-            f"only. {result.extra['new_tokens']} new tokens and {samples} sample(s) per role (the paper: 50 tokens) "
-            "to fit a 2-core CPU.\n\n"
-            f"Totals: masculine-coded words per 100 words {result.before:.2f} -> {result.after:.2f}, feminine-coded "
-            f"{result.extra['feminine_per_100_before']:.2f} -> {result.extra['feminine_per_100_after']:.2f}; "
-            f"verdicts before {result.extra['verdicts_before']}, after {result.extra['verdicts_after']}."
-            + (" The unperturbed text holds no masculine-coded word at all, so the yardstick has nothing to see "
-               "fall; the steered bag's probability mass per step (the steering's own signal, a diagnostic only) "
-               f"went from {result.extra['bag_mass_per_step_before']:.5f} to "
-               f"{result.extra['bag_mass_per_step_after']:.5f}." if result.before == 0 else ""))
-    write_samples(out, f"{TITLE}: unperturbed vs PPLM avoid mode", table, note)
+    x = result.extra
+    note = (f"Before: unperturbed sampling (top-k 10). After: PPLM, {x['mode']} (knobs {x['knobs']}). Same seed per "
+            "sample before and after. Scores: genderdecoder3's verdict and coded words, on the continuation only. "
+            f"{x['new_tokens']} new tokens, {samples} sample(s) per role.\n\n"
+            f"Totals: masculine-coded words per 100 words {x['masculine_per_100_before']:.2f} -> "
+            f"{x['masculine_per_100_after']:.2f}, feminine-coded {x['feminine_per_100_before']:.2f} -> "
+            f"{x['feminine_per_100_after']:.2f}; balance (feminine - masculine) {result.before:+.2f} -> "
+            f"{result.after:+.2f}; verdicts before {x['verdicts_before']}, after {x['verdicts_after']}. The steered "
+            f"bag's probability mass per step (the steering's own signal, a diagnostic only): "
+            f"{x['bag_mass_per_step_before']:.5f} -> {x['bag_mass_per_step_after']:.5f}.")
+    write_samples(out, f"{TITLE}: unperturbed vs PPLM", table, note)
     write_metrics(result, out)
 
 
@@ -252,12 +265,12 @@ def verdict_figure(out, result: ProjectResult) -> Path:
     ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     x = range(len(VERDICTS))
     for off, key, color, label in ((-0.2, "verdicts_before", "#9aa5b1", "unperturbed"),
-                                   (0.2, "verdicts_after", "#1a7f37", "PPLM (avoid)")):
+                                   (0.2, "verdicts_after", "#1a7f37", "PPLM")):
         ax1.bar([i + off for i in x], [result.extra[key][v] for v in VERDICTS], width=0.4, color=color, label=label)
     ax1.set_xticks(list(x), [v.replace(" ", "\n", 1).replace("-coded", "") for v in VERDICTS], fontsize=8)
     ax1.set(ylabel="continuations", title="genderdecoder3 verdicts")
     ax1.legend(fontsize=8)
-    pairs = [("masculine", result.before, result.after),
+    pairs = [("masculine", result.extra["masculine_per_100_before"], result.extra["masculine_per_100_after"]),
              ("feminine", result.extra["feminine_per_100_before"], result.extra["feminine_per_100_after"])]
     for i, (label, b, a) in enumerate(pairs):
         ax2.bar([i - 0.2, i + 0.2], [b, a], width=0.4, color=["#9aa5b1", "#1a7f37"])

@@ -11,7 +11,8 @@ all three, on the same prompts and seeds:
   data/poem_sentiment that its annotators labelled positive (train split; the dev split's positive verses for
   the eval loss), each read after "<|endoftext|>" (or --prefix DIR);
 - sentiment, PPLM (Dathathri et al. 2020) with the `positive_words` bag and the reference's bag-of-words knobs
-  (stepsize 0.03, 3 iterations, gamma 1.5, window 5, kl_scale 0.01, gm_scale 0.95, top-k 10), on the past that
+  (stepsize 0.03, 3 iterations, gamma 1.5, window 5, kl_scale 0.01, gm_scale 0.95, top-k 10; the step size is
+  10x below width 512, demos.common.bow_stepsize, as in the tour), on the past that
   the prefix starts (`techniques.pplm.generate(..., past_key_values=prefix.past_key_values(1))`).
 
 Every configuration samples with the same sampler (PPLM's, with stepsize 0 where PPLM is off, which is plain
@@ -49,7 +50,7 @@ from techniques.peft_format import read_adapter_config
 from techniques.prefix import (PrefixTuning, load_adapter as load_prefix_adapter, save_adapter as save_prefix_adapter,
                                train_prefix)
 
-from ..common import Stopwatch, choose_model, finite_or_none, format_seconds, new_figure, save_figure
+from ..common import Stopwatch, bow_stepsize, choose_model, finite_or_none, format_seconds, new_figure, save_figure
 from .common import ProjectResult, loss_figure, metric_figure, project_parser, require, write_metrics, write_samples
 from .poetry import (EOT, SIZES as POETRY_SIZES, Perplexity, poetry_lora, progress, read_verses, text_perplexity,
                      verse_examples)
@@ -239,14 +240,14 @@ def label_preference(scores: Perplexity, held: HeldOut) -> float:
 
 
 def run_ablation(models: dict[bool, GPT], prefix: PrefixTuning, bag, prompts: Sequence[str], held: HeldOut, vader,
-                 *, seed: int, sizes: Sizes) -> tuple[dict, dict]:
+                 *, seed: int, sizes: Sizes, pplm_knobs: dict) -> tuple[dict, dict]:
     """Every configuration on the same prompts and seeds: (rows of metrics, texts per configuration)."""
     contexts = [EOT + " " + p for p in prompts]
     rows, texts = {}, {}
     for key, label, use_lora, use_prefix, use_pplm in CONFIGS:
         clock = Stopwatch()
         model, pre = models[use_lora], (prefix if use_prefix else None)
-        knobs = PPLM_KNOBS if use_pplm else {**PPLM_KNOBS, "stepsize": 0.0}
+        knobs = pplm_knobs if use_pplm else {**pplm_knobs, "stepsize": 0.0}
         outs = continuations(model, contexts, bag, knobs, seed=seed, max_new_tokens=sizes.tokens, prefix=pre)
         scores = (pplm_perplexity(model, held.texts, bag, knobs, prefix=pre, batch_size=sizes.pplm_batch)
                   if use_pplm else text_perplexity(model, held.texts, prefix=pre))
@@ -302,8 +303,9 @@ def run(args) -> ProjectResult:
     merged = merge_lora(copy.deepcopy(lora_model))       # W0 + (alpha/r)·B·A folded in: a plain GPT again
     print(f"ablation: {len(CONFIGS)} configurations x {len(prompts)} samples ({len(openings)} openings), "
           f"{sizes.tokens} tokens, the same seeds; {len(held.texts)} held-out verses scored")
+    knobs = {**PPLM_KNOBS, "stepsize": bow_stepsize(base, PPLM_KNOBS["stepsize"])}
     rows, texts = run_ablation({False: base, True: merged}, prefix, bag, prompts, held, vader, seed=args.seed,
-                               sizes=sizes)
+                               sizes=sizes, pplm_knobs=knobs)
 
     result = ProjectResult(NAME, "VADER compound (mean)", True, rows["none"]["vader_compound_mean"],
                            rows["all"]["vader_compound_mean"], chosen.name, len(prompts), clock.elapsed(), extra={
@@ -313,7 +315,7 @@ def run(args) -> ProjectResult:
                                "openings": openings, "samples_per_opening": sizes.samples_per_prompt,
                                "tokens": sizes.tokens, "heldout_verses": len(held.texts),
                                "heldout_positive": len(held.positive), "heldout_negative": len(held.negative),
-                               "pplm": {"bag": BAG, **PPLM_KNOBS}, "lora": lora_info, "prefix": prefix_info})
+                               "pplm": {"bag": BAG, **knobs}, "lora": lora_info, "prefix": prefix_info})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if lora_history:
@@ -354,7 +356,7 @@ def write_hybrid_samples(out: Path, rows: dict, texts: dict, prompts: Sequence[s
                          sizes: Sizes) -> Path:
     """samples.md: the ablation table and settings, each sample's none vs all-three texts, then every
     configuration's text for every sample."""
-    knobs = ", ".join(f"{k}={v}" for k, v in PPLM_KNOBS.items())
+    knobs = ", ".join(f"{k}={v}" for k, v in result.extra["pplm"].items() if k != "bag")
     x = result.extra
     note = (f"Model: {result.model}. {len(prompts)} samples: {len(x['openings'])} neutral verse openings (the "
             f"tutorial's \"{TUTORIAL_PROMPT}\", then test-verse openings VADER scores 0) x "

@@ -30,7 +30,8 @@ positive (compound >= 0.05, VADER's own threshold).
 Hyperparameters are the reference's (uber-research/PPLM README and run_pplm.py examples):
 discriminator stepsize 0.04, 10 iterations, gamma 1.0, gm_scale 0.95, kl_scale 0.01, horizon 1;
 bag of words stepsize 0.03, 3 iterations, window 5, gamma 1.5, gm_scale 0.95, kl_scale 0.01; both
-sample with top-k 10. What the small model and a 2-core CPU forced: 30 new tokens per continuation
+sample with top-k 10. What the small model and a 2-core CPU forced: the bag's step size is 10x (0.3) on
+models narrower than 512 (demos.common.bow_stepsize, as in the tour); 30 new tokens per continuation
 (the paper: 50) and 6 samples per prompt; the head is trained on a random 12,000 of SST-2's 67,349
 training rows (caching features costs one forward pass per text; --train-rows 0 takes them all) with the
 reference's training settings (10 epochs, batch 64, Adam at lr 1e-4). The bundled model saw SST-2's
@@ -51,7 +52,7 @@ from minigpt import EOT_ID, GPT, TrainConfig, get_tokenizer
 from minigpt.cli import positive_int, run_command
 from techniques import pplm
 
-from ..common import Stopwatch, choose_model, new_figure, save_figure
+from ..common import Stopwatch, bow_stepsize, choose_model, new_figure, save_figure
 from .common import (REPO, ProjectResult, loss_figure, metric_figure, project_parser, require, write_metrics,
                      write_samples)
 
@@ -255,6 +256,7 @@ def run(args) -> ProjectResult:
     chosen = choose_model(args)
     print(chosen.reason)
     model, prompts = chosen.model, list(PROMPTS[:sizes.prompts])
+    bow_knobs = {**BOW_KNOBS, "stepsize": bow_stepsize(model, BOW_KNOBS["stepsize"])}
     head = sentiment_head(model, args, sizes)
     tok = get_tokenizer()
     common = dict(samples=samples, seed=args.seed, max_new_tokens=tokens, progress=not args.no_progress,
@@ -265,7 +267,7 @@ def run(args) -> ProjectResult:
                                    **{**BOW_KNOBS, "stepsize": 0.0}),
             "discrim": continuations(model, prompts, desc="PPLM discriminator", discriminator=head.head,
                                      class_label=head.label, **common, **DISCRIM_KNOBS),
-            "bow": continuations(model, prompts, desc=f"PPLM bag {BOW}", bow=BOW, **common, **BOW_KNOBS)}
+            "bow": continuations(model, prompts, desc=f"PPLM bag {BOW}", bow=BOW, **common, **bow_knobs)}
     texts = {k: [tok.decode(t) for t in v.tokens] for k, v in runs.items()}
     scores = {k: vader_scores(analyzer, v) for k, v in texts.items()}
     for k, label in (("plain", "unperturbed"), ("discrim", "discriminator"), ("bow", f"bag {BOW}")):
@@ -274,7 +276,7 @@ def run(args) -> ProjectResult:
     second = "bow" if first == "discrim" else "discrim"
     setting = {"discrim": f"PPLM discriminator ({head.source}), class {head.label}",
                "bow": f"PPLM bag of words ({BOW})"}
-    knobs = {"discrim": DISCRIM_KNOBS, "bow": BOW_KNOBS}
+    knobs = {"discrim": DISCRIM_KNOBS, "bow": bow_knobs}
     result = ProjectResult(
         NAME, "VADER compound (mean)", True, mean(scores["plain"]), mean(scores[first]), chosen.name,
         len(scores["plain"]), 0.0,
