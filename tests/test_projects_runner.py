@@ -24,12 +24,25 @@ def test_run_writes_one_index_of_the_runs(tmp_path, capsys):
     out = tmp_path / "projects"
     assert main(["run", "poetry", "hiring_ad", "--smoke", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert [r["project"] for r in summary["projects"]] == ["poetry", "hiring_ad"]
+    assert [r["project"] for r in summary["projects"]] == ["hiring_ad", "poetry"]   # the tutorial's order
     for r in summary["projects"]:
         assert r["model"] == "micro-random" and r["n"] > 0
         assert json.loads((out / r["project"] / "metrics.json").read_text()) == r
     page = (out / "index.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "hiring_ad" in page
+    # a later run into the same folder joins the page; `index` rebuilds it from the folder alone
+    assert main(["run", "scifi", "--smoke", "--out", str(out)]) == 0
+    assert [r["project"] for r in json.loads((out / "summary.json").read_text())["projects"]] == \
+        ["hiring_ad", "poetry", "scifi"]
+    (out / "index.html").unlink()
+    assert main(["index", "--out", str(out)]) == 0
+    assert (out / "index.html").read_text().count("data:image/png;base64,") == 3
+
+
+def test_index_of_an_empty_folder_is_one_line(tmp_path, capsys):
+    assert main(["index", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path} holds no project runs") and err.count("\n") == 1
 
 
 def test_unknown_project_is_one_line(tmp_path, capsys):

@@ -4,10 +4,12 @@
     python -m demos.projects run poetry e2e ...   # those projects, each into OUT/<name>
     python -m demos.projects run all --quick      # every project, shorter runs
     python -m demos.projects run all --smoke      # every project on a micro random model (seconds each)
+    python -m demos.projects index --out DIR      # rebuild DIR/index.html from the runs already in DIR
 
 Model options (--model/--weights/--device/--seed) and --smoke/--quick are passed on to every project.
-OUT/index.html (self-contained) and OUT/summary.json hold every project's metric before and after, with
-its figure.
+OUT/index.html (self-contained) and OUT/summary.json hold the metric before and after, with its figure, of
+every project that has a run in OUT (OUT/<name>/metrics.json), in the tutorial's order: runs made one at a
+time, or by several commands into the same OUT, end up on one page.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run projects and write OUT/index.html")
     r.add_argument("names", nargs="+", metavar="NAME", help=f"'all' or any of: {', '.join(PROJECTS)}")
     add_demo_args(r, out="runs/projects", quick_help="each project's shorter run")
+    i = sub.add_parser("index", help="rebuild OUT/index.html and OUT/summary.json from the runs in OUT")
+    i.add_argument("--out", default="runs/projects", help="the folder the projects ran into (default: %(default)s)")
     return p
 
 
@@ -68,16 +72,31 @@ def run_projects(args) -> None:
     unknown = [n for n in names if n not in PROJECTS]
     if unknown:
         raise ValueError(f"unknown project(s) {', '.join(unknown)}; choose from {', '.join(PROJECTS)} or 'all'")
-    out, clock, results = Path(args.out), Stopwatch(), []
+    out, clock = Path(args.out), Stopwatch()
     out.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names, 1):
         print(f"\n=== [{i}/{len(names)}] {name} ===", flush=True)
         code = project(name).main(forwarded(args) + ["--out", str(out / name)])
         if code != 0:
             raise ValueError(f"project {name} failed (exit code {code}); its error is printed above")
-        results.append(read_metrics(out / name))
+    results = collect(out)
     write_index(out, results)
-    print(f"\n{len(results)} project(s) in {format_seconds(clock.elapsed())}; see {out / 'index.html'}")
+    print(f"\n{len(names)} project(s) in {format_seconds(clock.elapsed())}; {len(results)} in {out / 'index.html'}")
+
+
+def collect(out: Path) -> list[dict]:
+    """The metrics.json of every project with a run in OUT, in the tutorial's order."""
+    return [read_metrics(out / name) for name in PROJECTS if (out / name / "metrics.json").is_file()]
+
+
+def rebuild_index(args) -> None:
+    out = Path(args.out)
+    results = collect(out)
+    if not results:
+        raise ValueError(f"{out} holds no project runs (no {out}/<project>/metrics.json); run some with "
+                         "`python -m demos.projects run NAME ... --out DIR` first")
+    write_index(out, results)
+    print(f"{len(results)} project(s): {out / 'index.html'}")
 
 
 def write_index(out: Path, results: list[dict]) -> None:
@@ -110,6 +129,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in (None, "list"):
         return run_command(list_projects)
+    if args.command == "index":
+        return run_command(lambda: rebuild_index(args))
     return run_command(lambda: run_projects(args), out=args.out)
 
 
