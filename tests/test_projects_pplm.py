@@ -99,6 +99,7 @@ def test_each_project_writes_its_own_numbers(smoke_runs):
     for when in ("before", "after"):   # the headline is the balance of the two reported rates
         assert h[when] == pytest.approx(h["extra"][f"feminine_per_100_{when}"] - h["extra"][f"masculine_per_100_{when}"])
     assert h["extra"]["mode"] == "avoid masculine-coded + attract feminine-coded"
+    assert set(h["extra"]["top_words"]) == {"masculine_before", "masculine_after", "feminine_before", "feminine_after"}
     assert 0 < h["extra"]["bag_mass_per_step_before"] < 1 and 0 < h["extra"]["bag_mass_per_step_after"] < 1
     y = json.loads((smoke_runs["hypothesis"][1] / "metrics.json").read_text())
     assert y["metric"].startswith("science-bag tokens") and 0 <= y["before"] <= 100 and 0 <= y["after"] <= 100
@@ -222,6 +223,9 @@ def test_word_count_and_rates_follow_genderdecoder3():
     assert hiring_ad.per_100(items, "masculine") == pytest.approx(100 * 2 / 16)
     assert hiring_ad.verdict_counts(items) == {"strongly feminine-coded": 0, "feminine-coded": 0, "neutral": 1,
                                                "masculine-coded": 1, "strongly masculine-coded": 0}
+    twice = hiring_ad.assess_all(genderdecoder3, ["Kind and kind, a leader.", "kind"])
+    assert hiring_ad.most_common_words(twice, "feminine") == {"kind": 3}
+    assert hiring_ad.most_common_words(twice, "masculine") == {"leader": 1}
 
 
 def test_the_prompts_file_is_neutral_and_has_ten_roles():

@@ -145,6 +145,12 @@ def per_100(items: Sequence[Assessment], kind: str) -> float:
     return 100 * sum(len(getattr(a, kind)) for a in items) / max(1, words)
 
 
+def most_common_words(items: Sequence[Assessment], kind: str, n: int = 5) -> dict[str, int]:
+    """The n coded words (lower-cased) found most often, with their counts: does a rise come from many
+    words, or from one repeated?"""
+    return dict(Counter(w.lower() for a in items for w in getattr(a, kind)).most_common(n))
+
+
 def verdict_counts(items: Sequence[Assessment]) -> dict[str, int]:
     c = Counter(a.verdict for a in items)
     return {v: c.get(v, 0) for v in VERDICTS}
@@ -203,6 +209,8 @@ def run(args) -> ProjectResult:
                "masculine_per_100_after": rate["after", "masculine"],
                "feminine_per_100_before": rate["before", "feminine"],
                "feminine_per_100_after": rate["after", "feminine"],
+               "top_words": {f"{kind}_{k}": most_common_words(v, kind) for k, v in scored.items()
+                             for kind in ("masculine", "feminine")},
                "verdicts_before": verdict_counts(scored["before"]),
                "verdicts_after": verdict_counts(scored["after"]),
                "words_before": sum(a.words for a in scored["before"]),
@@ -226,6 +234,11 @@ def run(args) -> ProjectResult:
     write_outputs(args.out, result, rows, samples, texts, scored)
     print(f"{TITLE}: wrote {args.out} in {clock.elapsed():.0f} s")
     return result
+
+
+def _top(x: dict, when: str) -> str:
+    return "; ".join(f"{kind} " + (", ".join(f"{w} x{c}" for w, c in x["top_words"][f"{kind}_{when}"].items())
+                                    or "none") for kind in ("masculine", "feminine"))
 
 
 def _score(a: Assessment) -> str:
@@ -252,7 +265,10 @@ def write_outputs(out, result: ProjectResult, rows, samples, texts, scored) -> N
             f"Totals: masculine-coded words per 100 words {x['masculine_per_100_before']:.2f} -> "
             f"{x['masculine_per_100_after']:.2f}, feminine-coded {x['feminine_per_100_before']:.2f} -> "
             f"{x['feminine_per_100_after']:.2f}; balance (feminine - masculine) {result.before:+.2f} -> "
-            f"{result.after:+.2f}; verdicts before {x['verdicts_before']}, after {x['verdicts_after']}. The steered "
+            f"{result.after:+.2f}; verdicts before {x['verdicts_before']}, after {x['verdicts_after']}. The coded "
+            f"words found most often, with their counts: before {_top(x, 'before')}; after {_top(x, 'after')}. "
+            "(PPLM at a large step size tends to repeat a bag word; the counts show how much of a rise that is.) "
+            "The steered "
             f"bag's probability mass per step (the steering's own signal, a diagnostic only): "
             f"{x['bag_mass_per_step_before']:.5f} -> {x['bag_mass_per_step_after']:.5f}.")
     write_samples(out, f"{TITLE}: unperturbed vs PPLM", table, note)
