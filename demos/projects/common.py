@@ -132,15 +132,16 @@ def metric_figure(out: str | Path, result: ProjectResult, labels: tuple[str, str
     return save_figure(fig, Path(out) / "metric.png")
 
 
-def loss_figure(out: str | Path, history: Sequence[dict], title: str, name: str = "loss.png") -> Path:
-    """Train loss per step and the eval loss where it was taken (nats per token)."""
+def loss_figure(out: str | Path, history: Sequence[dict], title: str, name: str = "loss.png",
+                unit: str = "nats / token") -> Path:
+    """Train loss per step and the eval loss where it was taken (cross-entropy, in `unit`)."""
     fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     ax.plot([h["step"] + 1 for h in history], [h["loss"] for h in history], lw=1, label="train (per batch)")
     ev = [h for h in history if "eval_loss" in h]
     if ev:
         ax.plot([h["step"] + 1 for h in ev], [h["eval_loss"] for h in ev], "o-", label="eval (held out)")
-    ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats / token)", title=title)
+    ax.set(xlabel="optimizer step", ylabel=f"cross-entropy ({unit})", title=title)
     ax.legend()
     ax.grid(alpha=0.3)
     return save_figure(fig, Path(out) / name)

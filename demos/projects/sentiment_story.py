@@ -312,7 +312,8 @@ def write_outputs(out, result: ProjectResult, prompts, samples, texts, scores, h
     Path(out).mkdir(parents=True, exist_ok=True)
     if head.trained:
         head.head.save(Path(out) / "discriminator")
-        loss_figure(out, head.history, f"discriminator on SST-2 (dev accuracy {100 * head.dev_accuracy:.1f}%)")
+        loss_figure(out, head.history, f"discriminator on SST-2 (dev accuracy {100 * head.dev_accuracy:.1f}%)",
+                    unit="nats / sentence")
     metric_figure(out, result, labels=(LABELS["plain"], LABELS[first]), per_item=(scores["plain"], scores[first]))
     settings_figure(out, scores)
     inputs = [f"{p}  (sample {j + 1} of {samples}, seed {result.extra['seed'] + k})"
