@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Sequence
 
 from minigpt import examples_from_pairs, get_tokenizer, save_history, split_examples
-from minigpt.cli import positive_int, run_command
+from minigpt.cli import run_command
 from techniques.lora import save_adapter
 
 from ..common import Stopwatch, choose_model, finite_or_none, format_seconds
 from .common import REPO, ProjectResult, loss_figure, metric_figure, project_parser, write_metrics, write_samples
-from .poetry import EOT, LORA, bars_figure, load_lora, sample_continuations, text_perplexity, train_config, train_lora
+from .poetry import (EOT, LORA, add_lora_args, bars_figure, load_lora, sample_continuations, text_perplexity, train_config,
+                     train_lora)
 
 NAME = "chemistry"
 TITLE = "Chemistry report generator"
@@ -117,13 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = project_parser(NAME, "LoRA (r=8, alpha=16 on q and v) for reaction -> short report: the share of test "
                              "reactions whose report names every reactant and product, and held-out perplexity, "
                              "before and after.", needs=NEEDS)
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora", metavar="DIR", help="load this adapter (saved by an earlier run in OUT/adapter) "
-                                                 "instead of training one")
-    g.add_argument("--steps", type=positive_int, default=None,
-                   help=f"LoRA optimizer steps (default: {SIZES['full'].steps}; --quick {SIZES['quick'].steps})")
-    g.add_argument("--lr", type=float, default=None,
-                   help="AdamW peak learning rate (default: 2e-3 for models narrower than 512, else 1e-3)")
+    add_lora_args(p, SIZES)
     return p
 
 

@@ -275,16 +275,21 @@ def bars_figure(path: str | Path, values: dict[str, float], *, ylabel: str, titl
 
 
 # ---- the project ---------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = project_parser(NAME, "LoRA (r=8, alpha=16 on q and v) on poem verses: held-out perplexity and samples "
-                             "from the same seeds, before and after.", needs=NEEDS)
-    g = p.add_argument_group("LoRA")
+def add_lora_args(parser: argparse.ArgumentParser, sizes: dict) -> None:
+    """The LoRA projects' options: --lora DIR, --steps, --lr (sizes: the project's SIZES, for the defaults)."""
+    g = parser.add_argument_group("LoRA")
     g.add_argument("--lora", metavar="DIR", help="load this adapter (saved by an earlier run in OUT/adapter) "
                                                  "instead of training one")
     g.add_argument("--steps", type=positive_int, default=None,
-                   help=f"LoRA optimizer steps (default: {SIZES['full'].steps}; --quick {SIZES['quick'].steps})")
+                   help=f"LoRA optimizer steps (default: {sizes['full'].steps}; --quick {sizes['quick'].steps})")
     g.add_argument("--lr", type=float, default=None,
                    help="AdamW peak learning rate (default: 2e-3 for models narrower than 512, else 1e-3)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = project_parser(NAME, "LoRA (r=8, alpha=16 on q and v) on poem verses: held-out perplexity and samples "
+                             "from the same seeds, before and after.", needs=NEEDS)
+    add_lora_args(p, SIZES)
     return p
 
 
