@@ -404,7 +404,7 @@ def ablation_figure(path: Path, rows: dict, model: str, n_samples: int, n_verses
     panels = (("vader_compound_mean", f"sentiment: VADER compound\n(mean of {n_samples}; higher = more positive)",
                "{:+.2f}"),
               ("style_perplexity", f"style: perplexity of {n_verses}\nheld-out verses (lower = closer)", "{:.0f}"),
-              ("label_preference", "task: CE(negative) - CE(positive)\nheld-out verses, nats/token (higher = "
+              ("label_preference", "task: CE(negative) - CE(positive), held-out\nverses, nats/token (higher = "
                                    "prefers positive)", "{:+.3f}"))
     for ax, (metric, title, fmt) in zip(axes, panels):
         values = [rows[k][metric] for k in keys]
