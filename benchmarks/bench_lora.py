@@ -1,6 +1,6 @@
 """LoRA: minigpt against peft + transformers on the same random GPT-2 124M weights, in one run.
 
-    python benchmarks/bench_lora.py [--quick] [--device cpu] [--threads N]
+    python benchmarks/bench_lora.py [--quick] [--device cpu] [--threads N] [--profile]
 
 1. One training step (forward, backward, AdamW on A and B only; r=8 on c_attn,
    batch 8 x 128 by default), each side's natural path: minigpt's `lm_loss_fn`
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from minigpt import GPT, generate, lm_loss_fn, resolve_device  # noqa: E402
 from techniques.lora import apply_lora, lora_parameters, merge_lora  # noqa: E402
-from timing import device_sync, peak_memory, timed, timed_alternating  # noqa: E402
+from timing import device_sync, peak_memory, print_profile_split, profile_split, timed, timed_alternating  # noqa: E402
 
 
 # ---- measuring -------------------------------------------------------------------------
@@ -158,6 +158,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=32, help="tokens per decode measurement (default: 32)")
     p.add_argument("--decode-repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one step per side: matrix multiplies against the rest (CPU)")
     p.add_argument("--memory-worker", choices=list(SIDES), help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -175,6 +177,7 @@ def main(argv=None):
         print(f"GPT-2 124M shape, random weights; LoRA r={args.r} on c_attn; batch {args.batch_size} x "
               f"{args.seq_len}; AdamW; device {device}, {args.threads} threads; {args.steps} timed steps per side")
         sec, losses = step_times(args, device)
+        split = profile_split({side: make(args, device)[0] for side, make in SIDES.items()}) if args.profile else None
         peak = {side: run_memory_worker(side, args) for side in SIDES}
         decode = decode_speeds(args, device)
 
@@ -193,6 +196,8 @@ def main(argv=None):
     for name, a, b, r in rows:
         print(f"{name:28s}{a:>10s}{b:>10s}{r:>22s}")
     print("(allocated: torch's allocator, exact; RSS: the resident set sampled every ms, noisier)")
+    if split:
+        print_profile_split(split)
     base = decode["decode_base"]
     print(f"\ngreedy decode, batch 1, {args.new_tokens} tokens (minigpt):")
     for name in ("base", "unmerged", "merged"):

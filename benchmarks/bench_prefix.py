@@ -1,6 +1,6 @@
 """Prefix tuning: minigpt against peft on the same random GPT-2 124M weights, in one run.
 
-    python benchmarks/bench_prefix.py [--quick] [--threads N] [--device cpu]
+    python benchmarks/bench_prefix.py [--quick] [--threads N] [--device cpu] [--profile]
 
 1. A training step (forward + backward + AdamW on the prefix only, the model
    frozen) for a batch of right-padded examples, ours and peft's, for both
@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minigpt import GPT, causal_lm_loss, generate  # noqa: E402
 from techniques.prefix import PrefixTuning  # noqa: E402
-from timing import device_sync, peak_memory, timed_alternating  # noqa: E402
+from timing import device_sync, peak_memory, print_profile_split, profile_split, timed_alternating  # noqa: E402
 
 
 def timed_pair(fa, fb, repeats: int, sync) -> tuple[float, float]:
@@ -137,6 +137,8 @@ def main(argv=None):
     p.add_argument("--num-virtual-tokens", type=int, default=10)
     p.add_argument("--hidden", type=int, default=512, help="MLP width for the projection rows")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one step per side: matrix multiplies against the rest (CPU)")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -183,6 +185,9 @@ def main(argv=None):
 
         t_ours, t_peft = timed_pair(step_ours, step_peft, repeats, sync)
         rows.append((f"train step, {name} (ms)", 1e3 * t_ours, 1e3 * t_peft, t_peft / t_ours, "peft / ours, >= 1.2"))
+        if args.profile:
+            print(f"  {name}:", end="")
+            print_profile_split(profile_split({"minigpt": step_ours, "peft": step_peft}))
         del pm, step_peft
         peak = {side: run_memory_worker(side, projection, args, folder) for side in ("minigpt", "peft")}
         for key, what in (("allocated", "allocated"), ("rss", "RSS")):

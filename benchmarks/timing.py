@@ -13,6 +13,8 @@
   bytes torch's allocator holds (`PeakAllocated`, exact: on CUDA its counters, on CPU every
   allocation and free the profiler records) and, on CPU, the resident set (`PeakRSS`, sampled
   every millisecond: what the operating system sees, allocator caches and libraries included).
+- `profile_split({name: step}, ...)`: where one call of each side spends its time, from
+  torch.profiler: the matrix multiplies (the same arithmetic on every side) against the rest.
 """
 from __future__ import annotations
 
@@ -24,7 +26,10 @@ from typing import Callable
 import torch
 
 __all__ = ["device_sync", "timed", "timed_alternating", "alternating", "PeakAllocated", "PeakRSS",
-           "peak_memory"]
+           "peak_memory", "GEMM_OPS", "profile_split", "print_profile_split"]
+
+# The matrix-multiply kernels: what a forward and backward through frozen Linears cost on any side.
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
 
 
 def device_sync(device) -> Callable[[], None]:
@@ -156,3 +161,32 @@ def peak_memory(step: Callable[[], object], device) -> dict[str, int]:
     with PeakAllocated(device) as alloc:
         step()
     return {"allocated": alloc.peak, **out}
+
+
+def profile_split(fns: dict[str, Callable[[], object]], top: int = 5) -> dict[str, dict]:
+    """One profiled call of each side (after a warm-up call): its total self time, the part spent in the
+    matrix multiplies (GEMM_OPS), and the `top` other operators by self time, all in seconds."""
+    from torch.profiler import ProfilerActivity, profile
+    out = {}
+    for name, fn in fns.items():
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+        gemm = sum(v for k, v in ops.items() if k in GEMM_OPS)
+        rest = sorted(((k, v) for k, v in ops.items() if k not in GEMM_OPS), key=lambda kv: -kv[1])
+        out[name] = {"total": sum(ops.values()), "gemm": gemm, "top_rest": rest[:top]}
+    return out
+
+
+def print_profile_split(split: dict[str, dict], target: float = 1.2) -> None:
+    """The profile_split table, and what the first side's non-GEMM time would have to be for `target`x."""
+    print("\nprofile of one step (torch.profiler self CPU time, s):")
+    print(f"{'':12s}{'total':>8s}{'GEMM':>8s}{'rest':>8s}   largest of the rest")
+    for name, s in split.items():
+        rest = ", ".join(f"{k.replace('aten::', '')} {v:.2f}" for k, v in s["top_rest"][:4])
+        print(f"{name:12s}{s['total']:8.2f}{s['gemm']:8.2f}{s['total'] - s['gemm']:8.2f}   {rest}")
+    (a, sa), (b, sb) = list(split.items())[:2]
+    need = sb["total"] / target - sa["gemm"]
+    print(f"for {target}x {b}'s step, {a}'s non-GEMM time would have to be {need:.2f} s "
+          f"(it is {sa['total'] - sa['gemm']:.2f} s), with its GEMMs unchanged at {sa['gemm']:.2f} s")

@@ -39,6 +39,39 @@ __all__ = ["TrainConfig", "train", "plan_steps", "evaluate", "Example", "causal_
 
 
 # ---- the loss --------------------------------------------------------------------------
+class _CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy over the rows whose target is not IGNORE, with its gradient written out:
+
+        loss = -(1/n) Σ_i log softmax(z_i)[t_i]        dloss/dz_i = (softmax(z_i) - onehot(t_i)) / n
+
+    (rows with target IGNORE get a zero gradient). The same numbers as F.cross_entropy(..., ignore_index),
+    computed with less memory traffic: the forward keeps only log softmax(z) [N, V], and the backward turns
+    that tensor into the gradient in place (exp, scale, subtract at the targets), where autograd's generic
+    path allocates and fills two more [N, V] tensors (the NLL gradient, then the log-softmax gradient).
+    For GPT-2's vocabulary at 8 x 128 tokens each such tensor is 196 MiB.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # logits [N, V] float, targets [N]
+        logp = logits.log_softmax(-1)                                     # (N, V)
+        counted = targets != IGNORE                                        # (N,)
+        n = counted.sum()
+        picked = logp.gather(-1, targets.clamp(min=0)[:, None])[:, 0]     # (N,) log p(t_i); IGNORE rows masked next
+        loss = -(picked * counted).sum() / n
+        ctx.save_for_backward(logp, targets, counted, n)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):
+        logp, targets, counted, n = ctx.saved_tensors
+        scale = (grad_loss / n) * counted.to(logp.dtype)                  # (N,): 0 on IGNORE rows
+        grad = logp.exp_().mul_(scale[:, None])                           # softmax(z) * scale, in place
+        rows = counted.nonzero()[:, 0]
+        grad[rows, targets[rows]] -= scale[rows]                           # - onehot(t) * scale
+        return grad, None
+
+
 def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean cross-entropy of predicting token t+1 from positions <= t.
 
@@ -53,7 +86,7 @@ def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: Opt
         targets = targets.masked_fill(counted == 0, IGNORE)
     if not bool((targets != IGNORE).any()):
         return logits.sum() * 0.0  # nothing to learn from in this batch: zero loss, zero gradient
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+    return _CrossEntropy.apply(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def lm_loss_fn(model, past_fn: Optional[Callable] = None) -> Callable[[dict], torch.Tensor]:

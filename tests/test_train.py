@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minigpt import (GPT, GPTConfig, TrainConfig, causal_lm_loss, collate_lm, examples_from_pairs,
                      examples_from_text, load_lm_data, lm_loss_fn, save_history, split_examples, train)
@@ -81,6 +83,31 @@ def test_loss_mask_counts_only_targets():
     only_last = causal_lm_loss(logits, ids, torch.tensor([[0, 0, 0, 1]]))
     assert only_last == pytest.approx(float(torch.nn.functional.cross_entropy(logits[0, 2:3], ids[0, 3:])))
     assert full != only_last
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(2, 9), V=st.integers(2, 40), seed=st.integers(0, 2 ** 16),
+       masked=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_loss_and_gradient_are_cross_entropys(B, T, V, seed, masked, dtype):
+    """causal_lm_loss writes the gradient out, (softmax(z) - onehot(t)) / n: the same loss and gradient as
+    F.cross_entropy on the shifted targets, zero on positions that are not targets."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(B, T, V, generator=g)).to(dtype).requires_grad_(True)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.randint(0, 2, (B, T), generator=g) if masked else None
+    targets = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    if mask is not None:
+        targets = targets.masked_fill(torch.nn.functional.pad(mask[:, 1:], (0, 1)) == 0, -100)
+    ours = causal_lm_loss(logits, ids, mask)
+    (grad,) = torch.autograd.grad(ours, logits)
+    if bool((targets == -100).all()):
+        assert ours.item() == 0 and not grad.any()
+        return
+    ref = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6, abs=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+    assert not grad[targets == -100].any()
 
 
 def test_pairs_mask_the_prompt(tokenizer):
