@@ -17,6 +17,7 @@ import argparse
 import importlib
 import json
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -125,9 +126,10 @@ def metric_figure(out: str | Path, result: ProjectResult, labels: tuple[str, str
         for x, ys in enumerate(per_item):
             ax.scatter([x] * len(ys), ys, s=12, color="#333", alpha=0.5, zorder=3)
     better = "higher is better" if result.higher_is_better else "lower is better"
-    ax.set_ylabel(f"{result.metric}{f' ({unit})' if unit else ''}")
-    ax.set_title(f"{result.project}: {result.metric} before vs after ({better}; n={result.n}, model {result.model})",
-                 fontsize=10)
+    ylabel = result.metric + (f" ({unit})" if unit and unit not in result.metric else "")
+    ax.set_ylabel(textwrap.fill(ylabel, 45))
+    ax.set_title(textwrap.fill(f"{result.project}: {result.metric} before vs after ({better}; n={result.n}, "
+                               f"model {result.model})", 90), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, Path(out) / "metric.png")
 
