@@ -143,11 +143,16 @@ def test_merge_equals_unmerged_and_unmerge_restores(n_embd, r, alpha, parts, see
             torch.nn.init.normal_(p, std=0.5)
     x = torch.randn(3, n_embd)
     unmerged = layer(x)
+    delta = layer.delta_weight().detach()
+    # float32 rounding grows with the size of the terms summed (alpha up to 32 makes Δ large): the tolerance
+    # is relative to Σ|terms| of each output and to |W0| + |Δ| of each weight, far below any real mistake
+    terms = (x.abs() @ (W0.abs() + delta.abs()).T + base.bias.abs()).max().item()
+    weights = (W0.abs() + delta.abs()).max().item()
     layer.merge()
-    assert max_diff(layer(x), unmerged) < 1e-5
+    assert max_diff(layer(x), unmerged) < 1e-6 * (1 + terms)
     layer.unmerge()
-    assert max_diff(layer.base.weight, W0) < 1e-6
-    assert max_diff(layer(x), unmerged) < 1e-5
+    assert max_diff(layer.base.weight, W0) < 1e-6 * (1 + weights)
+    assert max_diff(layer(x), unmerged) < 1e-6 * (1 + terms)
 
 
 @given(parts=st.sampled_from(["q", "k", "v", "qv", "qk", "kv", "qkv"]), n_head=st.sampled_from([1, 2, 4]),
