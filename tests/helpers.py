@@ -1,7 +1,10 @@
 """Helpers the tests share: GPT-2-shaped models with random weights, built by
-transformers and saved with save_pretrained, so the real loading path is exercised."""
+transformers and saved with save_pretrained, so the real loading path is exercised;
+and the smoke runs and output contract of the tutorial's projects."""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import torch
@@ -26,3 +29,35 @@ def make_hf_model(folder: Path, seed: int = 0, dropout: float = 0.0, **cfg):
     hf.eval()
     hf.save_pretrained(folder)
     return hf, folder
+
+
+# ---- the tutorial's projects (tests/test_projects_*.py) ----------------------------------------------------
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METRICS_KEYS = {"project", "metric", "higher_is_better", "before", "after", "model", "n", "seconds", "extra"}
+
+
+def smoke_runs_of(modules, tmp_path_factory, *extra_args: str) -> dict:
+    """Each project module once with --smoke --seed 1: {name: (exit code, out folder)}."""
+    runs = {}
+    for module in modules:
+        out = tmp_path_factory.mktemp(module.NAME)
+        runs[module.NAME] = (module.main(["--smoke", "--out", str(out), "--seed", "1", *extra_args]), out)
+    return runs
+
+
+def check_project_contract(module, code: int, out: Path) -> dict:
+    """What every project's run must leave: exit 0, metrics.json with the issue's keys, metric.png, samples.md
+    with inputs before and after, and no half-written folder. Returns the metrics."""
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert set(metrics) == METRICS_KEYS
+    assert metrics["project"] == module.NAME and metrics["model"] == "micro-random"
+    assert isinstance(metrics["higher_is_better"], bool)
+    for key in ("before", "after", "seconds"):
+        assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
+    assert isinstance(metrics["n"], int) and metrics["n"] > 0
+    assert (out / "metric.png").read_bytes().startswith(PNG_MAGIC)
+    samples = (out / "samples.md").read_text(encoding="utf-8")
+    assert samples.startswith("# ") and "**before**" in samples and "**after**" in samples
+    assert not list(out.glob(".tmp-save-*"))
+    return metrics

@@ -14,40 +14,24 @@ import pytest
 import torch
 
 from demos.projects import chemistry, hybrid, poetry, scifi
+from helpers import PNG_MAGIC, check_project_contract, smoke_runs_of
 from minigpt import EOT_ID, GPT, GPTConfig, causal_lm_loss, get_tokenizer
 from techniques import pplm
 from techniques.prefix import PrefixTuning
 
 PROJECTS = (poetry, scifi, chemistry, hybrid)
-KEYS = {"project", "metric", "higher_is_better", "before", "after", "model", "n", "seconds"}
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
     """Each project once with --smoke: {name: (exit code, out folder)}."""
-    runs = {}
-    for module in PROJECTS:
-        out = tmp_path_factory.mktemp(module.NAME)
-        runs[module.NAME] = (module.main(["--smoke", "--out", str(out), "--seed", "1"]), out)
-    return runs
+    return smoke_runs_of(PROJECTS, tmp_path_factory)
 
 
 @pytest.mark.parametrize("module", PROJECTS, ids=lambda m: m.NAME)
 def test_smoke_run_writes_the_contract(smoke_runs, module):
     code, out = smoke_runs[module.NAME]
-    assert code == 0
-    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    assert set(metrics) == KEYS | {"extra"}
-    assert metrics["project"] == module.NAME and metrics["model"] == "micro-random"
-    assert isinstance(metrics["higher_is_better"], bool)
-    for key in ("before", "after", "seconds"):
-        assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
-    assert isinstance(metrics["n"], int) and metrics["n"] > 0
-    assert (out / "metric.png").read_bytes().startswith(PNG_MAGIC)
-    samples = (out / "samples.md").read_text(encoding="utf-8")
-    assert samples.startswith("# ") and "**before**" in samples and "**after**" in samples
-    assert not list(out.glob(".tmp-save-*"))
+    check_project_contract(module, code, out)
 
 
 def test_smoke_runs_save_their_adapters(smoke_runs):
