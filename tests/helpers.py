@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 TINY = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)
@@ -61,3 +62,11 @@ def check_project_contract(module, code: int, out: Path) -> dict:
     assert samples.startswith("# ") and "**before**" in samples and "**after**" in samples
     assert not list(out.glob(".tmp-save-*"))
     return metrics
+
+
+def help_text(module, capsys) -> str:
+    """A project's --help (it must exit 0), whitespace folded to single spaces."""
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
