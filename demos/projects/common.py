@@ -125,6 +125,9 @@ def metric_figure(out: str | Path, result: ProjectResult, labels: tuple[str, str
     if per_item is not None:
         for x, ys in enumerate(per_item):
             ax.scatter([x] * len(ys), ys, s=12, color="#333", alpha=0.5, zorder=3)
+    shown = values + [y for ys in (per_item or ()) for y in ys]
+    if all(v >= 0 for v in shown):   # a share, a count or a perplexity: no negative axis below the bars
+        ax.set_ylim(bottom=0, top=max(shown) * 1.15 or 1)
     better = "higher is better" if result.higher_is_better else "lower is better"
     ylabel = result.metric + (f" ({unit})" if unit and unit not in result.metric else "")
     ax.set_ylabel(textwrap.fill(ylabel, 45))
