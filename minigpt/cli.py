@@ -18,17 +18,27 @@ OSError (FileNotFoundError, PermissionError, ...: files) or FloatingPointError
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import distributed
 from .device import resolve_device
 from .model import GPT
-from .training import TrainConfig, plan_steps, split_examples
+from .training import TrainConfig, TrainingInterrupted, plan_steps, resolve_precision, split_examples
 
-__all__ = ["add_model_args", "model_from_args", "add_train_args", "train_config_from_args", "split_from_args",
-           "describe_plan", "run_command", "fail", "USER_ERRORS", "positive_int"]
+__all__ = ["add_model_args", "model_from_args", "add_train_args", "add_precision_arg", "add_scale_args",
+           "train_config_from_args",
+           "split_from_args", "describe_plan", "run_command", "fail", "USER_ERRORS", "positive_int", "is_main_process",
+           "CHECKPOINT_DIR"]
+
+CHECKPOINT_DIR = "train_state"  # --save-every writes OUT/train_state/
+PRECISION_NOTE = ("a LoRA step on GPT-2 124M measured 1.7x faster in bf16 than in fp32 on a 2-core AVX512-BF16 CPU, "
+                  "and 1.1x on the bundled tiny model")
 
 # What a user's mistake raises (see the module docstring); everything else is a bug.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
@@ -46,18 +56,35 @@ def run_command(command: Callable[[], object], *, out: Optional[str] = None) -> 
 
     `out` is the folder the command writes, if any: the messages then say
     that nothing was saved there (saves happen last, and atomically).
+    Under torchrun every process runs the command; rank 0 alone prints (the
+    others' standard output is dropped), and an error names the process it
+    happened in.
     """
     nothing = f"; nothing was saved to {out}" if out else ""
+    who = ""
     try:
-        command()
+        procs = distributed.processes()
+        who = f"[rank {procs.rank}] " if procs.several else ""
+        with contextlib.redirect_stdout(io.StringIO()) if not procs.is_main else contextlib.nullcontext():
+            command()
     except USER_ERRORS as e:
         message = str(e) or type(e).__name__
-        print(f"error: {message}{nothing}", file=sys.stderr)
+        print(f"{who}error: {message}{nothing}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"interrupted{nothing}", file=sys.stderr)
+    except TrainingInterrupted as e:
+        print(f"{who}{e}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:
+        print(f"{who}interrupted{nothing}", file=sys.stderr)
+        return 130
+    finally:
+        distributed.teardown()
     return 0
+
+
+def is_main_process() -> bool:
+    """True in a plain run, and in rank 0 of a torchrun: the process that saves."""
+    return distributed.processes().is_main
 
 
 def positive_int(text: str) -> int:
@@ -117,6 +144,32 @@ def add_train_args(parser: argparse.ArgumentParser, *, lr: Optional[float], lr_h
     g.add_argument("--eval-every", type=positive_int, default=eval_every,
                    help=f"steps between eval losses; one is also taken at the end (default: {eval_every})")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_scale_args(g)
+
+
+def add_scale_args(parser, precision: str = "auto", precision_note: str = PRECISION_NOTE) -> None:
+    """--precision, --grad-accum, --save-every and --resume: what every training command shares for long runs."""
+    g = parser
+    add_precision_arg(g, precision, precision_note)
+    g.add_argument("--grad-accum", type=positive_int, default=1, metavar="N",
+                   help="micro-batches of --batch-size summed into each optimizer step: the effective batch is "
+                        "batch size x N x processes, the memory that of one micro-batch (default: 1)")
+    g.add_argument("--save-every", type=positive_int, default=None, metavar="K",
+                   help="every K steps, checkpoint the whole training state (weights, optimizer, schedule, random "
+                        f"generators, data position) into OUT/{CHECKPOINT_DIR}, atomically; Ctrl-C keeps the last "
+                        "one (default: no checkpoints)")
+    g.add_argument("--resume", metavar="DIR",
+                   help=f"continue the run checkpointed in DIR (OUT/{CHECKPOINT_DIR} of an earlier run) exactly where "
+                        "it stopped; give the same command and options")
+
+
+def add_precision_arg(parser, default: str = "auto", note: str = PRECISION_NOTE) -> None:
+    """--precision, with the same help everywhere (and what was measured, for the default)."""
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=default,
+                        help="the forward pass's arithmetic: fp32, or bf16/fp16 autocast (the trained weights and "
+                             "AdamW's state stay fp32; fp16 adds loss scaling). auto = bf16 on a CUDA GPU that "
+                             "supports it and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32"
+                             + (f"; {note}" if note else "") + f" (default: {default})")
 
 
 def train_config_from_args(args, **overrides) -> TrainConfig:
@@ -127,9 +180,18 @@ def train_config_from_args(args, **overrides) -> TrainConfig:
         raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.weight_decay < 0:
         raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    out = getattr(args, "out", None)
+    if args.save_every and not out:
+        raise ValueError("--save-every needs --out: the checkpoints go into OUT/" + CHECKPOINT_DIR)
+    if args.resume and not Path(args.resume).is_dir():
+        raise FileNotFoundError(f"--resume {args.resume}: no such folder; give OUT/{CHECKPOINT_DIR} of the run "
+                                "to continue")
     values = dict(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
                   weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
-                  seed=args.seed, progress=not args.no_progress)
+                  seed=args.seed, progress=not args.no_progress,
+                  precision=resolve_precision(args.precision, resolve_device(getattr(args, "device", "auto"))),
+                  grad_accum=args.grad_accum, save_every=args.save_every, resume_from=args.resume,
+                  checkpoint_dir=str(Path(out) / CHECKPOINT_DIR) if out else None)
     values.update(overrides)
     if values["lr"] is None or values["lr"] <= 0:
         raise ValueError(f"--lr must be > 0, got {values['lr']}")
@@ -146,11 +208,25 @@ def split_from_args(examples: Sequence, args) -> tuple[list, list]:
     return split_examples(list(examples), args.eval_fraction, args.seed)
 
 
-def describe_plan(n_train: int, n_eval: int, config: TrainConfig) -> str:
-    """One line, printed before training starts: the real number of steps and what it means."""
-    steps, epochs = plan_steps(n_train, config)
-    per_epoch = -(-n_train // config.batch_size)
+def describe_plan(n_train: int, n_eval: int, config: TrainConfig, world_size: Optional[int] = None) -> str:
+    """One line, printed before training starts: the real number of steps and what it means, the effective
+    batch (batch x accumulation x processes), the precision, and the checkpoints."""
+    world = distributed.processes().world_size if world_size is None else world_size
+    steps, epochs = plan_steps(n_train, config, world)
+    per_step = config.batch_size * config.grad_accum * world
+    per_epoch = -(-n_train // per_step)
     shown = f"{epochs:.2f}".rstrip("0").rstrip(".") if epochs >= 0.01 else f"{epochs:.1g}"  # 3, 1.5, 1.33, 0.003
-    return (f"training {steps} step{'s' if steps != 1 else ''} ({shown} epoch{'s' if epochs != 1 else ''} of "
-            f"{per_epoch} step{'s' if per_epoch != 1 else ''}, batch {config.batch_size}) on {n_train} examples"
-            + (f"; eval loss on {n_eval} held-out examples" if n_eval else "; no eval split"))
+    batch = f"batch {config.batch_size}"
+    if per_step != config.batch_size:
+        batch += (f" x {config.grad_accum} accumulated" if config.grad_accum > 1 else "") + \
+                 (f" x {world} processes" if world > 1 else "") + f" = {per_step} examples per step"
+    precision = {"fp32": "fp32", "bf16": "bf16 autocast (weights and AdamW state fp32)",
+                 "fp16": "fp16 autocast with loss scaling (weights and AdamW state fp32)"}[config.precision]
+    line = (f"training {steps} step{'s' if steps != 1 else ''} ({shown} epoch{'s' if epochs != 1 else ''} of "
+            f"{per_epoch} step{'s' if per_epoch != 1 else ''}, {batch}) on {n_train} examples"
+            + (f"; eval loss on {n_eval} held-out examples" if n_eval else "; no eval split") + f"; {precision}")
+    if config.save_every:
+        line += f"; a checkpoint every {config.save_every} steps in {config.checkpoint_dir}"
+    if config.resume_from:
+        line += f"; resuming from {config.resume_from}"
+    return line

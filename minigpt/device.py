@@ -3,11 +3,22 @@ from __future__ import annotations
 
 import torch
 
+from .distributed import processes
+
 __all__ = ["resolve_device"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; an explicit choice that is not available is an error."""
+    """'auto' picks cuda, then mps, then cpu; an explicit choice that is not available is an error.
+
+    Under torchrun, a plain 'cuda' means this process's own GPU: cuda:LOCAL_RANK."""
+    device = _resolve(name)
+    if device.type == "cuda" and device.index is None and processes().several:
+        return torch.device("cuda", processes().local_rank)
+    return device
+
+
+def _resolve(name: str) -> torch.device:
     name = (name or "auto").lower()
     if name == "auto":
         if torch.cuda.is_available():

@@ -17,6 +17,7 @@ loader for .txt / .jsonl files that names the file and line of any problem.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,14 +29,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
 from .io import atomic_save_dir, write_json
 from .past import extend_mask
 from .tokenizer import EOT_ID, Tokenizer
+from .train_state import TrainState, load_train_state, save_train_state
 
 IGNORE = -100  # cross_entropy's ignore_index: positions that are not targets
 
 __all__ = ["TrainConfig", "train", "plan_steps", "evaluate", "Example", "causal_lm_loss", "collate_lm", "examples_from_text",
-           "examples_from_pairs", "load_lm_data", "split_examples", "save_history", "lm_loss_fn"]
+           "examples_from_pairs", "load_lm_data", "split_examples", "save_history", "lm_loss_fn", "PRECISIONS",
+           "resolve_precision", "autocast", "count_terms", "TrainingInterrupted"]
 
 
 # ---- the loss --------------------------------------------------------------------------
@@ -77,6 +81,9 @@ def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: Opt
 
     logits [B, T, V], input_ids [B, T]; loss_mask [B, T] marks the tokens that
     count as targets (1) — e.g. the completion of a prompt -> completion pair.
+    Under autocast the logits arrive in bf16/fp16; the softmax, the loss and its
+    gradient are computed in fp32 all the same (a 50257-way softmax in bf16 would
+    round the probabilities to 3 significant digits).
     The targets are shifted left (the last position predicts nothing, -100),
     rather than the logits right, so the [B, T, V] logits are never copied.
     """
@@ -85,8 +92,9 @@ def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: Opt
         counted = F.pad(loss_mask[:, 1:], (0, 1), value=0)
         targets = targets.masked_fill(counted == 0, IGNORE)
     if not bool((targets != IGNORE).any()):
-        return logits.sum() * 0.0  # nothing to learn from in this batch: zero loss, zero gradient
-    return _CrossEntropy.apply(logits.flatten(0, 1).float(), targets.flatten())
+        return logits.sum().float() * 0.0  # nothing to learn from in this batch: zero loss, zero gradient
+    with torch.autocast(device_type=logits.device.type, enabled=False):  # bf16/fp16 logits: the loss in fp32
+        return _CrossEntropy.apply(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def lm_loss_fn(model, past_fn: Optional[Callable] = None) -> Callable[[dict], torch.Tensor]:
@@ -193,11 +201,18 @@ def split_examples(examples: list, eval_fraction: float = 0.1, seed: int = 0) ->
 
 
 # ---- the loop --------------------------------------------------------------------------
+# The autocast dtype of each precision; fp32 runs without autocast.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The settings a checkpoint is resumed under: any other value would make a different run.
+RUN_SETTINGS = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "betas", "warmup_steps",
+                "decay", "grad_clip", "eval_every", "seed", "precision")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 1
     max_steps: Optional[int] = None   # exactly this many optimizer steps (overrides epochs; the data is cycled)
-    batch_size: int = 8
+    batch_size: int = 8               # examples per micro-batch, per process
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -208,6 +223,11 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     device: Optional[str] = None      # where batches go; None = where the params are
+    precision: str = "fp32"           # fp32 | bf16 | fp16: the forward pass under autocast; weights and AdamW stay fp32
+    grad_accum: int = 1               # micro-batches summed into each optimizer step
+    save_every: Optional[int] = None  # steps between checkpoints of the whole training state (None: no checkpoints)
+    checkpoint_dir: Optional[str] = None  # where they go (overwritten each time, atomically)
+    resume_from: Optional[str] = None     # a checkpoint to continue exactly
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
@@ -218,11 +238,51 @@ class TrainConfig:
             raise ValueError(f"eval_every must be >= 1 step, got {self.eval_every}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 (or None for whole epochs), got {self.max_steps}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1 micro-batch per step, got {self.grad_accum}")
+        if self.save_every is not None and (self.save_every < 1 or not self.checkpoint_dir):
+            raise ValueError("save_every needs a checkpoint_dir and must be >= 1 step")
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        return PRECISIONS[self.precision]
+
+    def settings(self) -> dict:
+        """The values that define the run's steps (what a resumed run must share), JSON-ready."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in
+                ((k, getattr(self, k)) for k in RUN_SETTINGS)}
 
 
-def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, float]:
-    """(optimizer steps, epochs they make) for n_examples: max_steps when given, else whole epochs."""
-    per_epoch = math.ceil(n_examples / config.batch_size)
+def resolve_precision(name: str, device: torch.device | str) -> str:
+    """fp32 / bf16 / fp16 as given; 'auto' = bf16 where the device computes it natively, else fp32.
+
+    Natively means a CUDA GPU that supports bf16 (Ampere and later), or a CPU with
+    AVX512-BF16 or AMX instructions (oneDNN's own check), where bf16 matrix multiplies
+    run several times faster than fp32 (3.6x measured on the 2-core development CPU).
+    Elsewhere (older CPUs, MPS) bf16 is emulated or unmeasured, so auto stays fp32."""
+    if name != "auto":
+        if name not in PRECISIONS:
+            raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {name!r}")
+        return name
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        try:
+            native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            native = False
+        return "bf16" if native else "fp32"
+    return "fp32"
+
+
+def plan_steps(n_examples: int, config: TrainConfig, world_size: int = 1) -> tuple[int, float]:
+    """(optimizer steps, epochs they make) for n_examples: max_steps when given, else whole epochs.
+
+    One step takes batch_size x grad_accum x world_size examples (the effective batch)."""
+    per_epoch = math.ceil(n_examples / (config.batch_size * config.grad_accum * world_size))
     total = config.max_steps if config.max_steps is not None else per_epoch * config.epochs
     return total, total / per_epoch
 
@@ -243,31 +303,98 @@ def _to(batch, device):
     return batch.to(device)
 
 
+def autocast(device: torch.device, precision: str):
+    """The forward pass's context: autocast to bf16/fp16, or nothing for fp32."""
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def count_terms(batch, n_examples: int) -> int:
+    """How many terms a batch's mean loss averages: the target tokens of a `collate_lm` batch
+    (the positions whose next token counts, as in causal_lm_loss), else the examples."""
+    if isinstance(batch, dict) and "loss_mask" in batch:
+        return int(batch["loss_mask"][:, 1:].sum())
+    return n_examples
+
+
 @torch.no_grad()
-def evaluate(loss_fn, examples, batch_size, collate_fn, device, eval_modules=()) -> float:
-    """Mean loss over `examples`, with `eval_modules` in eval mode (no dropout) meanwhile."""
+def evaluate(loss_fn, examples, batch_size, collate_fn, device, eval_modules=(), *, precision: str = "fp32",
+             procs: Optional[distributed.Processes] = None) -> float:
+    """Mean loss over `examples`, with `eval_modules` in eval mode (no dropout) meanwhile.
+
+    The mean of the batches' losses, each weighted by its number of examples. With
+    several processes each takes every world_size-th batch and the sums are added up,
+    so every process returns the same number, that of one process."""
+    procs = procs or distributed.Processes()
     modes = [m.training for m in eval_modules]
     for m in eval_modules:
         m.eval()
-    total, n = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64)  # (sum of loss x examples, examples)
     try:
-        for i in range(0, len(examples), batch_size):
+        for b, i in enumerate(range(0, len(examples), batch_size)):
+            if b % procs.world_size != procs.rank:
+                continue
             chunk = examples[i:i + batch_size]
-            total += float(loss_fn(_to(collate_fn(chunk), device))) * len(chunk)
-            n += len(chunk)
+            with autocast(torch.device(device), precision):
+                loss = float(loss_fn(_to(collate_fn(chunk), device)))
+            sums += torch.tensor([loss * len(chunk), len(chunk)], dtype=torch.float64)
     finally:
         for m, mode in zip(eval_modules, modes):
             m.train(mode)
+    total, n = distributed.all_reduce_sum(sums.to(distributed.comm_device(torch.device(device))), procs).tolist()
     return total / max(1, n)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after a checkpoint was saved: the message says where it is."""
+
+
+def _split(items: list, parts: int) -> list[list]:
+    """`items` in `parts` consecutive pieces whose sizes differ by at most one (some empty if too few)."""
+    q, r = divmod(len(items), parts)
+    cuts = [0]
+    for k in range(parts):
+        cuts.append(cuts[-1] + q + (k < r))
+    return [items[cuts[k]:cuts[k + 1]] for k in range(parts)]
+
+
+def _step_examples(n: int, per_step: int, g: torch.Generator, state: TrainState):
+    """(epoch, offset, example indices of one optimizer step, the data generator's state at the epoch's start),
+    step after step: each epoch is a fresh shuffle drawn from `g`, cut into steps of `per_step` examples (the last
+    step of an epoch takes what is left). Starts at state.epoch / state.offset, so a resumed run goes on where
+    the checkpoint was."""
+    epoch, offset = state.epoch, state.offset
+    while True:
+        at_start = g.get_state()
+        order = torch.randperm(n, generator=g).tolist()
+        for i in range(offset, n, per_step):
+            yield epoch, i, order[i:i + per_step], at_start
+        epoch, offset = epoch + 1, 0
 
 
 def train(params, loss_fn: Callable, train_examples: Sequence, *, eval_examples: Sequence = (),
           config: TrainConfig = TrainConfig(), collate_fn: Callable = collate_lm,
-          eval_modules: Sequence[torch.nn.Module] = ()) -> list[dict]:
+          eval_modules: Sequence[torch.nn.Module] = (), count_fn: Optional[Callable] = None,
+          run_info: Optional[dict] = None) -> list[dict]:
     """Optimise `params` (only those that require grad) to lower loss_fn(batch).
 
+    One optimizer step:
+      1. its examples (batch_size x grad_accum x processes of them, from a seeded
+         shuffle) are cut into micro-batches; this process takes grad_accum of them;
+      2. each micro-batch's mean loss, computed under autocast for bf16/fp16, is
+         weighted by its share of the step's terms, n_micro / n_step (count_fn:
+         target tokens of LM batches, else examples; n_step summed over processes),
+         and backpropagated; gradients add up, and with several processes DDP
+         averages them after the last micro-batch (x world_size undoes its mean);
+      3. clip, then AdamW at lr x the schedule's factor for this step.
+    So the update is the one a single step on all the step's examples would make,
+    whatever the accumulation and the number of processes (in fp32, to rounding).
+
     `eval_modules` (e.g. the model) are switched to eval mode for the eval loss,
-    so dropout does not blur it, and back afterwards.
+    so dropout does not blur it, and back afterwards. With `config.save_every`,
+    the whole state is checkpointed into `config.checkpoint_dir` (train_state.py);
+    `config.resume_from` continues such a checkpoint exactly, and `run_info` (a
+    JSON-able description of the caller's set-up) must then equal the saved one.
 
     Returns the history: one dict per step {step, epoch, loss, lr, grad_norm},
     with eval_loss added every `eval_every` steps and at the end.
@@ -278,40 +405,84 @@ def train(params, loss_fn: Callable, train_examples: Sequence, *, eval_examples:
     if not len(train_examples):
         raise ValueError("no training examples")
     device = torch.device(config.device) if config.device else params[0].device
-    torch.manual_seed(config.seed)
-    g = torch.Generator().manual_seed(config.seed)
+    procs = distributed.setup(device)
+    count_fn = count_fn or count_terms
     opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    total, epochs = plan_steps(len(train_examples), config)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, total, config))
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+    total, _ = plan_steps(len(train_examples), config, procs.world_size)
+    per_step = config.batch_size * config.grad_accum * procs.world_size
+    settings = {**config.settings(), "processes": procs.world_size, "examples": len(train_examples)}
+    saving = dict(params=params, optimizer=opt, scaler=scaler, settings=settings, run=run_info or {}, device=device,
+                  procs=procs)
 
-    history, step = [], 0
-    bar = tqdm(total=total, disable=not config.progress, desc="train", unit="step")
-    for epoch in range(math.ceil(epochs)):
-        order = torch.randperm(len(train_examples), generator=g).tolist()
-        for i in range(0, len(order), config.batch_size):
-            if step >= total:
+    torch.manual_seed(config.seed + procs.rank)  # dropout: each process its own masks; rank 0 = one process's
+    g = torch.Generator().manual_seed(config.seed)  # the data order: the same in every process
+    state = TrainState(data_rng=g.get_state())
+    if config.resume_from:
+        state = load_train_state(config.resume_from, **saving)
+        g.set_state(state.data_rng)
+    stepper = distributed.wrap(distributed.LossModule(params, loss_fn), device, procs)
+    comm = distributed.comm_device(device)
+    saved = None
+
+    bar = tqdm(total=total, initial=state.step, disable=not (config.progress and procs.is_main), desc="train",
+               unit="step")
+    try:
+        for epoch, offset, idx, at_start in _step_examples(len(train_examples), per_step, g, state):
+            if state.step >= total:
                 break
-            batch = _to(collate_fn([train_examples[j] for j in order[i:i + config.batch_size]]), device)
-            loss = loss_fn(batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+            parts = _split(idx, config.grad_accum * procs.world_size)
+            mine = [parts[m * procs.world_size + procs.rank] for m in range(config.grad_accum)]
+            batches = [_to(collate_fn([train_examples[j] for j in (ids or idx[:1])]), device) for ids in mine]
+            counts = [count_fn(b, len(ids)) if ids else 0 for b, ids in zip(batches, mine)]  # a stand-in weighs 0
+            n_step = float(distributed.all_reduce_sum(torch.tensor(float(sum(counts)), device=comm), procs))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_sum = torch.zeros((), device=device)
+            for m, (batch, n) in enumerate(zip(batches, counts)):
+                share = n * procs.world_size / n_step if n_step else 0.0
+                last = m == len(batches) - 1
+                with (contextlib.nullcontext() if last or not procs.several else stepper.no_sync()):
+                    with autocast(device, config.precision):
+                        loss = stepper(batch)
+                    with distributed.collective("backward (DDP's gradient all-reduce)"):
+                        (scaler.scale(loss * share) if scaler else loss * share).backward()
+                loss_sum += loss.detach().float() * share
+            step_loss = float(distributed.all_reduce_sum(loss_sum.to(comm), procs)) / procs.world_size
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"loss became {step_loss} at step {state.step}; lower the learning rate"
+                                         + (" or train in bf16 instead of fp16" if scaler else ""))
+            lr = config.lr * _lr_factor(state.step, total, config)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            if scaler:
+                scaler.unscale_(opt)
             gn = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip else float("inf"))
-            opt.step()
-            record = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
-                      "grad_norm": float(gn)}
-            sched.step()
-            step += 1
-            if eval_examples and (step % config.eval_every == 0 or step == total):
-                record["eval_loss"] = evaluate(loss_fn, eval_examples, config.batch_size, collate_fn, device,
-                                              eval_modules)
-            history.append(record)
+            if scaler:
+                scaler.step(opt)  # skipped when the fp16 gradients overflowed; the scale then shrinks
+                scaler.update()
+            else:
+                opt.step()
+            record = {"step": state.step, "epoch": epoch, "loss": step_loss, "lr": lr, "grad_norm": float(gn)}
+            state.step += 1
+            if eval_examples and (state.step % config.eval_every == 0 or state.step == total):
+                record["eval_loss"] = evaluate(loss_fn, eval_examples, config.batch_size, collate_fn,
+                                               device, eval_modules, precision=config.precision, procs=procs)
+            state.history.append(record)
+            state.epoch, state.offset, state.data_rng = epoch, offset + per_step, at_start
+            if config.save_every and (state.step % config.save_every == 0):
+                saved = (save_train_state(config.checkpoint_dir, state, **saving), state.step)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}",
                             **({"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}))
-    bar.close()
-    return history
+    except KeyboardInterrupt:
+        if saved is None:
+            raise
+        raise TrainingInterrupted(
+            f"interrupted after step {state.step} of {total}; the last checkpoint (step {saved[1]}) is in "
+            f"{saved[0]}: resume with --resume {saved[0]} (the same command and options)") from None
+    finally:
+        bar.close()
+    return state.history
 
 
 def save_history(history: list[dict], directory: str | os.PathLike, name: str = "history.json") -> Path:

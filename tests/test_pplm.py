@@ -565,12 +565,13 @@ def test_cli_train_discriminator(saved_small, tmp_path, capsys):
                                               for i in range(40)))
     code, out, err = run_cli(capsys, "train-discriminator", "--weights", str(saved_small), "--device", "cpu",
                              "--data", str(data), "--class-names", "neg,pos", "--out", str(tmp_path / "head"),
-                             "--epochs", "20", "--lr", "0.03", "--batch-size", "8", "--no-progress")
+                             "--epochs", "20", "--lr", "0.03", "--batch-size", "8", "--no-progress",
+                             "--precision", "fp32")
     assert code == 0, err
     lines = out.splitlines()
     # 40 rows, --eval-fraction 0.1 held out: 36 train in 5 batches of 8, 20 epochs
     assert lines[0] == ("training 100 steps (20 epochs of 5 steps, batch 8) on 36 examples; "
-                        "eval loss on 4 held-out examples")
+                        "eval loss on 4 held-out examples; fp32")
     assert lines[1].startswith("discriminator head: 66 trainable parameters (2 classes")   # (32 + 1) · 2
     assert "dev accuracy" in lines[-1] and "on 4 rows" in lines[-1]
     head = pplm.load_discriminator(tmp_path / "head")

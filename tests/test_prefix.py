@@ -360,14 +360,18 @@ def test_train_cli_writes_an_adapter_and_resumes(tiny_hf, tmp_path, capsys):
     resumed = load_checkpoint(ours, tmp_path / "a" / "checkpoint")
     assert resumed.projection and resumed.hidden_size == 8
     assert (resumed.table() - prefix.table()).abs().max().item() < 1e-6
-    assert main(["train", *common, "--resume", str(tmp_path / "a" / "checkpoint"), "--out", str(tmp_path / "b")]) == 0
+    assert main(["train", *common, "--init-from", str(tmp_path / "a" / "checkpoint"), "--out",
+                 str(tmp_path / "b")]) == 0
     assert (tmp_path / "b" / "history.json").is_file()
     capsys.readouterr()
     # the checkpoint fixes P, the MLP and dropout: options that would be ignored are refused, not dropped
-    code = main(["train", *common, "--resume", str(tmp_path / "a" / "checkpoint"), "--num-virtual-tokens", "7",
+    code = main(["train", *common, "--init-from", str(tmp_path / "a" / "checkpoint"), "--num-virtual-tokens", "7",
                  "--projection", "--out", str(tmp_path / "c")])
     one_error_line(code, capsys, "--num-virtual-tokens, --projection would be ignored")
     assert not (tmp_path / "c").exists()
+    # --resume continues a run exactly: a trained prefix is not a training checkpoint, and the error says what is
+    code = main(["train", *common, "--resume", str(tmp_path / "a" / "checkpoint"), "--out", str(tmp_path / "c")])
+    one_error_line(code, capsys, "not a training checkpoint", "--init-from", "--save-every")
 
 
 def one_error_line(code, capsys, *words) -> str:
@@ -460,7 +464,7 @@ def test_train_cli_help(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     for opt in ("--data", "--num-virtual-tokens", "--projection", "--hidden", "--out", "--device", "--seed",
-                "--init-text", "--resume"):
+                "--init-text", "--init-from", "--resume", "--save-every", "--grad-accum", "--precision"):
         assert opt in out
 
 

@@ -110,6 +110,37 @@ def test_loss_and_gradient_are_cross_entropys(B, T, V, seed, masked, dtype):
     assert not grad[targets == -100].any()
 
 
+@settings(max_examples=30, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(2, 9), V=st.integers(2, 40), C=st.integers(1, 16),
+       seed=st.integers(0, 2 ** 16), masked=st.booleans(), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_loss_under_autocast_is_fp32_cross_entropy_of_the_autocast_logits(B, T, V, C, seed, masked, dtype):
+    """Under autocast the logits come out of the head's matmul in bf16/fp16; causal_lm_loss takes them as they
+    are but computes the softmax, the loss and its gradient in fp32: the same loss as F.cross_entropy on
+    logits.float(), and the same gradient flowing back into the head's input (fp32 parameters)."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, C, generator=g).requires_grad_(True)
+    W = torch.randn(V, C, generator=g)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.randint(0, 2, (B, T), generator=g) if masked else None
+    targets = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    if mask is not None:
+        targets = targets.masked_fill(torch.nn.functional.pad(mask[:, 1:], (0, 1)) == 0, -100)
+    with torch.autocast("cpu", dtype=dtype):
+        logits = h @ W.t()                                  # (B, T, V), in bf16/fp16: autocast's matmul
+        ours = causal_lm_loss(logits, ids, mask)
+    assert logits.dtype == dtype and ours.dtype == torch.float32
+    (grad,) = torch.autograd.grad(ours, h)
+    if bool((targets == -100).all()):
+        assert ours.item() == 0 and not grad.any()
+        return
+    with torch.autocast("cpu", dtype=dtype):
+        logits_ref = h @ W.t()
+    ref = torch.nn.functional.cross_entropy(logits_ref.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    (ref_grad,) = torch.autograd.grad(ref, h)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6, abs=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
 def test_pairs_mask_the_prompt(tokenizer):
     (ex,) = examples_from_pairs(tokenizer, [("name: Ann", " Hello Ann")], 32)
     n_prompt = len(tokenizer.encode("name: Ann"))

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 
 from minigpt import get_tokenizer, lm_loss_fn, load_lm_data, save_history, train
-from minigpt.cli import (add_model_args, add_train_args, describe_plan, model_from_args, positive_int, run_command,
-                         split_from_args, train_config_from_args)
+from minigpt.cli import (add_model_args, add_train_args, describe_plan, is_main_process, model_from_args, positive_int,
+                         run_command, split_from_args, train_config_from_args)
 
 from .lora import apply_lora, lora_parameters, lora_summary, merge_lora
 from .peft_files import load_adapter, save_adapter
@@ -65,13 +65,22 @@ def train_command(args) -> None:
     print(describe_plan(len(train_set), len(eval_set), config), flush=True)
     model.train()  # dropout on for the steps; `train` puts eval_modules in eval mode for the eval losses
     history = train(lora_parameters(model), lm_loss_fn(model), train_set, eval_examples=eval_set, config=config,
-                    eval_modules=[model])
+                    eval_modules=[model], run_info=run_info(args))
     model.eval()
-    save_adapter(model, args.out)  # only now, after the last step: an interrupted run writes nothing
+    if not is_main_process():
+        return  # under torchrun rank 0 saves; every process holds the same weights
+    save_adapter(model, args.out)  # only now, after the last step: an interrupted run writes only checkpoints
     save_history(history, args.out)
     last = history[-1]
     print(f"saved LoRA adapter to {args.out} after {len(history)} steps; last loss {last['loss']:.4f}"
           + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
+
+
+def run_info(args) -> dict:
+    """What a resumed run must share with the checkpoint, besides the training options: the model, the data, LoRA's shape."""
+    return {"command": "techniques.lora train", "model": args.weights or args.model, "data": str(args.data),
+            "block_size": args.block_size, "eval_fraction": args.eval_fraction, "r": args.r, "alpha": args.alpha,
+            "dropout": args.dropout, "targets": args.targets, "qkv": args.qkv, "rslora": args.rslora}
 
 
 def merge_command(args) -> None:

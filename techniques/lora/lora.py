@@ -95,13 +95,16 @@ class LoRALinear(nn.Module):
         the scaling is applied inside the multiply-add), but no [N, out] tensor besides y is
         made, where the branch, its scaled copy and the sum were three, each as large as the
         layer's output. y is the base layer's own fresh output on 2-D input, not a view, so
-        autograd needs no copy of its gradient for the in-place add."""
+        autograd needs no copy of its gradient for the in-place add. Under autocast y and h
+        come out in bf16/fp16 while B is an fp32 parameter; an in-place op is not autocast,
+        so B is cast here (a no-op in fp32)."""
         if self.merged:
             return self.base(x)
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         y = self.base(x2)                     # (N, out)
         A, B = self._low_rank_pair()
-        y.addmm_(self.dropout(x2) @ A.T, B.T, alpha=self.scaling)
+        h = self.dropout(x2) @ A.T            # (N, r)
+        y.addmm_(h, B.T.to(y.dtype), alpha=self.scaling)
         return y.view(*x.shape[:-1], self.out_features)
 
     def delta_weight(self) -> torch.Tensor:

@@ -24,8 +24,8 @@ from typing import Sequence
 import torch
 
 from minigpt import EOT_ID, get_tokenizer, save_history
-from minigpt.cli import (add_model_args, add_train_args, describe_plan, model_from_args, positive_int, run_command,
-                         split_from_args, train_config_from_args)
+from minigpt.cli import (add_model_args, add_train_args, describe_plan, is_main_process, model_from_args, positive_int,
+                         run_command, split_from_args, train_config_from_args)
 
 from .attributes import (PAPER_HEADS, bag_names, check_classes_have_rows, load_bag, load_discriminator,
                          load_labelled_tsv, train_discriminator)
@@ -164,12 +164,22 @@ def train_command(args) -> None:
           f"{model.config.n_embd} + a bias); the model's {n_model:,} stay frozen)", flush=True)
     (texts, ys), (dev_texts, dev_ys) = _columns(train_rows), _columns(dev_rows)
     head, report = train_discriminator(model, texts, ys, names, eval_texts=dev_texts, eval_labels=dev_ys,
-                                       config=config, max_len=args.max_len, progress=config.progress)
+                                       config=config, max_len=args.max_len, progress=config.progress,
+                                       run_info=run_info(args, names))
+    if not is_main_process():
+        return  # under torchrun rank 0 saves; every process holds the same head
     head.save(args.out)
     save_history(report["history"], args.out)
     dev = (f"dev accuracy {report['dev_accuracy']:.3f} on {report['n_dev']} rows" if report["n_dev"]
            else "no dev rows")
     print(f"trained on {report['n_train']} rows; {dev}; saved to {args.out}")
+
+
+def run_info(args, names) -> dict:
+    """What a resumed run must share with its checkpoint, besides the training options."""
+    return {"command": "techniques.pplm train-discriminator", "model": args.weights or args.model,
+            "data": str(args.data), "dev": str(args.dev) if args.dev else None, "classes": list(names),
+            "max_train": args.max_train, "max_len": args.max_len, "eval_fraction": args.eval_fraction}
 
 
 def check_prompt_fits(n_prompt: int, length: int, horizon: int, n_positions: int) -> None:

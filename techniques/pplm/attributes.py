@@ -50,8 +50,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from minigpt import (EOT_ID, GPT, TrainConfig, Tokenizer, atomic_save_dir, get_tokenizer, left_pad, load_tensors,
-                     read_json, save_tensors, train, write_json)
+from minigpt import (EOT_ID, GPT, TrainConfig, Tokenizer, all_reduce_sum, atomic_save_dir, autocast, comm_device,
+                     get_tokenizer, left_pad, load_tensors, read_json, save_tensors, setup_processes, train, write_json)
 
 __all__ = ["BagOfWords", "load_bag", "bag_names", "clean_word_lines", "load_labelled_tsv", "check_classes_have_rows",
            "PAPER_HEADS", "paper_head_path", "read_paper_head", "Discriminator", "load_discriminator",
@@ -332,34 +332,46 @@ def mean_hidden(model: GPT, input_ids: torch.Tensor, attention_mask: Optional[to
 
 @torch.no_grad()
 def cache_features(model: GPT, texts: Sequence[str], *, batch_size: int = 32, max_len: int = 100,
-                   progress: bool = True) -> torch.Tensor:
+                   progress: bool = True, precision: str = "fp32") -> torch.Tensor:
     """The frozen model's mean hidden state of "<|endoftext|>" + text for each text, (N, C), on the CPU.
     Like the reference's training script, the end-of-text token leads (generation prompts start
-    with it too); texts longer than max_len tokens are cut (the reference skips them)."""
+    with it too); texts longer than max_len tokens are cut (the reference skips them).
+    `precision` bf16/fp16 runs the model under autocast. Under torchrun each process computes
+    every world_size-th batch and the rows are summed across processes (each row is written by
+    one process, zeros elsewhere), so every process ends with all of them."""
     tok = get_tokenizer()
+    procs = setup_processes(model.device)
     seqs = [[EOT_ID] + tok.encode(t)[:max_len - 1] for t in texts]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of similar length: little padding
-    out = torch.empty(len(seqs), model.config.n_embd)
-    for i in tqdm(range(0, len(seqs), batch_size), disable=not progress, desc="features", unit="batch"):
+    out = torch.zeros(len(seqs), model.config.n_embd)
+    starts = list(range(0, len(seqs), batch_size))[procs.rank::procs.world_size]
+    for i in tqdm(starts, disable=not (progress and procs.is_main), desc="features", unit="batch"):
         idx = order[i:i + batch_size]
         ids, mask = left_pad([seqs[j] for j in idx], EOT_ID, model.device)     # (b, T) each
-        out[idx] = mean_hidden(model, ids, mask).float().cpu()
+        with autocast(model.device, precision):
+            out[idx] = mean_hidden(model, ids, mask).float().cpu()
+    if procs.several:
+        out = all_reduce_sum(out.to(comm_device(model.device)), procs).cpu()
     return out
 
 
 def train_discriminator(model: GPT, texts: Sequence[str], labels: Sequence[int], class_names: Sequence[str], *,
                         eval_texts: Sequence[str] = (), eval_labels: Sequence[int] = (),
                         config: TrainConfig = TrainConfig(epochs=10, batch_size=64, lr=1e-4, decay=False),
-                        max_len: int = 100, progress: bool = True) -> tuple[Discriminator, dict]:
+                        max_len: int = 100, progress: bool = True,
+                        run_info: Optional[dict] = None) -> tuple[Discriminator, dict]:
     """Train a head on cached features of the frozen model with minigpt.train.
-    Returns (head, report) with the loss history and dev accuracy (None without dev data)."""
+    Returns (head, report) with the loss history and dev accuracy (None without dev data).
+    `config` carries precision, accumulation and checkpoints; `run_info` is what a resumed
+    run must share with its checkpoint (see minigpt.train)."""
     if len(texts) != len(labels) or len(eval_texts) != len(eval_labels):
         raise ValueError("texts and labels must have the same length")
     check_classes_have_rows(labels, class_names)
     head = Discriminator(model.config.n_embd, class_names, model.config.name_or_path).to(model.device)
 
     def examples(ts, ys):  # (feature (C,), label) pairs: the model runs once per text, not once per epoch
-        return list(zip(cache_features(model, ts, max_len=max_len, progress=progress), ys))
+        return list(zip(cache_features(model, ts, max_len=max_len, progress=progress, precision=config.precision),
+                        ys))
 
     def collate(batch):
         return {"x": torch.stack([f for f, _ in batch]), "y": torch.tensor([y for _, y in batch])}
@@ -368,7 +380,8 @@ def train_discriminator(model: GPT, texts: Sequence[str], labels: Sequence[int],
         return F.cross_entropy(head(batch["x"]), batch["y"])
 
     train_ex, eval_ex = examples(texts, labels), (examples(eval_texts, eval_labels) if eval_texts else [])
-    history = train(head.parameters(), loss_fn, train_ex, eval_examples=eval_ex, config=config, collate_fn=collate)
+    history = train(head.parameters(), loss_fn, train_ex, eval_examples=eval_ex, config=config, collate_fn=collate,
+                    run_info=run_info)
     head.eval()
     acc = None
     if eval_ex:

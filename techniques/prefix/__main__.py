@@ -1,20 +1,23 @@
 """python -m techniques.prefix train: learn a prefix with the model frozen.
 
 Writes, once training has finished (each save atomic): a peft-format adapter
-(adapter_config.json + adapter_model.safetensors) in OUT, the full
-checkpoint (MLP included) in OUT/checkpoint for --resume, and OUT/history.json.
-Before training it prints the plan (the real step count) and how many
-parameters are trained.
+(adapter_config.json + adapter_model.safetensors) in OUT, the full prefix
+(MLP included) in OUT/checkpoint for --init-from, and OUT/history.json. With
+--save-every K it also checkpoints the whole training state into
+OUT/train_state every K steps, which --resume continues exactly. Before
+training it prints the plan (the real step count) and how many parameters are
+trained.
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from minigpt import GPT, get_tokenizer, load_lm_data, save_history
-from minigpt.cli import (add_model_args, add_train_args, describe_plan, model_from_args, positive_int, run_command,
-                         split_from_args, train_config_from_args)
+from minigpt.cli import (add_model_args, add_train_args, describe_plan, is_main_process, model_from_args, positive_int,
+                         run_command, split_from_args, train_config_from_args)
 
 from .prefix import PrefixTuning, init_from_text, load_checkpoint, save_adapter, save_checkpoint, train_prefix
 
@@ -28,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="learn a prefix on a .txt or .jsonl (prompt/completion) file",
                        description="Train a prefix with the model frozen; writes a peft-format adapter "
-                                   "(adapter_config.json, adapter_model.safetensors), a full checkpoint in "
-                                   "OUT/checkpoint for --resume, and OUT/history.json.")
+                                   "(adapter_config.json, adapter_model.safetensors), the full prefix in "
+                                   "OUT/checkpoint for --init-from, and OUT/history.json.")
     add_model_args(t)
     t.add_argument("--data", required=True, metavar="FILE",
                    help=".txt (cut into blocks) or .jsonl with {\"prompt\", \"completion\"} per line (loss on the completion)")
@@ -42,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden", type=positive_int, default=None,
                    help="the MLP's hidden width with --projection (default: 512)")
     t.add_argument("--dropout", type=float, default=None, help="dropout on the prefix while training (default: 0)")
-    t.add_argument("--resume", metavar="DIR", help="continue from a full checkpoint (OUT/checkpoint of an earlier run)")
+    t.add_argument("--init-from", metavar="DIR",
+                   help="start a new run from a trained prefix (OUT/checkpoint of an earlier run: its P, MLP and "
+                        "weights; a fresh optimizer and schedule). To continue a run exactly, use --resume")
     t.add_argument("--block-size", type=int, default=128,
                    help="tokens per example; P + block size must fit in the model's n_positions (default: 128)")
     add_train_args(t, lr=None, lr_help="5e-3 direct, 5e-4 with --projection")
@@ -54,14 +59,22 @@ def check_options(args) -> None:
     if args.init_text is not None and not args.init_text.strip():
         raise ValueError("--init-text is empty: give the words the prefix starts from (e.g. --init-text "
                          "\"summarize\"), or leave the option out to start from random values")
-    if args.init_text is not None and args.resume:
-        raise ValueError("--init-text and --resume both say where the prefix starts; give only one")
-    if args.resume:
+    starts = [o for o, v in (("--init-text", args.init_text), ("--init-from", args.init_from)) if v is not None]
+    if len(starts) > 1:
+        raise ValueError("--init-text and --init-from both say where the prefix starts; give only one")
+    if args.resume and (Path(args.resume) / "prefix_config.json").is_file() \
+            and not (Path(args.resume) / "trainer_state.json").is_file():
+        raise ValueError(f"--resume {args.resume} holds a trained prefix, not a training checkpoint; to start a new "
+                         f"run from it use --init-from {args.resume}, to continue a run exactly give its "
+                         "OUT/train_state (written with --save-every)")
+    if args.init_from and args.resume:
+        raise ValueError("--init-from starts a new run from a prefix, --resume continues a run exactly; give one")
+    if args.init_from:
         given = [f"--{n.replace('_', '-')}" for n in ("num_virtual_tokens", "hidden", "dropout")
                  if getattr(args, n) is not None] + (["--projection"] if args.projection else [])
         if given:
-            raise ValueError(f"--resume continues a checkpoint with its own shape and dropout; {', '.join(given)} "
-                             "would be ignored, so leave them out (or start a new prefix without --resume)")
+            raise ValueError(f"--init-from starts from a prefix with its own shape and dropout; {', '.join(given)} "
+                             "would be ignored, so leave them out (or start a new prefix without --init-from)")
     args.num_virtual_tokens = 10 if args.num_virtual_tokens is None else args.num_virtual_tokens
     args.hidden = 512 if args.hidden is None else args.hidden
     args.dropout = 0.0 if args.dropout is None else args.dropout
@@ -70,10 +83,11 @@ def check_options(args) -> None:
 
 
 def new_prefix(args, model: GPT) -> PrefixTuning:
-    """The prefix to train: resumed from a checkpoint, started from words, or random (peft's init)."""
+    """The prefix to train: from a trained prefix, from words, or random (peft's init). With --resume the
+    training loop then puts the checkpoint's values into it."""
     torch.manual_seed(args.seed)
-    if args.resume:
-        return load_checkpoint(model, args.resume)
+    if args.init_from:
+        return load_checkpoint(model, args.init_from)
     if args.init_text is not None:
         return init_from_text(model, args.init_text, projection=args.projection, hidden_size=args.hidden,
                               dropout=args.dropout, progress=not args.no_progress)
@@ -115,7 +129,9 @@ def train_command(args) -> None:
     config = train_config_from_args(args, lr=args.lr if args.lr is not None else default_lr)
     print(describe_plan(len(train_ex), len(eval_ex), config))
     print(describe_parameters(prefix, model), flush=True)
-    history = train_prefix(model, prefix, train_ex, eval_examples=eval_ex, config=config)
+    history = train_prefix(model, prefix, train_ex, eval_examples=eval_ex, config=config, run_info=run_info(args))
+    if not is_main_process():
+        return  # under torchrun rank 0 saves; every process holds the same prefix
 
     save_adapter(prefix, args.out, base_model_name_or_path=args.weights or args.model)
     save_checkpoint(prefix, f"{args.out}/checkpoint")
@@ -126,6 +142,15 @@ def train_command(args) -> None:
     if "eval_loss" in last:
         msg += f", eval {last['eval_loss']:.3f}"
     print(f"{msg}; adapter in {args.out}")
+
+
+def run_info(args) -> dict:
+    """What a resumed run must share with its checkpoint, besides the training options."""
+    return {"command": "techniques.prefix train", "model": args.weights or args.model, "data": str(args.data),
+            "block_size": args.block_size, "eval_fraction": args.eval_fraction,
+            "num_virtual_tokens": args.num_virtual_tokens, "projection": args.projection, "hidden": args.hidden,
+            "dropout": args.dropout, "init_text": args.init_text,
+            "init_from": str(args.init_from) if args.init_from else None}
 
 
 def main(argv=None) -> int:

@@ -350,11 +350,13 @@ def load_checkpoint(model_or_config: Union[GPT, GPTConfig], directory: Union[str
 
 # ---- training ----------------------------------------------------------------------------
 def train_prefix(model: GPT, prefix: PrefixTuning, train_examples, *, eval_examples=(),
-                 config: TrainConfig = TrainConfig()) -> list[dict]:
+                 config: TrainConfig = TrainConfig(), run_info: Optional[dict] = None) -> list[dict]:
     """Train only the prefix through the shared loop; the model stays frozen and in eval mode.
 
     Examples are `minigpt.Example`s (text blocks, or prompt -> completion pairs
     with the loss on the completion only). The longest must fit after the prefix.
+    `config` carries precision, accumulation and checkpoints; `run_info` is
+    what a resumed run must share with its checkpoint (see minigpt.train).
     """
     longest = max(len(e.input_ids) for e in train_examples) if len(train_examples) else 0
     prefix.check_length(max([longest] + [len(e.input_ids) for e in eval_examples]))
@@ -363,6 +365,6 @@ def train_prefix(model: GPT, prefix: PrefixTuning, train_examples, *, eval_examp
     prefix.train()
     past_fn = lambda B: (prefix.past_key_values(B), prefix.num_virtual_tokens)  # noqa: E731
     history = train(prefix.parameters(), lm_loss_fn(model, past_fn=past_fn), train_examples,
-                    eval_examples=eval_examples, config=config)
+                    eval_examples=eval_examples, config=config, run_info=run_info)
     prefix.eval()
     return history
