@@ -1,18 +1,25 @@
 """LoRA: minigpt against peft + transformers on the same random GPT-2 124M weights, in one run.
 
-    python benchmarks/bench_lora.py [--quick] [--device cpu] [--threads N] [--profile]
+    python benchmarks/bench_lora.py [--quick] [--device cpu] [--threads N] [--profile] [--precisions fp32,bf16]
 
 1. One training step (forward, backward, AdamW on A and B only; r=8 on c_attn,
    batch 8 x 128 by default), each side's natural path: minigpt's `lm_loss_fn`
    on our model with `apply_lora`, and `PeftModel(input_ids, attention_mask,
-   labels)` on transformers' GPT2LMHeadModel. Both live in this process and
-   their steps alternate, so a busy machine slows both alike. Reported: median
-   seconds per step, steps/s, the ratio (peft's time / ours; target >= 1.2x),
-   and the peak memory one step adds above the loaded model (target: ours <=
-   peft, the ratio ours / peft <= 1), measured for each side alone in a
-   subprocess after a warm-up step: the bytes torch's allocator holds (exact;
-   on CUDA max_memory_allocated) and, on CPU, the resident set sampled every
-   millisecond (allocator caches and MKL's buffers included; noisier).
+   labels)` on transformers' GPT2LMHeadModel, in each precision asked for: fp32,
+   or the forward pass under the same torch.autocast (bf16/fp16) on both sides,
+   with fp32 trained weights and AdamW state. minigpt's side runs as
+   `techniques.lora train --precision bf16` does: its frozen Linears stored in
+   bf16 once (`cast_frozen_linears`, bit-identical under autocast); peft's as a
+   peft user with autocast would, casting them at every step.
+   All sides live in this process and their steps alternate, so a busy machine
+   slows them alike. Reported: median seconds per step, steps/s, the ratio
+   (peft's time / ours in the same precision; target >= 1.2x), ours in bf16 /
+   ours in fp32 (target >= 2x), and the peak memory one step adds above the
+   loaded model (target: ours <= peft, the ratio ours / peft <= 1), measured for
+   each side alone in a subprocess after a warm-up step: the bytes torch's
+   allocator holds (exact; on CUDA max_memory_allocated) and, on CPU, the
+   resident set sampled every millisecond (allocator caches and MKL's buffers
+   included; noisier).
 2. Greedy decoding with minigpt: the base model, the model with LoRA unmerged,
    and after `merge_lora` (target: merged runs at base-model speed, ratio ~1.0).
 Before timing, both sides are checked to compute the same loss on these weights.
@@ -30,7 +37,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from minigpt import GPT, generate, lm_loss_fn, resolve_device  # noqa: E402
+from minigpt import GPT, PRECISIONS, autocast, cast_frozen_linears, generate, lm_loss_fn, resolve_device  # noqa: E402
 from techniques.lora import apply_lora, lora_parameters, merge_lora  # noqa: E402
 from timing import device_sync, peak_memory, print_profile_split, profile_split, timed, timed_alternating  # noqa: E402
 
@@ -46,7 +53,7 @@ def batch(args, device):
     return ids, torch.ones_like(ids)
 
 
-def minigpt_side(args, device):
+def minigpt_side(args, device, precision="fp32"):
     """(training step, loss at the start) for our model with apply_lora, through minigpt's lm_loss_fn."""
     model = GPT.from_pretrained(args.weights, device=device)
     apply_lora(model, r=args.r, alpha=2 * args.r, targets=("c_attn",), verbose=False)
@@ -56,16 +63,19 @@ def minigpt_side(args, device):
     data = {"input_ids": ids, "attention_mask": mask, "loss_mask": mask}
     with torch.no_grad():
         first_loss = loss_fn(data).item()
+    cast_frozen_linears(model, PRECISIONS[precision])  # what `techniques.lora train --precision bf16` does
     model.train()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss_fn(data).backward()
+        with autocast(device, precision):
+            loss = loss_fn(data)
+        loss.backward()
         opt.step()
     return step, first_loss
 
 
-def peft_side(args, device):
+def peft_side(args, device, precision="fp32"):
     """(training step, loss at the start) for transformers' GPT2LMHeadModel with peft's LoRA."""
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2LMHeadModel
@@ -81,7 +91,9 @@ def peft_side(args, device):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        pm(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        with autocast(device, precision):
+            loss = pm(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
         opt.step()
     return step, first_loss
 
@@ -91,17 +103,20 @@ SIDES = {"minigpt": minigpt_side, "peft": peft_side}
 
 def memory_worker(side: str, args, device) -> dict:
     """Peak memory one training step adds ({"allocated": bytes, "rss": bytes on CPU}), this side alone."""
-    step, _ = SIDES[side](args, device)
+    name, precision = side.split(":")
+    step, _ = SIDES[name](args, device, precision)
     step()  # warm-up: AdamW state and allocator caches exist from here on
     sync(device)
     return peak_memory(step, device)
 
 
 def step_times(args, device) -> tuple[dict, dict]:
-    """Median seconds per step for both sides, alternating steps so that a busy machine slows both alike."""
+    """Median seconds per step for every side and precision ("minigpt:bf16", ...), alternating steps so that
+    a busy machine slows them alike."""
     steps, losses = {}, {}
-    for side, make in SIDES.items():
-        steps[side], losses[side] = make(args, device)
+    for precision in args.precisions:
+        for side, make in SIDES.items():
+            steps[f"{side}:{precision}"], losses[f"{side}:{precision}"] = make(args, device, precision)
     return timed_alternating(steps, args.steps, device_sync(device)), losses
 
 
@@ -160,9 +175,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true",
                    help="also profile one step per side: matrix multiplies against the rest (CPU)")
-    p.add_argument("--memory-worker", choices=list(SIDES), help=argparse.SUPPRESS)
+    p.add_argument("--precisions", default="fp32,bf16",
+                   help="comma-separated: fp32, bf16, fp16 (default: fp32,bf16; bf16/fp16 = autocast on both sides)")
+    p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if args.memory_worker:
@@ -177,27 +195,34 @@ def main(argv=None):
         print(f"GPT-2 124M shape, random weights; LoRA r={args.r} on c_attn; batch {args.batch_size} x "
               f"{args.seq_len}; AdamW; device {device}, {args.threads} threads; {args.steps} timed steps per side")
         sec, losses = step_times(args, device)
-        split = profile_split({side: make(args, device)[0] for side, make in SIDES.items()}) if args.profile else None
-        peak = {side: run_memory_worker(side, args) for side in SIDES}
+        split = None
+        if args.profile:
+            split = {p: profile_split({side: make(args, device, p)[0] for side, make in SIDES.items()})
+                     for p in args.precisions}
+        peak = {key: run_memory_worker(key, args) for key in sec}
         decode = decode_speeds(args, device)
 
     ours, theirs = "minigpt", "peft"
-    print(f"\nsame loss before training: minigpt {losses[ours]:.6f}, peft {losses[theirs]:.6f} "
-          f"(|diff| {abs(losses[ours] - losses[theirs]):.2e})")
+    print("\nsame loss before training: " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()))
     mb = 2 ** 20
-    speedup = sec[theirs] / sec[ours]
-    rows = [("s / training step", f"{sec[ours]:.3f}", f"{sec[theirs]:.3f}", f"{speedup:.2f}x (peft/ours)"),
-            ("steps / s", f"{1 / sec[ours]:.3f}", f"{1 / sec[theirs]:.3f}", f"{speedup:.2f}x (ours/peft)")]
-    for key, label in (("allocated", "peak extra, allocated (MiB)"), ("rss", "peak extra, RSS (MiB)")):
-        if key in peak[ours]:
-            a, b = peak[ours][key], peak[theirs][key]
-            rows.append((label, f"{a / mb:.0f}", f"{b / mb:.0f}", f"{a / max(b, 1):.2f} (ours/peft)"))
-    print(f"\n{'':28s}{'minigpt':>10s}{'peft':>10s}{'ratio':>22s}")
-    for name, a, b, r in rows:
-        print(f"{name:28s}{a:>10s}{b:>10s}{r:>22s}")
+    print(f"\n{'':34s}{'minigpt':>10s}{'peft':>10s}{'ratio':>22s}")
+    for p in args.precisions:
+        o, t = sec[f"{ours}:{p}"], sec[f"{theirs}:{p}"]
+        rows = [(f"{p}: s / training step", f"{o:.3f}", f"{t:.3f}", f"{t / o:.2f}x (peft/ours)")]
+        for key, label in (("allocated", "peak extra, allocated (MiB)"), ("rss", "peak extra, RSS (MiB)")):
+            if key in peak[f"{ours}:{p}"]:
+                a, b = peak[f"{ours}:{p}"][key], peak[f"{theirs}:{p}"][key]
+                rows.append((f"{p}: {label}", f"{a / mb:.0f}", f"{b / mb:.0f}", f"{a / max(b, 1):.2f} (ours/peft)"))
+        for name, a, b, r in rows:
+            print(f"{name:34s}{a:>10s}{b:>10s}{r:>22s}")
+    for p in args.precisions:
+        if p != "fp32" and "fp32" in args.precisions:
+            print(f"{p} step vs fp32 step: minigpt {sec[f'{ours}:fp32'] / sec[f'{ours}:{p}']:.2f}x, "
+                  f"peft {sec[f'{theirs}:fp32'] / sec[f'{theirs}:{p}']:.2f}x (target for minigpt: >= 2x)")
     print("(allocated: torch's allocator, exact; RSS: the resident set sampled every ms, noisier)")
-    if split:
-        print_profile_split(split)
+    for p, sp in (split or {}).items():
+        print(f"\n{p}:", end="")
+        print_profile_split(sp)
     base = decode["decode_base"]
     print(f"\ngreedy decode, batch 1, {args.new_tokens} tokens (minigpt):")
     for name in ("base", "unmerged", "merged"):

@@ -1,10 +1,14 @@
 """Prefix tuning: minigpt against peft on the same random GPT-2 124M weights, in one run.
 
-    python benchmarks/bench_prefix.py [--quick] [--threads N] [--device cpu] [--profile]
+    python benchmarks/bench_prefix.py [--quick] [--threads N] [--device cpu] [--profile] [--precisions fp32,bf16]
 
 1. A training step (forward + backward + AdamW on the prefix only, the model
    frozen) for a batch of right-padded examples, ours and peft's, for both
-   parameterisations; the ratio is peft's time / ours (target >= 1.2x).
+   parameterisations, in each precision asked for (bf16/fp16: the forward pass
+   under the same torch.autocast on both sides, fp32 trained weights and AdamW
+   state; minigpt stores its frozen Linears in bf16 once, as its command does);
+   the ratio is peft's time / ours (target >= 1.2x), and ours in bf16 against
+   ours in fp32 (target >= 2x).
 2. The peak memory one such step adds above the loaded model, each side alone
    in a subprocess after a warm-up step: the bytes torch's allocator holds
    (exact) and, on CPU, the resident set sampled every millisecond; the ratio
@@ -17,6 +21,7 @@ weights and prints the largest logit and gradient differences.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -27,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minigpt import GPT, causal_lm_loss, generate  # noqa: E402
+from minigpt import GPT, PRECISIONS, autocast, cast_frozen_linears, causal_lm_loss, generate  # noqa: E402
 from techniques.prefix import PrefixTuning  # noqa: E402
 from timing import device_sync, peak_memory, print_profile_split, profile_split, timed_alternating  # noqa: E402
 
@@ -62,13 +67,19 @@ def twins(folder, ours, P, projection, hidden, device):
     return pm, prefix
 
 
-def ours_step(ours, prefix, ids, mask, loss_mask):
-    """One training step of our prefix (the model frozen): forward, loss, backward, AdamW."""
+def ours_step(ours, prefix, ids, mask, loss_mask, precision="fp32"):
+    """One training step of our prefix (the model frozen): forward, loss, backward, AdamW. In bf16/fp16 the
+    frozen model's Linears are stored in that dtype, as `techniques.prefix train` does (on a copy, so that the
+    fp32 side keeps its weights)."""
     opt = torch.optim.AdamW(prefix.parameters(), lr=1e-5)
+    if PRECISIONS[precision] is not None:
+        ours = copy.deepcopy(ours)
+        cast_frozen_linears(ours, PRECISIONS[precision])
 
     def step():
-        past, m = prefix.inputs_for(ids, mask)
-        loss = causal_lm_loss(ours(ids, past_key_values=past, attention_mask=m).logits, ids, loss_mask)
+        with autocast(ids.device, precision):
+            past, m = prefix.inputs_for(ids, mask)
+            loss = causal_lm_loss(ours(ids, past_key_values=past, attention_mask=m).logits, ids, loss_mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -76,13 +87,14 @@ def ours_step(ours, prefix, ids, mask, loss_mask):
     return step
 
 
-def peft_step(pm, ids, mask, loss_mask):
+def peft_step(pm, ids, mask, loss_mask, precision="fp32"):
     """The same for peft's PrefixTuning on transformers' GPT-2, with the same positions and loss."""
     opt = torch.optim.AdamW([q for q in pm.parameters() if q.requires_grad], lr=1e-5)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
 
     def step():
-        loss = causal_lm_loss(pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits, ids, loss_mask)
+        with autocast(ids.device, precision):
+            loss = causal_lm_loss(pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits, ids, loss_mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -92,7 +104,7 @@ def peft_step(pm, ids, mask, loss_mask):
 
 def memory_worker(args) -> dict:
     """Peak memory one training step adds for one side and parameterisation, built alone."""
-    side, projection = args.memory_worker.split(":")
+    side, projection, precision = args.memory_worker.split(":")
     projection = projection == "projection"
     device = torch.device(args.device)
     B, T = shape(args)
@@ -101,21 +113,22 @@ def memory_worker(args) -> dict:
         ours = GPT.from_pretrained(args.weights, device=device).eval().requires_grad_(False)
         prefix = PrefixTuning(ours.config, args.num_virtual_tokens, projection=projection,
                               hidden_size=args.hidden).to(device)
-        step = ours_step(ours, prefix, ids, mask, loss_mask)
+        step = ours_step(ours, prefix, ids, mask, loss_mask, precision)
     else:
         from peft import PrefixTuningConfig, get_peft_model
         from transformers import GPT2LMHeadModel
         hf = GPT2LMHeadModel.from_pretrained(args.weights).to(device).eval()
         pm = get_peft_model(hf, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.num_virtual_tokens,
                                                    prefix_projection=projection, encoder_hidden_size=args.hidden))
-        step = peft_step(pm, ids, mask, loss_mask)
+        step = peft_step(pm, ids, mask, loss_mask, precision)
     step()  # warm-up: AdamW state and allocator caches exist from here on
     device_sync(device)()
     return peak_memory(step, device)
 
 
-def run_memory_worker(side: str, projection: bool, args, folder) -> dict:
-    cmd = [sys.executable, __file__, "--memory-worker", f"{side}:{'projection' if projection else 'direct'}",
+def run_memory_worker(side: str, projection: bool, precision: str, args, folder) -> dict:
+    cmd = [sys.executable, __file__, "--memory-worker",
+           f"{side}:{'projection' if projection else 'direct'}:{precision}",
            "--weights", str(folder), "--device", args.device, "--threads", str(args.threads),
            "--num-virtual-tokens", str(args.num_virtual_tokens), "--hidden", str(args.hidden),
            "--seed", str(args.seed)] + (["--quick"] if args.quick else [])
@@ -139,9 +152,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true",
                    help="also profile one step per side: matrix multiplies against the rest (CPU)")
+    p.add_argument("--precisions", default="fp32,bf16",
+                   help="comma-separated: fp32, bf16, fp16 (default: fp32,bf16; bf16/fp16 = autocast on both sides)")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
     B, T = shape(args)
     repeats, new = (5, 16) if args.quick else (7, 64)
 
@@ -168,8 +184,9 @@ def main(argv=None):
         pm, prefix = twins(folder, ours, P, projection, args.hidden, device)
         name = "projection" if projection else "direct"
 
-        step_ours = ours_step(ours, prefix, ids, mask, loss_mask)
-        step_peft = peft_step(pm, ids, mask, loss_mask)
+        steps = {f"{side}:{p}": make(p) for p in precisions for side, make in (
+            ("minigpt", lambda p: ours_step(ours, prefix, ids, mask, loss_mask, p)),
+            ("peft", lambda p: peft_step(pm, ids, mask, loss_mask, p)))}
 
         # same numbers first (one step's gradients, before any update)
         prefix.zero_grad(), pm.zero_grad()
@@ -183,17 +200,25 @@ def main(argv=None):
         d_grad = max((q.grad - theirs[n].grad).abs().max().item() for n, q in prefix.named_parameters())
         print(f"  {name}: max |logits ours - peft| = {d_logits:.2e}, max |grad ours - peft| = {d_grad:.2e}")
 
-        t_ours, t_peft = timed_pair(step_ours, step_peft, repeats, sync)
-        rows.append((f"train step, {name} (ms)", 1e3 * t_ours, 1e3 * t_peft, t_peft / t_ours, "peft / ours, >= 1.2"))
-        if args.profile:
-            print(f"  {name}:", end="")
-            print_profile_split(profile_split({"minigpt": step_ours, "peft": step_peft}))
-        del pm, step_peft
-        peak = {side: run_memory_worker(side, projection, args, folder) for side in ("minigpt", "peft")}
-        for key, what in (("allocated", "allocated"), ("rss", "RSS")):
-            if key in peak["minigpt"]:
-                a, b = peak["minigpt"][key] / mib, peak["peft"][key] / mib
-                rows.append((f"train step peak extra, {what}, {name} (MiB)", a, b, a / b, "ours / peft, <= 1"))
+        t = timed_alternating(steps, repeats, sync, reduce=min)
+        for p in precisions:
+            rows.append((f"{p} train step, {name} (ms)", 1e3 * t[f"minigpt:{p}"], 1e3 * t[f"peft:{p}"],
+                         t[f"peft:{p}"] / t[f"minigpt:{p}"], "peft / ours, >= 1.2"))
+            if p != "fp32" and "fp32" in precisions:
+                rows.append((f"{p} vs fp32 train step, {name}, minigpt | peft", t["minigpt:fp32"] / t[f"minigpt:{p}"],
+                             t["peft:fp32"] / t[f"peft:{p}"], t["minigpt:fp32"] / t[f"minigpt:{p}"],
+                             "speed-up, ours >= 2"))
+            if args.profile:
+                print(f"  {name}, {p}:", end="")
+                print_profile_split(profile_split({"minigpt": steps[f"minigpt:{p}"], "peft": steps[f"peft:{p}"]}))
+        del pm, steps
+        for p in precisions:
+            peak = {side: run_memory_worker(side, projection, p, args, folder) for side in ("minigpt", "peft")}
+            for key, what in (("allocated", "allocated"), ("rss", "RSS")):
+                if key in peak["minigpt"]:
+                    a, b = peak["minigpt"][key] / mib, peak["peft"][key] / mib
+                    rows.append((f"{p} train step peak extra, {what}, {name} (MiB)", a, b, a / b,
+                                 "ours / peft, <= 1"))
 
     prefix = PrefixTuning(ours.config, P).to(device).eval()
     prompt = ids[:1, :16]
@@ -208,7 +233,7 @@ def main(argv=None):
     print(f"\n| {'measure'.ljust(w)} | ours / with | peft / without | ratio | target |")
     print(f"|{'-' * (w + 2)}|------------:|---------------:|------:|--------|")
     for label, a, b, ratio, target in rows:
-        print(f"| {label.ljust(w)} | {a:11.1f} | {b:14.1f} | {ratio:5.2f} | {target} |")
+        print(f"| {label.ljust(w)} | {a:11.2f} | {b:14.2f} | {ratio:5.2f} | {target} |")
     print("(allocated: torch's allocator, exact; RSS: the resident set sampled every ms, noisier)")
 
 

@@ -5,7 +5,8 @@ project's sense (see minigpt/cli.py): they parse options here, run the library,
 and fail through `minigpt.cli.run_command`. Pieces:
 
 - options: `add_demo_args` = minigpt.cli.add_model_args (--model, --weights,
-  --device, --seed) plus --out, --smoke and, where a demo has a short form, --quick;
+  --device, --seed) plus --out, --smoke, --precision where a demo trains, and,
+  where a demo has a short form, --quick;
 - the model: `choose_model` loads what the options name. Without --model or
   --weights it takes GPT-2 when that loads (from the Hugging Face cache, or a
   download when online) and otherwise the bundled "tiny" model, and says in ONE
@@ -35,7 +36,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from minigpt import GPT, GPTConfig, resolve_device
-from minigpt.cli import add_model_args
+from minigpt.cli import add_model_args, add_precision_arg
 
 __all__ = ["MICRO_CONFIG", "AUTO", "add_demo_args", "ChosenModel", "choose_model", "new_figure", "save_figure",
            "Report", "Stopwatch", "format_seconds", "finite_or_none", "bow_stepsize", "NARROW_MODEL_STEPSIZE_FACTOR"]
@@ -55,9 +56,12 @@ NARROW_MODEL_STEPSIZE_FACTOR = 10
 
 # ---- options ---------------------------------------------------------------------------------
 def add_demo_args(parser: argparse.ArgumentParser, *, out: str, quick: bool = True,
-                  quick_help: str = "a shorter run with smaller sizes") -> None:
-    """--model/--weights/--device/--seed (minigpt.cli's), --out, --smoke and optionally --quick."""
+                  quick_help: str = "a shorter run with smaller sizes", trains: bool = True) -> None:
+    """--model/--weights/--device/--seed (minigpt.cli's), --out, --smoke, optionally --quick, and --precision
+    for a demo that trains."""
     add_model_args(parser, default_model=AUTO)
+    if trains:
+        add_precision_arg(parser, default="fp32", note="the README's numbers are fp32 runs")
     for action in parser._actions:  # the shared --model help, plus what "auto" means for a demo
         if action.dest == "model":
             action.help = (f"{FALLBACK} (the small model bundled with the package, offline), or a GPT-2 size from "

@@ -39,7 +39,7 @@ from matplotlib.ticker import MaxNLocator
 from tqdm.auto import tqdm
 
 from minigpt import (EOT_ID, GPT, TrainConfig, atomic_save_dir, collate_lm, evaluate, examples_from_pairs, generate,
-                     get_tokenizer, lm_loss_fn, sample_next_token, train, write_json)
+                     get_tokenizer, lm_loss_fn, resolve_precision, sample_next_token, train, write_json)
 from minigpt.cli import describe_plan, run_command
 from minigpt.tokenizer import Tokenizer
 from techniques import pplm
@@ -132,6 +132,7 @@ class TourContext:
     sizes: Sizes
     mode: str = "full"
     progress: bool = True
+    precision: str = "fp32"        # the LoRA and prefix steps' training arithmetic (--precision)
     state: dict = field(default_factory=dict)
 
     @property
@@ -428,7 +429,7 @@ def step_lora(ctx: TourContext) -> StepResult:
                             qkv=LORA["qkv"], verbose=False)
     trainable = sum(p.numel() for p in lora_parameters(lora_model))
     config = TrainConfig(max_steps=s.lora_steps, batch_size=s.lora_batch, lr=lr, eval_every=s.lora_eval_every,
-                         seed=ctx.seed, progress=ctx.progress)
+                         seed=ctx.seed, progress=ctx.progress, precision=ctx.precision)
     print(f"  {lora_summary(lora_model)}")
     print(f"  {describe_plan(len(train_ex), len(eval_ex), config)}")
     loss_fn = lm_loss_fn(lora_model)
@@ -584,7 +585,8 @@ def step_prefix(ctx: TourContext) -> StepResult:
     n_reparam = sum(p.numel() for p in prefix.parameters())   # P'[P, d] + the MLP: what trains
     n_direct = sum(p.numel() for p in PrefixTuning(model.config, P).parameters())  # P_theta [P, 2·L·d]: folded
     config = TrainConfig(max_steps=s.prefix_steps, batch_size=s.prefix_batch, lr=lr,
-                         eval_every=s.prefix_eval_every, seed=ctx.seed, progress=ctx.progress)
+                         eval_every=s.prefix_eval_every, seed=ctx.seed, progress=ctx.progress,
+                         precision=ctx.precision)
     print(f"  trainable: {n_reparam:,} parameters (reparametrised: P'[{P}, {model.config.n_embd}] + MLP); "
           f"the direct table P_theta [P, 2·L·d] has {n_direct:,}; the model's {model.num_parameters():,} stay frozen")
     print(f"  {describe_plan(len(train_ex), len(eval_ex), config)}")
@@ -979,6 +981,7 @@ def _context(chosen, out: Path, args) -> TourContext:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     return TourContext(model=chosen.model, model_name=chosen.name, tokenizer=get_tokenizer(), out=Path(out),
                        seed=args.seed, sizes=SIZES[mode], mode=mode, progress=not args.no_progress,
+                       precision=resolve_precision(args.precision, chosen.model.device),
                        state={"cpu_start": time.process_time()})
 
 

@@ -10,9 +10,9 @@ from .tokenizer import EOT_ID, Tokenizer, get_tokenizer
 from .distributed import PeerFailed, Processes, all_reduce_sum, comm_device, processes
 from .distributed import setup as setup_processes
 from .train_state import TrainState, load_train_state, save_train_state
-from .training import (PRECISIONS, Example, TrainConfig, TrainingInterrupted, autocast, causal_lm_loss, collate_lm,
-                       count_terms, evaluate, examples_from_pairs, examples_from_text, lm_loss_fn, load_lm_data,
-                       plan_steps, resolve_precision, save_history, split_examples, train)
+from .training import (PRECISIONS, Example, TrainConfig, TrainingInterrupted, autocast, cast_frozen_linears,
+                       causal_lm_loss, collate_lm, count_terms, evaluate, examples_from_pairs, examples_from_text,
+                       lm_loss_fn, load_lm_data, plan_steps, resolve_precision, save_history, split_examples, train)
 
 __all__ = [
     "GPT", "GPTConfig", "GPT2_SIZES", "GPTOutput", "load_pretrained", "save_pretrained",
@@ -23,7 +23,7 @@ __all__ = [
     "atomic_save_dir", "save_tensors", "load_tensors", "read_json", "write_json", "resolve_device",
     "train", "TrainConfig", "plan_steps", "evaluate", "Example", "causal_lm_loss", "collate_lm",
     "examples_from_text", "examples_from_pairs", "load_lm_data", "lm_loss_fn", "save_history", "split_examples",
-    "PRECISIONS", "resolve_precision", "autocast", "count_terms", "TrainingInterrupted", "TrainState", "save_train_state",
+    "PRECISIONS", "resolve_precision", "autocast", "cast_frozen_linears", "count_terms", "TrainingInterrupted", "TrainState", "save_train_state",
     "load_train_state", "Processes", "processes", "setup_processes", "all_reduce_sum", "comm_device",
     "PeerFailed",
 ]

@@ -220,8 +220,8 @@ def describe_plan(n_train: int, n_eval: int, config: TrainConfig, world_size: Op
     if per_step != config.batch_size:
         batch += (f" x {config.grad_accum} accumulated" if config.grad_accum > 1 else "") + \
                  (f" x {world} processes" if world > 1 else "") + f" = {per_step} examples per step"
-    precision = {"fp32": "fp32", "bf16": "bf16 autocast (weights and AdamW state fp32)",
-                 "fp16": "fp16 autocast with loss scaling (weights and AdamW state fp32)"}[config.precision]
+    precision = {"fp32": "fp32", "bf16": "bf16 autocast (trainable weights and AdamW state fp32)",
+                 "fp16": "fp16 autocast with loss scaling (trainable weights and AdamW state fp32)"}[config.precision]
     line = (f"training {steps} step{'s' if steps != 1 else ''} ({shown} epoch{'s' if epochs != 1 else ''} of "
             f"{per_epoch} step{'s' if per_epoch != 1 else ''}, {batch}) on {n_train} examples"
             + (f"; eval loss on {n_eval} held-out examples" if n_eval else "; no eval split") + f"; {precision}")

@@ -54,6 +54,69 @@ def test_explicit_attention_path_equals_sdpa(tiny_hf):
     assert probs[1, :, 4:, :4].abs().max() == 0  # real tokens never look at padding
 
 
+@given(B=st.integers(1, 3), T=st.integers(1, 7), T_past=st.integers(0, 5), form=st.sampled_from(["none", "bool", "add"]),
+       seed=st.integers(0, 2 ** 16))
+def test_plain_attention_equals_sdpa_for_every_mask_form(tiny_hf, B, T, T_past, form, seed):
+    """The plain path (output_attentions, and bf16/fp16 training on a CPU) takes the masks the fast path takes:
+    None (causal for T > 1, with or without a past), boolean, or additive; in fp32 it gives SDPA's output."""
+    attn = tiny_hf[1].transformer.h[0].attn
+    g = torch.Generator().manual_seed(seed)
+    H, hs = attn.n_head, attn.head_dim
+    q = torch.randn(B, H, T, hs, generator=g)
+    k, v = torch.randn(B, H, T_past + T, hs, generator=g), torch.randn(B, H, T_past + T, hs, generator=g)
+    if form == "none" and T_past and T > 1:  # SDPA's is_causal aligns the corner differently: give it the mask
+        form = "bool"
+    allowed = torch.ones(T, T_past + T, dtype=torch.bool).tril(T_past)
+    itself = torch.arange(T_past + T)[None, :] == torch.arange(T)[:, None] + T_past  # a query always sees itself
+    allowed = allowed & (torch.rand(B, 1, 1, T_past + T, generator=g) > 0.3) | itself
+    mask = {"none": None, "bool": allowed, "add": torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))}[form]
+    plain, _ = attn.plain_attention(q, k, v, mask)
+    fast = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+    torch.testing.assert_close(plain, fast, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_logits_stay_close_to_fp32(tiny_hf):
+    """Under bf16 autocast on a CPU the model takes the plain attention path (softmax in fp32); its logits stay
+    within bf16's rounding of the fp32 ones, with padding and a past."""
+    _, ours, _ = tiny_hf
+    ids = torch.randint(0, 50257, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        ref = ours(ids, attention_mask=mask).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = ours(ids, attention_mask=mask).logits
+    assert low.dtype == torch.bfloat16
+    keep = mask.bool()
+    err = (low.float() - ref).abs()[keep].max().item()
+    assert err < 0.02 * ref.abs()[keep].max().item(), err
+
+
+def test_frozen_head_under_autocast_gives_autocasts_logits_and_gradients(tiny_hf):
+    """With wte frozen (LoRA, prefix tuning), the head under autocast multiplies by a cached bf16 copy of wte:
+    the same logits and input gradients, bit for bit, as autocast casting wte itself (wte trainable)."""
+    import copy
+    model = copy.deepcopy(tiny_hf[1])
+    ids = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(1))
+    results = []
+    for frozen in (True, False, True):
+        model.requires_grad_(False)
+        model.transformer.wte.weight.requires_grad_(not frozen)
+        emb = model.transformer.wte(ids).detach().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(None, inputs_embeds=emb).logits
+        (grad,) = torch.autograd.grad(logits.float().square().mean(), emb)
+        results.append((logits, grad))
+    (a, ga), (b, gb), (c, gc) = results
+    assert a.dtype == torch.bfloat16 and torch.equal(a, b) and torch.equal(ga, gb)
+    assert torch.equal(a, c) and model._head_low is not None  # the cache was used, and reused
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(1.5)  # an in-place change bumps _version: the cache follows
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            d = model(None, inputs_embeds=emb).logits
+    assert not torch.equal(a, d)
+
+
 @given(length=st.integers(2, 40), data=st.data())
 def test_kv_cache_any_split_equals_full_forward(tiny_hf, length, data):
     _, ours, _ = tiny_hf

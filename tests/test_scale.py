@@ -375,3 +375,34 @@ def test_torchrun_command_line_trains_like_one_process(tiny_hf, text_file, tmp_p
     assert max_diff(a, b) < 1e-6
     assert json.loads((tmp_path / "two" / "adapter_config.json").read_text()) == \
         json.loads((tmp_path / "one" / "adapter_config.json").read_text())
+
+
+# ---- the frozen base in low precision ------------------------------------------------------------
+def test_casting_the_frozen_linears_changes_nothing_under_autocast():
+    """cast_frozen_linears stores frozen Linears as autocast would cast them: the loss and every gradient of the
+    trained tensors are bit-identical to those of the fp32-stored model, for LoRA and for a prefix; the tied
+    head (an Embedding's weight) and layers with trainable parameters stay fp32."""
+    from minigpt import cast_frozen_linears, collate_lm
+    batch = collate_lm(ddp_worker.examples()[:6])
+    for technique in ("lora", "prefix"):
+        results = []
+        for cast in (False, True):
+            torch.manual_seed(0)
+            model = GPT(SMALL)
+            if technique == "lora":
+                model = lora_model(dropout=0.0)
+                params, loss_fn = lora_parameters(model), lm_loss_fn(model)
+            else:
+                model.requires_grad_(False)
+                prefix = PrefixTuning(SMALL, 3, projection=True, hidden_size=8)
+                params = list(prefix.parameters())
+                loss_fn = lm_loss_fn(model, past_fn=lambda B: (prefix.past_key_values(B), 3))
+            n = cast_frozen_linears(model, torch.bfloat16) if cast else 0
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_fn(batch)
+            results.append((loss.item(), torch.autograd.grad(loss, params), n, model))
+        (l0, g0, _, _), (l1, g1, n, cast_model) = results
+        assert l0 == l1 and all(torch.equal(a, b) for a, b in zip(g0, g1))
+        assert n == 4 * SMALL.n_layer  # c_attn, attn.c_proj, c_fc, mlp.c_proj (LoRA's frozen bases among them)
+        assert cast_model.transformer.wte.weight.dtype == torch.float32  # the tied head stays fp32
+        assert all(p.dtype == torch.float32 for p in params)

@@ -57,9 +57,11 @@ def list_projects() -> None:
     print("\nrun one:  python -m demos.projects.<name> --help   or   python -m demos.projects run <name> ...")
 
 
-def forwarded(args) -> list[str]:
-    """The options every project takes, as they were given here."""
+def forwarded(args, name: str) -> list[str]:
+    """The options every project takes, as they were given here (and --precision to those that train)."""
     out = ["--device", args.device, "--seed", str(args.seed)]
+    if project(name).TRAINS:
+        out += ["--precision", args.precision]
     if args.weights:
         out += ["--weights", args.weights]
     elif args.model != AUTO:
@@ -76,7 +78,7 @@ def run_projects(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names, 1):
         print(f"\n=== [{i}/{len(names)}] {name} ===", flush=True)
-        code = project(name).main(forwarded(args) + ["--out", str(out / name)])
+        code = project(name).main(forwarded(args, name) + ["--out", str(out / name)])
         if code != 0:
             raise ValueError(f"project {name} failed (exit code {code}); its error is printed above")
     results = collect(out)

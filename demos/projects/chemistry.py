@@ -34,6 +34,7 @@ from .poetry import (EOT, LORA, add_lora_args, bars_figure, load_lora, sample_co
 NAME = "chemistry"
 TITLE = "Chemistry report generator"
 TECHNIQUE = "LoRA"
+TRAINS = True
 NEEDS: tuple[str, ...] = ()   # an exact string check and perplexity by its definition: no package needed
 
 DATA = REPO / "data" / "chemistry" / "reactions.jsonl"

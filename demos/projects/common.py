@@ -64,12 +64,14 @@ def _num(x) -> Optional[float]:
     return x if math.isfinite(x) else None
 
 
-def project_parser(name: str, description: str, *, needs: Sequence[str] = (), out: Optional[str] = None
-                   ) -> argparse.ArgumentParser:
-    """The options every project has: --model/--weights/--device/--seed, --out, --smoke, --quick."""
+def project_parser(name: str, description: str, *, needs: Sequence[str] = (), out: Optional[str] = None,
+                   trains: bool = True) -> argparse.ArgumentParser:
+    """The options every project has: --model/--weights/--device/--seed, --out, --smoke, --quick, and
+    --precision for a project that trains."""
     extra = (f" Needs the `demos` extra ({DEMOS_EXTRA}) for: {', '.join(needs)}." if needs else "")
     p = argparse.ArgumentParser(prog=f"python -m demos.projects.{name}", description=description + extra)
-    add_demo_args(p, out=out or f"runs/{name}", quick_help="fewer steps and examples (minutes on a 2-core CPU)")
+    add_demo_args(p, out=out or f"runs/{name}", quick_help="fewer steps and examples (minutes on a 2-core CPU)",
+                  trains=trains)
     return p
 
 

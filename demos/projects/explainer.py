@@ -45,6 +45,7 @@ __all__ = ["NAME", "TITLE", "TECHNIQUE", "NEEDS", "build_parser", "run", "main",
 NAME = "explainer"
 TITLE = "Educational explainer (two reading levels)"
 TECHNIQUE = "prefix tuning"
+TRAINS = True
 NEEDS = ("pyphen",)
 
 LEVELS = ("simple", "expert")

@@ -56,6 +56,7 @@ from .sentiment_story import continuations, mean
 NAME = "hiring_ad"
 TITLE = "Ethical hiring tool"
 TECHNIQUE = "PPLM"
+TRAINS = False        # steers only: no --precision
 NEEDS = ("genderdecoder3",)
 
 PROMPTS_FILE = REPO / "data" / "hiring" / "prompts.txt"
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = project_parser(NAME, "PPLM steers job adverts for 10 roles away from masculine-coded words (its avoid "
                              "mode) and towards feminine-coded ones (genderdecoder3's lists, expanded to GPT-2 "
                              "tokens); genderdecoder3 measures the coded words before and after, with the same "
-                             "seeds.", needs=NEEDS)
+                             "seeds.", needs=NEEDS, trains=False)
     g = p.add_argument_group("this project")
     g.add_argument("--avoid-only", action="store_true",
                    help="only avoid the masculine-coded words (avoid_bow=); by default PPLM also steers towards "

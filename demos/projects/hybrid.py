@@ -42,7 +42,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from minigpt import EOT_ID, GPT, TrainConfig, get_tokenizer, save_history, stack_past
+from minigpt import EOT_ID, GPT, TrainConfig, get_tokenizer, resolve_precision, save_history, stack_past
 from minigpt.cli import describe_plan, run_command
 from techniques import pplm
 from techniques.lora import merge_lora, save_adapter as save_lora_adapter
@@ -58,6 +58,7 @@ from .poetry import (EOT, SIZES as POETRY_SIZES, Perplexity, poetry_lora, progre
 NAME = "hybrid"
 TITLE = "Hybrid sentiment system"
 TECHNIQUE = "LoRA + prefix + PPLM"
+TRAINS = True
 NEEDS = ("vaderSentiment",)
 
 BAG = "positive_words"
@@ -122,7 +123,8 @@ def task_prefix(base: GPT, args, sizes: Sizes) -> tuple[PrefixTuning, list[dict]
     prefix = PrefixTuning(base.config, P, projection=PREFIX["projection"], hidden_size=PREFIX["hidden_size"]).to(
         base.device)
     config = TrainConfig(max_steps=sizes.prefix_steps, batch_size=sizes.prefix_batch, lr=prefix_lr(base),
-                         eval_every=sizes.prefix_eval_every, seed=args.seed, progress=progress())
+                         eval_every=sizes.prefix_eval_every, seed=args.seed, progress=progress(),
+                         precision=resolve_precision(args.precision, base.device))
     print(f"prefix: P={P} virtual tokens, MLP hidden {PREFIX['hidden_size']}, "
           f"{sum(p.numel() for p in prefix.parameters()):,} trainable parameters (the model frozen)")
     print(describe_plan(len(train_ex), len(dev_ex), config), flush=True)

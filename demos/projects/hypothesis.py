@@ -47,6 +47,7 @@ from .sentiment_story import continuations, mean, prompt_ids
 NAME = "hypothesis"
 TITLE = "Scientific hypothesis"
 TECHNIQUE = "PPLM"
+TRAINS = False        # steers only: no --precision
 NEEDS = ("aclsum",)
 
 BAG = "science"
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = project_parser(NAME, "PPLM with the science bag continues the first half of ACLSum's research-challenge "
                              "sentences; measured by the share of science-bag tokens (the bag's own signal) and "
                              "the perplexity of the text under the unsteered model (the fluency cost), with the "
-                             "same seeds.", needs=NEEDS)
+                             "same seeds.", needs=NEEDS, trains=False)
     g = p.add_argument_group("this project")
     g.add_argument("--papers", type=positive_int, help="ACLSum test papers to prompt with (default: all 100; "
                                                        "--quick 30)")

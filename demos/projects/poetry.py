@@ -27,8 +27,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from minigpt import (EOT_ID, GPT, Example, TrainConfig, collate_lm, examples_from_pairs, generate, get_tokenizer,
-                     lm_loss_fn, save_history, train)
+from minigpt import (EOT_ID, Example, GPT, TrainConfig, collate_lm, examples_from_pairs, generate, get_tokenizer,
+                     lm_loss_fn, resolve_precision, save_history, train)
 from minigpt.cli import describe_plan, positive_int, run_command
 from techniques.lora import apply_lora, load_adapter, lora_parameters, lora_summary, save_adapter
 
@@ -38,6 +38,7 @@ from .common import REPO, ProjectResult, loss_figure, metric_figure, project_par
 NAME = "poetry"
 TITLE = "Poetry generator"
 TECHNIQUE = "LoRA"
+TRAINS = True
 NEEDS: tuple[str, ...] = ()   # perplexity is computed here by its definition; no package needed
 
 EOT = "<|endoftext|>"
@@ -137,7 +138,7 @@ def train_config(args, sizes: Sizes, model: GPT, *, steps: Optional[int] = None,
         raise ValueError(f"--lr must be a positive number, got {lr}")
     return TrainConfig(max_steps=getattr(args, "steps", None) or steps or sizes.steps,
                        batch_size=batch_size or sizes.batch_size, lr=lr, eval_every=eval_every or sizes.eval_every,
-                       seed=args.seed, progress=progress())
+                       seed=args.seed, progress=progress(), precision=resolve_precision(args.precision, model.device))
 
 
 def poetry_lora(base: GPT, args, sizes: Sizes) -> tuple[GPT, list[dict], dict]:

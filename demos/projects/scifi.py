@@ -33,6 +33,7 @@ from .poetry import (EOT, LORA, add_lora_args, bars_figure, load_lora, sample_co
 NAME = "scifi"
 TITLE = "Sci-fi from 100 snippets"
 TECHNIQUE = "LoRA"
+TRAINS = True
 NEEDS: tuple[str, ...] = ()   # perplexity by its definition and a word count: no package needed
 
 DATA = REPO / "data" / "scifi"

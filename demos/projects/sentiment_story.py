@@ -48,7 +48,7 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from minigpt import EOT_ID, GPT, TrainConfig, get_tokenizer
+from minigpt import EOT_ID, GPT, TrainConfig, get_tokenizer, resolve_precision
 from minigpt.cli import positive_int, run_command
 from techniques import pplm
 
@@ -59,6 +59,7 @@ from .common import (REPO, ProjectResult, loss_figure, metric_figure, project_pa
 NAME = "sentiment_story"
 TITLE = "Sentiment story"
 TECHNIQUE = "PPLM"
+TRAINS = True
 NEEDS = ("vaderSentiment",)
 
 PROMPTS = (  # written for this project: openings with no sentiment of their own
@@ -194,7 +195,8 @@ def sentiment_head(model: GPT, args, sizes: Sizes) -> Head:
     texts, labels = sst2_rows("train.tsv", args.train_rows if args.train_rows is not None else sizes.train_rows,
                               args.seed)
     config = TrainConfig(epochs=sizes.epochs, eval_every=max(1, len(texts) // HEAD_TRAIN["batch_size"]),
-                         seed=args.seed, progress=not args.no_progress, **HEAD_TRAIN)
+                         seed=args.seed, progress=not args.no_progress,
+                         precision=resolve_precision(args.precision, model.device), **HEAD_TRAIN)
     print(f"discriminator: a linear head on the model's mean hidden state, {len(texts):,} SST-2 training rows, "
           f"{sizes.epochs} epoch(s) at batch {config.batch_size}, lr {config.lr}; dev: {len(dev_texts)} rows")
     head, report = pplm.train_discriminator(model, texts, labels, CLASSES, eval_texts=dev_texts,

@@ -47,6 +47,7 @@ __all__ = ["NAME", "TITLE", "TECHNIQUE", "NEEDS", "build_parser", "run", "main",
 NAME = "squad_qa"
 TITLE = "QA on a SQuAD-format set"
 TECHNIQUE = "prefix tuning"
+TRAINS = True
 NEEDS = ()           # the yardstick is SQuAD's definition, implemented here: no package to install
 
 P_QA = 10

@@ -40,6 +40,7 @@ __all__ = ["NAME", "TITLE", "TECHNIQUE", "NEEDS", "build_parser", "run", "main",
 NAME = "summarizer"
 TITLE = "News summarizer (ACLSum outcome)"
 TECHNIQUE = "prefix tuning"
+TRAINS = True
 NEEDS = ("aclsum", "rouge-score")
 
 CUE = " TL;DR:"

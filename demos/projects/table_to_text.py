@@ -32,8 +32,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from minigpt import (EOT_ID, GPT, Example, TrainConfig, collate_lm, evaluate, examples_from_pairs, generate,
-                     get_tokenizer, left_pad, lm_loss_fn)
+from minigpt import (EOT_ID, Example, GPT, TrainConfig, collate_lm, evaluate, examples_from_pairs, generate,
+                     get_tokenizer, left_pad, lm_loss_fn, resolve_precision)
 from minigpt.cli import describe_plan, positive_int, run_command
 from techniques.prefix import PrefixTuning, load_adapter, save_adapter, train_prefix
 
@@ -49,6 +49,7 @@ __all__ = ["NAME", "TITLE", "TECHNIQUE", "NEEDS", "build_parser", "run", "main",
 NAME = "table_to_text"
 TITLE = "Table-to-text (E2E)"
 TECHNIQUE = "prefix tuning"
+TRAINS = True
 NEEDS = ("sacrebleu",)
 
 EOT = "<|endoftext|>"
@@ -119,7 +120,8 @@ def fit_prefix(model: GPT, args, train_ex: Sequence[Example], eval_ex: Sequence[
         raise ValueError(f"--lr must be > 0, got {lr}")
     steps = args.max_steps or steps
     config = TrainConfig(max_steps=steps, batch_size=args.batch_size or 8, lr=lr, eval_every=min(eval_every, steps),
-                         seed=args.seed, progress=not args.no_progress)
+                         seed=args.seed, progress=not args.no_progress,
+                         precision=resolve_precision(args.precision, model.device))
     torch.manual_seed(args.seed)
     prefix = PrefixTuning(model.config, P, projection=True, hidden_size=PREFIX_HIDDEN).to(model.device)
     n = sum(p.numel() for p in prefix.parameters())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from minigpt import get_tokenizer, lm_loss_fn, load_lm_data, save_history, train
+from minigpt import cast_frozen_linears, get_tokenizer, lm_loss_fn, load_lm_data, save_history, train
 from minigpt.cli import (add_model_args, add_train_args, describe_plan, is_main_process, model_from_args, positive_int,
                          run_command, split_from_args, train_config_from_args)
 
@@ -60,6 +60,7 @@ def train_command(args) -> None:
     apply_lora(model, r=args.r, alpha=args.alpha, dropout=args.dropout,
                targets=[t.strip() for t in args.targets.split(",") if t.strip()], qkv=args.qkv, rslora=args.rslora,
                verbose=False)
+    cast_frozen_linears(model, config.autocast_dtype)  # bf16/fp16: the frozen W0 stored as autocast would cast it
     train_set, eval_set = split_from_args(examples, args)
     print(lora_summary(model))
     print(describe_plan(len(train_set), len(eval_set), config), flush=True)

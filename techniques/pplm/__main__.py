@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from minigpt import EOT_ID, get_tokenizer, save_history
+from minigpt import EOT_ID, cast_frozen_linears, get_tokenizer, save_history
 from minigpt.cli import (add_model_args, add_train_args, describe_plan, is_main_process, model_from_args, positive_int,
                          run_command, split_from_args, train_config_from_args)
 
@@ -156,7 +156,8 @@ def _columns(rows) -> tuple[list, list]:
 def train_command(args) -> None:
     train_rows, dev_rows, names = _training_rows(args)
     config = train_config_from_args(args, decay=False)
-    model = model_from_args(args)
+    model = model_from_args(args).requires_grad_(False)
+    cast_frozen_linears(model, config.autocast_dtype)  # bf16/fp16: the frozen model stored as autocast would cast it
     n_head = (model.config.n_embd + 1) * len(names)
     n_model = sum(p.numel() for p in model.parameters())
     print(describe_plan(len(train_rows), len(dev_rows), config))

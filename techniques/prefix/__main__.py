@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt import GPT, get_tokenizer, load_lm_data, save_history
+from minigpt import GPT, cast_frozen_linears, get_tokenizer, load_lm_data, save_history
 from minigpt.cli import (add_model_args, add_train_args, describe_plan, is_main_process, model_from_args, positive_int,
                          run_command, split_from_args, train_config_from_args)
 
@@ -129,6 +129,8 @@ def train_command(args) -> None:
     config = train_config_from_args(args, lr=args.lr if args.lr is not None else default_lr)
     print(describe_plan(len(train_ex), len(eval_ex), config))
     print(describe_parameters(prefix, model), flush=True)
+    model.requires_grad_(False)  # frozen (train_prefix says so again), so that its Linears can be stored in bf16
+    cast_frozen_linears(model, config.autocast_dtype)  # bf16/fp16: the frozen model stored as autocast would cast it
     history = train_prefix(model, prefix, train_ex, eval_examples=eval_ex, config=config, run_info=run_info(args))
     if not is_main_process():
         return  # under torchrun rank 0 saves; every process holds the same prefix
