@@ -1,6 +1,6 @@
 """minigpt against transformers on the same random GPT-2 124M weights, in one run.
 
-    python benchmarks/bench_generate.py [--quick] [--threads N] [--device cpu] [--baseline DIR]
+    python benchmarks/bench_generate.py [--quick] [--threads N] [--device cpu] [--dtypes fp32,bf16] [--baseline DIR]
 
 Measures load time from safetensors, prefill tokens/s (1 x 512), then greedy
 decoding at batch 1 and batch 8 (left-padded: row i has i padding tokens) after
@@ -12,6 +12,10 @@ out, so no prefill is in the figure. The sides run in turns (a, b, b, a, ...)
 so that a busy machine slows both alike, and each figure is the best of the
 repeats (on a shared machine the best measures the code, not the neighbours);
 the ratio is minigpt / transformers (> 1: minigpt is faster).
+
+--dtypes runs the decode table once per dtype, both sides loaded in it (the weights themselves in bf16, no
+autocast), and adds ours in each dtype against ours in fp32. bf16 halves the bytes a step reads, so its bound
+is twice fp32's.
 
 Share of the bound: a decode step must read every weight once, whatever the
 batch, so steps/s is at most (read bandwidth) / (bytes of weights). The read
@@ -40,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minigpt  # noqa: E402
+from minigpt.cli import DTYPES  # noqa: E402
 from timing import alternating, device_sync, timed, timed_alternating  # noqa: E402
 
 CONTEXTS, BATCHES = (16, 900), (1, 8)
@@ -131,6 +136,13 @@ def transformers_decoder(hf, past, ids, mask, n, sync):
     return run
 
 
+def prefill_seconds(hf, ours, device, repeats, sync) -> dict:
+    long = torch.randint(0, 50257, (1, 512), generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.inference_mode():
+        return timed_alternating({"hf": lambda: hf(long, use_cache=False), "ours": lambda: ours(long)},
+                                 repeats, sync, reduce=min)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="16 new tokens, 2 repeats, no load/prefill rows (minutes)")
@@ -139,7 +151,11 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, help="timed repeats per side; the best is reported (default 3; --quick 2)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--baseline", metavar="DIR", help="also time the minigpt package in DIR (before/after)")
+    p.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, bf16, fp16 (default fp32)")
     args = p.parse_args(argv)
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        p.error(f"--dtypes takes a comma-separated subset of {', '.join(DTYPES)}, got {args.dtypes!r}")
     args.new_tokens = args.new_tokens or (16 if args.quick else 32)
     args.repeats = args.repeats or (2 if args.quick else 3)
     if args.new_tokens < 2 or args.repeats < 1:
@@ -163,63 +179,69 @@ def main(argv=None):
                               reduce=min)
         rows.append(("load from safetensors (s)", t["ours"], t["hf"], t["hf"] / t["ours"]))
 
-    hf = GPT2LMHeadModel.from_pretrained(folder).to(device).eval()
-    hf.generation_config.eos_token_id = None  # decode exactly --new-tokens in both
-    hf.generation_config.pad_token_id = 50256
-    ours = minigpt.GPT.from_pretrained(str(folder), device=device).eval()
-    base = baseline.GPT.from_pretrained(str(folder), device=device).eval() if baseline else None
-
     if not args.quick:
-        long = torch.randint(0, 50257, (1, 512), generator=torch.Generator().manual_seed(1)).to(device)
-        with torch.inference_mode():
-            t = timed_alternating({"hf": lambda: hf(long, use_cache=False), "ours": lambda: ours(long)},
-                                  args.repeats, sync, reduce=min)
+        t = prefill_seconds(GPT2LMHeadModel.from_pretrained(folder).to(device).eval(),
+                            minigpt.GPT.from_pretrained(str(folder), device=device).eval(), device, args.repeats, sync)
         rows.append(("prefill 1x512 (tokens/s)", 512 / t["ours"], 512 / t["hf"], t["hf"] / t["ours"]))
 
-    n, decode, bws = args.new_tokens, [], []
-    for batch in BATCHES:
-        for ctx in CONTEXTS:
-            ids, mask = context(batch, ctx + 1, device)
-            past = read_context(ours, ids, mask)
-            sides = {"minigpt": minigpt_decoder(minigpt, ours, past, ids, mask, n, sync),
-                     "transformers": transformers_decoder(hf, past, ids, mask, n, sync)}
-            if base is not None:
-                sides["baseline"] = minigpt_decoder(baseline, base, past, ids, mask, n, sync)
-            sec = alternating(sides, args.repeats, reduce=min)
-            decode.append((batch, ctx, {name: 1 / s for name, s in sec.items()}))
-            bws.append(read_bandwidth(device, sync))
-            del sides, past
+    n, tables, bws = args.new_tokens, {}, []
+    for name in dtypes:
+        dtype = DTYPES[name]
+        hf = GPT2LMHeadModel.from_pretrained(folder, torch_dtype=dtype).to(device).eval()
+        hf.generation_config.eos_token_id = None  # decode exactly --new-tokens in both
+        hf.generation_config.pad_token_id = 50256
+        ours = minigpt.GPT.from_pretrained(str(folder), device=device, dtype=dtype).eval()
+        base = baseline.GPT.from_pretrained(str(folder), device=device, dtype=dtype).eval() if baseline else None
+        decode = []
+        for batch in BATCHES:
+            for ctx in CONTEXTS:
+                ids, mask = context(batch, ctx + 1, device)
+                past = read_context(ours, ids, mask)
+                sides = {"minigpt": minigpt_decoder(minigpt, ours, past, ids, mask, n, sync),
+                         "transformers": transformers_decoder(hf, past, ids, mask, n, sync)}
+                if base is not None:
+                    sides["baseline"] = minigpt_decoder(baseline, base, past, ids, mask, n, sync)
+                sec = alternating(sides, args.repeats, reduce=min)
+                decode.append((batch, ctx, {side: 1 / s for side, s in sec.items()}))
+                bws.append(read_bandwidth(device, sync))
+                del sides, past
+        weight_bytes = sum(t.numel() * t.element_size() for t in ours.parameters())  # tied head counted once
+        tables[name] = (decode, weight_bytes, ours.config)
+        del hf, ours, base
 
     bw = max(bws)
-    weight_bytes = sum(t.numel() * t.element_size() for t in ours.parameters())  # tied head counted once
-    bound = bw / weight_bytes
-    C, L, size = ours.config.n_embd, ours.config.n_layer, ours.transformer.wte.weight.element_size()
-    print(f"\nGPT-2 124M shape, random weights, fp32, device {device}, {args.threads} threads, "
-          f"torch {torch.__version__}")
+    print(f"\nGPT-2 124M shape, random weights, device {device}, {args.threads} threads, torch {torch.__version__}")
     if rows:
-        print(f"{'measure':<34}{'minigpt':>12}{'transformers':>14}{'ratio':>8}")
+        print(f"{'measure (fp32)':<34}{'minigpt':>12}{'transformers':>14}{'ratio':>8}")
         for name, a, b, r in rows:
             print(f"{name:<34}{a:>12.2f}{b:>14.2f}{r:>7.2f}x")
-        print(f"(best of {args.repeats}; load: the ratio is transformers' time / ours)\n")
-    extra = f"{'baseline':>10}{'ours/base':>11}" if base is not None else ""
-    print(f"greedy decode, steps/s after the first ({n} new tokens, best of {args.repeats}):")
-    print(f"{'batch':>6}{'ctx':>6}{'minigpt':>10}{'transformers':>14}{'ratio':>8}{'share of bound':>16}"
-          f"{'cache MB/step':>15}{extra}")
-    for batch, ctx, sps in decode:
-        cache_mb = 2 * L * batch * ctx * C * size / 1e6
-        ratio, share = sps["minigpt"] / sps["transformers"], sps["minigpt"] / bound
-        line = (f"{batch:>6}{ctx:>6}{sps['minigpt']:>10.2f}{sps['transformers']:>14.2f}"
-                f"{ratio:>7.2f}x{share:>16.0%}{cache_mb:>15.0f}")
-        if base is not None:
-            line += f"{sps['baseline']:>10.2f}{sps['minigpt'] / sps['baseline']:>10.2f}x"
-        print(line)
-    print(f"\nbound = read bandwidth / bytes of weights read per step\n"
-          f"      = {bw / 1e9:.1f} GB/s / {weight_bytes / 1e6:.0f} MB = {bound:.1f} steps/s at every batch size\n"
-          f"  read bandwidth: the faster of a sum and a matrix-vector product over a 512 MiB tensor,\n"
-          f"    the best of {len(bws)} measurements (one after each decode figure), {args.threads} threads\n"
+        print(f"(best of {args.repeats}; load: the ratio is transformers' time / ours)")
+    for name, (decode, weight_bytes, cfg) in tables.items():
+        bound = bw / weight_bytes
+        size = DTYPES[name].itemsize
+        extra = f"{'baseline':>10}{'ours/base':>11}" if baseline is not None else ""
+        vs32 = f"{'vs fp32':>9}" if name != "fp32" and "fp32" in tables else ""
+        print(f"\n{name}: greedy decode, steps/s after the first ({n} new tokens, best of {args.repeats}); "
+              f"bound {bw / 1e9:.1f} GB/s / {weight_bytes / 1e6:.0f} MB = {bound:.1f} steps/s")
+        print(f"{'batch':>6}{'ctx':>6}{'minigpt':>10}{'transformers':>14}{'ratio':>8}{'share of bound':>16}"
+              f"{'cache MB/step':>15}{vs32}{extra}")
+        for i, (batch, ctx, sps) in enumerate(decode):
+            cache_mb = 2 * cfg.n_layer * batch * ctx * cfg.n_embd * size / 1e6
+            ratio, share = sps["minigpt"] / sps["transformers"], sps["minigpt"] / bound
+            line = (f"{batch:>6}{ctx:>6}{sps['minigpt']:>10.2f}{sps['transformers']:>14.2f}"
+                    f"{ratio:>7.2f}x{share:>16.0%}{cache_mb:>15.0f}")
+            if vs32:
+                line += f"{sps['minigpt'] / tables['fp32'][0][i][2]['minigpt']:>8.2f}x"
+            if baseline is not None:
+                line += f"{sps['baseline']:>10.2f}{sps['minigpt'] / sps['baseline']:>10.2f}x"
+            print(line)
+    print(f"\nbound = read bandwidth / bytes of weights read per step (bf16: half the bytes, twice the bound)\n"
+          f"  read bandwidth {bw / 1e9:.1f} GB/s: the faster of a sum and a matrix-vector product over a 512 MiB\n"
+          f"    tensor, the best of {len(bws)} measurements (one after each decode figure), {args.threads} threads\n"
           "  weights: every parameter once (the tied head once), read once per step whatever the batch;\n"
           "    the cache a step also reads ('cache MB/step') is not in the bound")
-    print("ratio = minigpt / transformers steps/s (> 1: minigpt is faster)")
+    print("ratio = minigpt / transformers steps/s (> 1: minigpt is faster); vs fp32 = minigpt in this dtype / "
+          "minigpt in fp32")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """minigpt: GPT-2 from scratch in plain PyTorch, with one seam (past_key_values) for techniques."""
 from .config import GPT2_SIZES, GPTConfig
 from .device import resolve_device
-from .generation import check_sampling, generate, sample_next_token, stream
+from .generation import (BeamOutput, StopStrings, beam_search, check_sampling, cut_at_stop, generate, penalize,
+                         sample_next_token, stream)
 from .io import atomic_save_dir, load_tensors, read_json, save_tensors, write_json
 from .model import GPT, GPTOutput, load_pretrained, save_pretrained
 from .past import (KVBuffer, PastKeyValues, check_left_padded, extend_mask, left_pad, mask_with_past, past_length, stack_past,
@@ -18,7 +19,8 @@ __all__ = [
     "GPT", "GPTConfig", "GPT2_SIZES", "GPTOutput", "load_pretrained", "save_pretrained",
     "PastKeyValues", "KVBuffer", "stack_past", "unstack_past", "past_length", "extend_mask", "mask_with_past",
     "check_left_padded", "left_pad",
-    "generate", "stream", "sample_next_token", "check_sampling",
+    "generate", "stream", "sample_next_token", "check_sampling", "beam_search", "BeamOutput", "penalize",
+    "StopStrings", "cut_at_stop",
     "get_tokenizer", "Tokenizer", "EOT_ID",
     "atomic_save_dir", "save_tensors", "load_tensors", "read_json", "write_json", "resolve_device",
     "train", "TrainConfig", "plan_steps", "evaluate", "Example", "causal_lm_loss", "collate_lm",

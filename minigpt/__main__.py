@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from .cli import add_model_args, model_from_args, run_command
-from .generation import check_sampling, stream
+from .cli import DTYPES, add_dtype_arg, add_model_args, model_from_args, run_command
+from .generation import beam_search, check_sampling, check_history_rules, cut_at_stop, stream
 from .tokenizer import EOT_ID, get_tokenizer
 
 
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Continue a prompt with GPT-2, printing text as it is generated.")
     g.add_argument("prompt", help="the text to continue")
     add_model_args(g)
+    add_dtype_arg(g)
     g.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default: 50)")
     g.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature; 0 means greedy (default: 1.0)")
@@ -32,6 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set with this much mass")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token (no sampling)")
     g.add_argument("--stop-at-eos", action="store_true", help="stop at <|endoftext|>")
+    g.add_argument("--stop", action="append", metavar="TEXT", default=None,
+                   help="stop when the generated text contains TEXT, and print it only up to there (repeat for "
+                        "several; escapes like \\n are read)")
+    g.add_argument("--num-beams", type=int, default=1,
+                   help="beam search with this many beams (prints the result when done; default: 1, no beams)")
+    g.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search: a finished beam scores log p / length ** this (> 0 favours longer; default 1.0)")
+    g.add_argument("--early-stopping", choices=("false", "true", "never"), default="false",
+                   help="beam search: stop when num_beams hypotheses have finished (true), when the best running "
+                        "beam can no longer win by the heuristic (false, default), or by the exact bound (never)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                   help="never repeat an n-gram of this size in the text (default: 0, off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide a positive score (multiply a negative one) of every token already in the text by "
+                        "this (CTRL's rule; 1.2 is the paper's choice; default 1.0, off)")
     g.add_argument("--lora", metavar="DIR", help="a LoRA adapter folder (peft format) to apply first")
     g.add_argument("--prefix", metavar="DIR", help="a prefix-tuning adapter folder (peft format) to run with")
     c = sub.add_parser("check", help="compare this GPT-2 (and adapters) with transformers and peft, number for number",
@@ -47,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    """The model (with --lora merged in) and the prefix's past, if any."""
+    """The model (with --lora merged in) and the prefix's past, if any, in --dtype.
+
+    The adapters are applied in fp32 and the result cast once: W0 + s B A is rounded to bf16 as a whole."""
     model = model_from_args(args)
     past = None
     if args.lora:
@@ -58,7 +76,10 @@ def _load(args):
         prefix = load_prefix(model, args.prefix).to(model.device)
         with torch.no_grad():
             past = prefix.past_key_values(1)
-    return model, past
+    dtype = DTYPES[args.dtype]
+    if past is not None:
+        past = tuple((k.to(dtype), v.to(dtype)) for k, v in past)
+    return model.to(dtype), past
 
 
 def _check_fits(n_prompt: int, n_past: int, max_new: int, n_positions: int) -> None:
@@ -75,8 +96,14 @@ def _check_fits(n_prompt: int, n_past: int, max_new: int, n_positions: int) -> N
 
 def generate_command(args) -> None:
     check_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    check_history_rules(args.repetition_penalty, args.no_repeat_ngram_size)
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
+    if args.num_beams < 1:
+        raise ValueError("--num-beams must be >= 1")
+    stops = [s.encode().decode("unicode_escape") for s in args.stop] if args.stop else None
+    if stops and not all(stops):
+        raise ValueError("--stop needs a non-empty text")
     tok = get_tokenizer()
     ids = tok.encode(args.prompt)
     if not ids:
@@ -84,23 +111,35 @@ def generate_command(args) -> None:
     model, past = _load(args)
     n_past = 0 if past is None else past[0][0].size(2)
     _check_fits(len(ids), n_past, args.max_new_tokens, model.config.n_positions)
-    generator = torch.Generator(device=model.device).manual_seed(args.seed)
     input_ids = torch.tensor([ids], device=model.device)
-    tokens = stream(model, input_ids, max_new_tokens=args.max_new_tokens, past_key_values=past,
-                    do_sample=not args.greedy and args.temperature > 0, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p, generator=generator,
-                    eos_token_id=EOT_ID if args.stop_at_eos else None)
+    rules = dict(repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                 stop=stops, tokenizer=tok, eos_token_id=EOT_ID if args.stop_at_eos else None, pad_token_id=EOT_ID)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
+    if args.num_beams > 1:
+        early = {"false": False, "true": True, "never": "never"}[args.early_stopping]
+        out = beam_search(model, input_ids, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                          past_key_values=past, length_penalty=args.length_penalty, early_stopping=early, **rules)
+        new = out.sequences[0, len(ids):].tolist()
+        if args.stop_at_eos and EOT_ID in new:
+            new = new[:new.index(EOT_ID)]
+        sys.stdout.write(cut_at_stop(tok.decode(new), stops) + "\n")
+        return
+    generator = torch.Generator(device=model.device).manual_seed(args.seed)
+    tokens = stream(model, input_ids, max_new_tokens=args.max_new_tokens, past_key_values=past,
+                    do_sample=not args.greedy and args.temperature > 0, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, generator=generator, **rules)
+    hold = max(map(len, stops)) - 1 if stops else 0  # text that may be the start of a stop string waits
     new, shown = [], ""
     for tok_id in tokens:
         new.append(int(tok_id[0]))
-        text = tok.decode(new)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(shown):])
+        text = cut_at_stop(tok.decode(new), stops)
+        ready = text[:len(text) - hold] if hold else text
+        if len(ready) > len(shown) and not ready.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(ready[len(shown):])
             sys.stdout.flush()
-            shown = text
-    sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
+            shown = ready
+    sys.stdout.write(cut_at_stop(tok.decode(new), stops)[len(shown):] + "\n")
 
 
 def main(argv=None) -> int:

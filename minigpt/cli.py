@@ -31,7 +31,7 @@ from .device import resolve_device
 from .model import GPT
 from .training import TrainConfig, TrainingInterrupted, plan_steps, resolve_precision, split_examples
 
-__all__ = ["add_model_args", "model_from_args", "add_train_args", "add_precision_arg", "add_scale_args",
+__all__ = ["add_model_args", "model_from_args", "add_dtype_arg", "DTYPES", "add_train_args", "add_precision_arg", "add_scale_args",
            "train_config_from_args",
            "split_from_args", "describe_plan", "run_command", "fail", "USER_ERRORS", "positive_int", "is_main_process",
            "CHECKPOINT_DIR"]
@@ -111,11 +111,22 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "gpt2")
     g.add_argument("--seed", type=int, default=0, help="random seed, for reproducible sampling and training (default: 0)")
 
 
-def model_from_args(args) -> GPT:
-    """Load the model the arguments name, put it on the chosen device, seed torch."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    """--dtype, for commands that only run the model (generation): the weights' own dtype, no autocast."""
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                        help="the weights' dtype for generation: fp32 (default, exact), bf16 or fp16 (half the "
+                             "memory and of the bytes each decoding step reads; fp16 is for GPUs: CPUs compute it "
+                             "slowly)")
+
+
+def model_from_args(args, dtype: str = "fp32") -> GPT:
+    """Load the model the arguments name in `dtype` (a DTYPES key), put it on the chosen device, seed torch."""
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
-    model = GPT.from_pretrained(args.weights or args.model, device=device)
+    model = GPT.from_pretrained(args.weights or args.model, device=device, dtype=DTYPES[dtype])
     return model.eval()
 
 

@@ -168,3 +168,8 @@ class KVBuffer:
     def advance(self, T: int) -> None:
         """Count T more positions as written (after every layer has written them)."""
         self.length += T
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i of the past becomes row rows[i] of it (beam search keeps the pasts of the beams it keeps)."""
+        written = self.data[:, :, :, :, :self.length]  # (L, 2, B, nh, length, hs)
+        written.copy_(written.index_select(2, rows))

@@ -39,6 +39,28 @@ def main(capsys, *args):
     return code, out.out, out.err
 
 
+def test_beam_search_cli_prints_what_beam_search_gives(tiny_hf, tokenizer, capsys):
+    from minigpt import beam_search
+    _, ours, folder = tiny_hf
+    code, out, err = main(capsys, "generate", "The dog", "--weights", str(folder), "--num-beams", "3",
+                          "--no-repeat-ngram-size", "2", "--length-penalty", "0.8", "--max-new-tokens", "10")
+    assert code == 0, err
+    ids = torch.tensor([tokenizer.encode("The dog")])
+    want = beam_search(ours, ids, max_new_tokens=10, num_beams=3, no_repeat_ngram_size=2, length_penalty=0.8)
+    assert out == tokenizer.decode(want.sequences[0]) + "\n"
+
+
+def test_stop_cuts_the_printed_text(tiny_hf, tokenizer, capsys):
+    _, ours, folder = tiny_hf
+    full = tokenizer.decode(generate(ours, torch.tensor([tokenizer.encode("The dog")]), max_new_tokens=12)[0])
+    new = full[len("The dog"):]
+    stop = new[len(new) // 2:len(new) // 2 + 2]
+    code, out, err = main(capsys, "generate", "The dog", "--weights", str(folder), "--greedy",
+                          "--max-new-tokens", "12", "--stop", stop)
+    assert code == 0, err
+    assert out == "The dog" + new[:new.index(stop)] + "\n"
+
+
 def test_seeded_sampling_cli_is_reproducible(tiny_hf, capsys):
     folder = str(tiny_hf[2])
     args = ("generate", "Hi", "--weights", folder, "--seed", "3", "--top-k", "40", "--max-new-tokens", "8")
@@ -50,7 +72,8 @@ def test_help_documents_every_option(capsys):
     code, out, _ = main(capsys, "generate", "--help")
     assert code == 0
     for opt in ("--model", "--weights", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
-                "--device", "--lora", "--prefix"):
+                "--device", "--lora", "--prefix", "--num-beams", "--length-penalty", "--early-stopping",
+                "--no-repeat-ngram-size", "--repetition-penalty", "--stop"):
         assert opt in out
 
 

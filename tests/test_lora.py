@@ -386,7 +386,7 @@ def good_adapter(tmp_path_factory, folder):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"use_dora": True}, "use_dora"),
+    ({"use_dora": True}, "lora_magnitude_vector"),  # DoRA without its magnitudes
     ({"rank_pattern": {"c_attn": 4}}, "rank_pattern"),
     ({"alpha_pattern": {"c_attn": 4}}, "alpha_pattern"),
     ({"bias": "all"}, "bias"),

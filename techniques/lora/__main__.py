@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--qkv", default=None,
                       help="adapt q/k/v of c_attn separately, e.g. qv (default: c_attn whole)")
     lora.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r)")
+    lora.add_argument("--dora", action="store_true",
+                      help="DoRA (Liu et al. 2024): also train a magnitude per output, W' = m·(W0 + s·B·A)/||·||; "
+                           "saved with use_dora: true, as peft does")
     add_train_args(t, lr=2e-4, lr_help="2e-4")
 
     m = sub.add_parser("merge", help="fold an adapter into the weights and save a plain checkpoint",
@@ -59,7 +62,7 @@ def train_command(args) -> None:
         raise ValueError(f"--block-size {args.block_size} exceeds the model's n_positions {model.config.n_positions}")
     apply_lora(model, r=args.r, alpha=args.alpha, dropout=args.dropout,
                targets=[t.strip() for t in args.targets.split(",") if t.strip()], qkv=args.qkv, rslora=args.rslora,
-               verbose=False)
+               use_dora=args.dora, verbose=False)
     cast_frozen_linears(model, config.autocast_dtype)  # bf16/fp16: the frozen W0 stored as autocast would cast it
     train_set, eval_set = split_from_args(examples, args)
     print(lora_summary(model))
@@ -81,7 +84,8 @@ def run_info(args) -> dict:
     """What a resumed run must share with the checkpoint, besides the training options: the model, the data, LoRA's shape."""
     return {"command": "techniques.lora train", "model": args.weights or args.model, "data": str(args.data),
             "block_size": args.block_size, "eval_fraction": args.eval_fraction, "r": args.r, "alpha": args.alpha,
-            "dropout": args.dropout, "targets": args.targets, "qkv": args.qkv, "rslora": args.rslora}
+            "dropout": args.dropout, "targets": args.targets, "qkv": args.qkv, "rslora": args.rslora,
+            "dora": args.dora}
 
 
 def merge_command(args) -> None:

@@ -11,6 +11,16 @@ at zero, so at step 0 the adapted model *is* the base model. rsLoRA (Kalajdzievi
 the LoRA branch's input x only. Merging folds Δ = (alpha/r)·B·A into W0, after
 which inference costs exactly what the base model costs.
 
+DoRA (Liu et al. 2024, arXiv:2402.09353), eq. (5), splits the adapted weight into
+a direction and a trained magnitude m (one number per output, started at W0's
+row norms):
+
+    W' = m · (W0 + s·B·A) / ||W0 + s·B·A||          the norm taken per output row
+
+with the norm treated as a constant in the backward pass (their section 4.3:
+"detached", which saves memory and changes little). `use_dora=True` on a layer
+or on `apply_lora` turns it on; at step 0 (B = 0) W' = W0 exactly.
+
 Reading order: the layer (`LoRALinear`), its per-projection variant for the fused
 q|k|v `c_attn` (`LoRAQKV`), where it goes (`apply_lora`, `lora_parameters`,
 `lora_summary`) and how it leaves (`merge_lora`). The adapter files in peft's
@@ -34,6 +44,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = ["LoRALinear", "LoRAQKV", "apply_lora", "merge_lora", "lora_modules", "lora_parameters", "lora_summary"]
 
@@ -49,7 +60,8 @@ class LoRALinear(nn.Module):
     until `merge()`). A [r, in] and B [out, r] are the only trainable tensors.
     """
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False):
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False,
+                 use_dora: bool = False):
         super().__init__()
         _check_hyper(r, alpha, dropout)
         self.base = base.requires_grad_(False)
@@ -58,6 +70,9 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._init_factors()
+        # DoRA's magnitude m (out,), started at ||W0 + s·B·A|| per row (= ||W0|| while B = 0); None: plain LoRA
+        self.magnitude = nn.Parameter(self.weight_norm().detach().clone()) if use_dora else None
+        self._merged_norm: Optional[torch.Tensor] = None  # DoRA: the norm W0 was scaled by at merge(), for unmerge()
 
     @property
     def in_features(self) -> int:
@@ -100,6 +115,8 @@ class LoRALinear(nn.Module):
         so B is cast here (a no-op in fp32)."""
         if self.merged:
             return self.base(x)
+        if self.magnitude is not None:
+            return self.dora_forward(x)
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         y = self.base(x2)                     # (N, out)
         A, B = self._low_rank_pair()
@@ -107,31 +124,62 @@ class LoRALinear(nn.Module):
         y.addmm_(h, B.T.to(y.dtype), alpha=self.scaling)
         return y.view(*x.shape[:-1], self.out_features)
 
+    def dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DoRA: y = W'·x + b with W' = m · (W0 + s·B·A) / n, n = ||W0 + s·B·A|| per row, detached.
+
+        Written as peft writes it, so that dropout acts the same: with g = m / n and x_d = dropout(x),
+            y = (W0·x + b) + (g - 1)·W0·x_d + g·s·B·A·x_d,
+        which without dropout (or in eval mode) is exactly g·(W0 + s·B·A)·x + b."""
+        g = self.magnitude / self.weight_norm().detach()       # (out,)
+        y = self.base(x)                                        # W0·x + b, (..., out)
+        x_d = self.dropout(x)
+        base_d = F.linear(x_d, self.base.weight) if x_d is not x else y - (
+            self.base.bias if self.base.bias is not None else 0)
+        A, B = self._low_rank_pair()
+        lora = (x_d @ A.T) @ B.T * self.scaling                 # s·B·A·x_d, (..., out)
+        return y + (g - 1) * base_d + g * lora
+
+    def weight_norm(self) -> torch.Tensor:
+        """||W0 + s·B·A|| of each output row, (out,): DoRA's column norm ||·||_c (their W is [in, out])."""
+        return torch.linalg.vector_norm(self.base.weight + self.delta_weight(), dim=1)
+
     def delta_weight(self) -> torch.Tensor:
         """Δ = s·B·A, [out, in]: what `merge()` adds to W0."""
         return self.scaling * (self.B @ self.A)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W0 <- W0 + Δ; the forward pass then runs the base layer alone."""
+        """W0 <- W0 + Δ (DoRA: W0 <- m · (W0 + Δ) / n, row by row); the forward pass then runs the base layer
+        alone."""
         if self.merged:
             raise RuntimeError("this LoRA layer is already merged; unmerge() first")
-        self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
+        w = self.base.weight
+        if self.magnitude is None:
+            w.add_(self.delta_weight().to(w.dtype))
+        else:
+            self._merged_norm = self.weight_norm()
+            w.copy_(((w + self.delta_weight()) * (self.magnitude / self._merged_norm)[:, None]).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W0 <- W0 - Δ, undoing `merge()` (exact up to one rounding per weight)."""
+        """W0 <- W0 - Δ (DoRA: W0 <- W' · n / m - Δ), undoing `merge()` up to float rounding."""
         if not self.merged:
             raise RuntimeError("this LoRA layer is not merged")
-        self.base.weight.sub_(self.delta_weight().to(self.base.weight.dtype))
+        w = self.base.weight
+        if self.magnitude is None:
+            w.sub_(self.delta_weight().to(w.dtype))
+        else:
+            w.copy_((w * (self._merged_norm / self.magnitude)[:, None] - self.delta_weight()).to(w.dtype))
+            self._merged_norm = None
         self.merged = False
 
     def describe(self) -> str:
         return "whole"
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}, merged={self.merged}"
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.rslora}, "
+                f"dora={self.magnitude is not None}, merged={self.merged}")
 
 
 class LoRAQKV(LoRALinear):
@@ -147,11 +195,11 @@ class LoRAQKV(LoRALinear):
     """
 
     def __init__(self, base: nn.Linear, parts: str = "qv", r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 rslora: bool = False):
+                 rslora: bool = False, use_dora: bool = False):
         self.parts = _check_qkv(parts)
         if base.out_features % 3:
             raise ValueError(f"per-projection LoRA needs a fused q|k|v layer (3·C outputs); got {base.out_features}")
-        super().__init__(base, r, alpha, dropout, rslora)
+        super().__init__(base, r, alpha, dropout, rslora, use_dora)
 
     def _init_factors(self) -> None:
         C = self.out_features // 3
@@ -242,13 +290,14 @@ def _find_targets(model: nn.Module, targets: Targets) -> list[str]:
 
 def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                targets: Targets = ("c_attn",), qkv: Optional[str] = None, rslora: bool = False,
-               verbose: bool = True) -> nn.Module:
+               use_dora: bool = False, verbose: bool = True) -> nn.Module:
     """Freeze every parameter of `model`, then wrap each target projection in LoRA.
 
     targets: suffixes of module names, matched as peft matches them (so "c_proj"
     means attn.c_proj and mlp.c_proj), or one regex string over full names.
     qkv: None adapts the fused c_attn as a whole (one A, B; what peft does);
     a subset of "qkv" such as "qv" gives each chosen projection its own A and B.
+    use_dora: DoRA's trained magnitude on top (module docstring); with qkv it spans all 3C rows of c_attn.
     Prints a one-line summary when verbose. Returns the same model, changed in place.
     """
     _check_hyper(r, alpha, dropout)
@@ -262,9 +311,9 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16, dropout: floa
         parent_name, _, child = name.rpartition(".")
         base = model.get_submodule(name)
         if qkv is not None and name.endswith("attn.c_attn"):
-            layer = LoRAQKV(base, qkv, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+            layer = LoRAQKV(base, qkv, r=r, alpha=alpha, dropout=dropout, rslora=rslora, use_dora=use_dora)
         else:
-            layer = LoRALinear(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+            layer = LoRALinear(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora, use_dora=use_dora)
         setattr(model.get_submodule(parent_name), child, layer)
     model.lora_targets = sorted(targets) if not isinstance(targets, str) else targets  # written to adapter_config.json
     if verbose:
@@ -292,7 +341,8 @@ def lora_summary(model: nn.Module) -> str:
     qkv = {m.describe() for m in layers if isinstance(m, LoRAQKV)}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return (f"LoRA r={layers[0].r}{' (rsLoRA)' if layers[0].rslora else ''} on {targets}"
+    kind = "DoRA" if layers[0].magnitude is not None else "LoRA"
+    return (f"{kind} r={layers[0].r}{' (rsLoRA)' if layers[0].rslora else ''} on {targets}"
             f"{' (c_attn per projection: ' + '/'.join(qkv) + ')' if qkv else ''}: "
             f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 

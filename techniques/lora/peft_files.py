@@ -4,7 +4,8 @@ A peft LoRA adapter is a folder with `adapter_config.json` (r, lora_alpha,
 target_modules, ...) and `adapter_model.safetensors`, which holds for every
 adapted layer `base_model.model.<name>.lora_A.weight` (A, [r, in]) and
 `...lora_B.weight` (B, [out, r]): the same A and B as eq. (3) of Hu et al. 2021,
-in the same orientation as ours. The file names and the peft_type/task_type
+in the same orientation as ours; with `use_dora: true`, also DoRA's magnitude
+`...lora_magnitude_vector` ([out], one per output row, as ours). The file names and the peft_type/task_type
 checks are shared with prefix tuning (`techniques/peft_format.py`).
 
 Reading order: the fields this LoRA refuses (`_MUST_BE_OFF`, `_PLAIN_INITS`),
@@ -18,7 +19,7 @@ Where this differs from peft, and why:
 - peft has one adapter per layer, so a per-projection `LoRAQKV` is saved by an
   exact conversion to that fused form (`_fused_factors`); rank and alpha grow
   so that the scaling, and the logits, stay the same.
-- Only plain LoRA is implemented: an adapter that uses DoRA, rank_pattern,
+- LoRA and DoRA are implemented: an adapter that uses rank_pattern,
   alpha_pattern, trainable biases, modules_to_save, ... is refused with an
   error that names the option, rather than loaded with the wrong math.
 """
@@ -39,11 +40,12 @@ from .lora import QKV, LoRALinear, LoRAQKV, _check_hyper, _find_targets, apply_l
 __all__ = ["save_adapter", "load_adapter"]
 
 PEFT_PREFIX = "base_model.model."  # peft's PeftModelForCausalLM -> LoraModel -> our module names
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's m, as peft names it in adapter_model.safetensors
 
 # LoraConfig fields (peft 0.21) and the value meaning "off"; a file that turns any of them on
 # asks for math this module does not do, so loading refuses it.
 _MUST_BE_OFF = {
-    "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none", "lora_bias": False,
+    "rank_pattern": {}, "alpha_pattern": {}, "bias": "none", "lora_bias": False,
     "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
     "exclude_modules": None, "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
     "use_bdlora": None, "alora_invocation_tokens": None, "arrow_config": None, "kasa_config": None,
@@ -54,6 +56,8 @@ _HARMLESS = {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "targe
              "use_rslora", "init_lora_weights", "base_model_name_or_path", "revision", "inference_mode",
              "auto_mapping", "peft_version", "megatron_core", "loftq_config", "eva_config", "corda_config",
              "lora_ga_config", "qalora_group_size", "ensure_weight_tying", "runtime_config"}
+# Fields that change the math and that this LoRA implements.
+_HANDLED = {"use_dora"}
 # init_lora_weights values that leave W0 alone (pissa, olora, corda, loftq, lora_ga rewrite it).
 _PLAIN_INITS = (True, False, "gaussian", "eva")
 
@@ -62,8 +66,8 @@ _PLAIN_INITS = (True, False, "gaussian", "eva")
 def _uniform(layers: list[LoRALinear]) -> LoRALinear:
     first = layers[0]
     for layer in layers[1:]:
-        if (layer.r, layer.scaling, layer.rslora, repr(layer.dropout)) != \
-                (first.r, first.scaling, first.rslora, repr(first.dropout)):
+        if (layer.r, layer.scaling, layer.rslora, repr(layer.dropout), layer.magnitude is None) != \
+                (first.r, first.scaling, first.rslora, repr(first.dropout), first.magnitude is None):
             raise ValueError("peft's adapter_config.json holds one r/alpha/dropout for all layers, but these LoRA "
                              "layers differ; build them with one apply_lora call")
     return first
@@ -107,6 +111,8 @@ def _adapter_files(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
         A, B = _fused_factors(layer, rank)
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A  # (rank, in)
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B  # (out, rank)
+        if layer.magnitude is not None:
+            tensors[f"{PEFT_PREFIX}{name}.{MAGNITUDE}"] = layer.magnitude  # (out,)
     targets = getattr(model, "lora_targets", None) or sorted({n.rsplit(".", 1)[-1] for n in layers})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
@@ -116,6 +122,7 @@ def _adapter_files(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
         "inference_mode": True, "revision": None, "auto_mapping": None, "megatron_core": "megatron.core",
         "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
         "qalora_group_size": 16, "ensure_weight_tying": False, **_MUST_BE_OFF,
+        "use_dora": first.magnitude is not None,
     }
     return config, tensors
 
@@ -149,7 +156,8 @@ def _check_peft_config(cfg: dict, path: Path) -> None:
         raise ValueError(f"{path} sets init_lora_weights={cfg['init_lora_weights']!r}, which rewrites the base "
                          "weights in peft; this LoRA assumes the original W0. Save it from peft with the "
                          "conversion to plain LoRA (path_initial_model_for_weight_conversion)")
-    unknown = sorted(k for k, v in cfg.items() if k not in _HARMLESS and k not in _MUST_BE_OFF and not _is_off(v, None))
+    unknown = sorted(k for k, v in cfg.items()
+                     if k not in _HARMLESS | _HANDLED and k not in _MUST_BE_OFF and not _is_off(v, None))
     if unknown:
         raise ValueError(f"{path} sets {', '.join(unknown)}, unknown to this LoRA (written by a newer peft?); "
                          "refusing rather than guessing the math")
@@ -161,13 +169,17 @@ def _check_peft_config(cfg: dict, path: Path) -> None:
         raise ValueError(f"{path}: {e}") from None
 
 
-def _check_tensors(model: nn.Module, names: list[str], tensors: dict, r: int, path: Path) -> None:
-    """Before touching the model: each target has its A [r, in] and B [out, r], and nothing is left over."""
+def _check_tensors(model: nn.Module, names: list[str], tensors: dict, r: int, dora: bool, path: Path) -> None:
+    """Before touching the model: each target has its A [r, in] and B [out, r] (and DoRA's magnitude [out]),
+    and nothing is left over."""
     left = set(tensors)
     for name in names:
         base = model.get_submodule(name)
-        for key, shape in ((f"{PEFT_PREFIX}{name}.lora_A.weight", (r, base.in_features)),
-                           (f"{PEFT_PREFIX}{name}.lora_B.weight", (base.out_features, r))):
+        wanted = [(f"{PEFT_PREFIX}{name}.lora_A.weight", (r, base.in_features)),
+                  (f"{PEFT_PREFIX}{name}.lora_B.weight", (base.out_features, r))]
+        if dora:
+            wanted.append((f"{PEFT_PREFIX}{name}.{MAGNITUDE}", (base.out_features,)))
+        for key, shape in wanted:
             if key not in tensors:
                 raise ValueError(f"{path} has no tensor {key}, which its config's target_modules ask for")
             if tuple(tensors[key].shape) != shape:
@@ -191,11 +203,14 @@ def load_adapter(model: nn.Module, directory: Union[str, Path]) -> nn.Module:
     _check_peft_config(cfg, directory / ADAPTER_CONFIG)
     tensors = read_adapter_weights(directory)
     targets = cfg["target_modules"] if isinstance(cfg["target_modules"], str) else sorted(cfg["target_modules"])
-    _check_tensors(model, _find_targets(model, targets), tensors, cfg["r"], directory / ADAPTER_WEIGHTS)
+    dora = bool(cfg.get("use_dora", False))
+    _check_tensors(model, _find_targets(model, targets), tensors, cfg["r"], dora, directory / ADAPTER_WEIGHTS)
     apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout") or 0.0,
-               targets=targets, rslora=bool(cfg.get("use_rslora", False)), verbose=False)
+               targets=targets, rslora=bool(cfg.get("use_rslora", False)), use_dora=dora, verbose=False)
     with torch.no_grad():
         for name, layer in lora_modules(model):
             layer.A.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"])
             layer.B.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+            if dora:
+                layer.magnitude.copy_(tensors[f"{PEFT_PREFIX}{name}.{MAGNITUDE}"])
     return model

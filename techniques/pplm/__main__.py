@@ -24,8 +24,8 @@ from typing import Sequence
 import torch
 
 from minigpt import EOT_ID, cast_frozen_linears, get_tokenizer, save_history
-from minigpt.cli import (add_model_args, add_train_args, describe_plan, is_main_process, model_from_args, positive_int,
-                         run_command, split_from_args, train_config_from_args)
+from minigpt.cli import (add_dtype_arg, add_model_args, add_train_args, describe_plan, is_main_process, model_from_args,
+                         positive_int, run_command, split_from_args, train_config_from_args)
 
 from .attributes import (PAPER_HEADS, bag_names, check_classes_have_rows, load_bag, load_discriminator,
                          load_labelled_tsv, train_discriminator)
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-color", action="store_true", help="never highlight bag words")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     add_model_args(p)
+    add_dtype_arg(p)
     _knob_args(p)
     return p
 
@@ -216,7 +217,7 @@ def generate_command(args) -> None:
     if not bags and not avoid and head is None:
         raise ValueError("give a bag of words (--bow / --bow-words / --avoid-bow) and/or a discriminator (--discrim)")
     cfg = PPLMConfig(**knobs)
-    model = model_from_args(args)
+    model = model_from_args(args, dtype=args.dtype)
     if head is not None:
         head.check_model(model)
         if args.class_label is None:

@@ -228,7 +228,8 @@ def _discriminator_loss(model: GPT, ctx: Context, probs: torch.Tensor, hidden_pe
         past, total_h = o.past_key_values, total_h + o.hidden_states[-1][:, -1]
     mean = total_h / (ctx.count + 1 + obj.horizon_length)[:, None].to(total_h.dtype)   # (B, C)
     target = torch.full((probs.size(0),), obj.label, dtype=torch.long, device=probs.device)
-    return F.cross_entropy(obj.head(mean), target, reduction="none")
+    head_dtype = next(obj.head.parameters()).dtype  # the head stays fp32 when the model runs in bf16/fp16
+    return F.cross_entropy(obj.head(mean.to(head_dtype)), target, reduction="none")
 
 
 def perturbed_loss(model: GPT, ctx: Context, delta: torch.Tensor, obj: Objective):
@@ -369,8 +370,8 @@ def _attribute(logits, logits_pert, hidden, hidden_pert, hidden_sum, count, obj)
     unperturbed / perturbed hidden state, or else the bags' mass under p / p̃ (the avoided bags'
     mass when there are only those: lower is then better)."""
     if obj.head is not None:
-        n = (count + 1)[:, None].to(hidden.dtype)
-        f = lambda h: obj.head((hidden_sum + h) / n).softmax(-1)[:, obj.label]
+        n, head_dtype = (count + 1)[:, None].to(hidden.dtype), next(obj.head.parameters()).dtype
+        f = lambda h: obj.head(((hidden_sum + h) / n).to(head_dtype)).softmax(-1)[:, obj.label]
         return f(hidden), f(hidden_pert)
     bags = obj.bags if obj.bags is not None else obj.avoid
     if bags is not None:
