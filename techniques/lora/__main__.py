@@ -2,8 +2,10 @@
 
     train  LoRA on a .txt or prompt/completion .jsonl file; saves a peft-format adapter
            (adapter_config.json + adapter_model.safetensors) and history.json in --out,
-           only once training has finished.
-    merge  fold an adapter into the weights (W0 <- W0 + (alpha/r)·B·A) and save a plain checkpoint.
+           only once training has finished. --quantize nf4 is QLoRA: the blocks' frozen
+           Linears stored in 4-bit NF4 (double-quantised absmaxes unless --no-double-quant).
+    merge  fold an adapter into the weights (W0 <- W0 + (alpha/r)·B·A) and save a plain checkpoint;
+           --quantize nf4 merges into the dequantised 4-bit W0' the adapter was trained on.
 
 The options shared with the other commands (model, training) come from
 `minigpt.cli`, and so does the error policy: a user's mistake is one line
@@ -18,6 +20,7 @@ from minigpt.cli import (add_model_args, add_train_args, describe_plan, is_main_
                          run_command, split_from_args, train_config_from_args)
 
 from .lora import apply_lora, lora_parameters, lora_summary, merge_lora
+from .nf4 import quantize_base
 from .peft_files import load_adapter, save_adapter
 
 
@@ -44,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--dora", action="store_true",
                       help="DoRA (Liu et al. 2024): also train a magnitude per output, W' = m·(W0 + s·B·A)/||·||; "
                            "saved with use_dora: true, as peft does")
+    add_quantize_args(lora)
     add_train_args(t, lr=2e-4, lr_help="2e-4")
 
     m = sub.add_parser("merge", help="fold an adapter into the weights and save a plain checkpoint",
@@ -51,19 +55,46 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lora", required=True, metavar="DIR", help="the adapter folder (peft format)")
     m.add_argument("--out", required=True, metavar="DIR", help="where the merged config.json + model.safetensors go")
     add_model_args(m)
+    add_quantize_args(m, merging=True)
     return p
+
+
+def add_quantize_args(parser, merging: bool = False) -> None:
+    """--quantize none|nf4 and --no-double-quant: QLoRA's 4-bit base (techniques/lora/nf4.py)."""
+    parser.add_argument("--quantize", choices=("none", "nf4"), default="none",
+                        help="merge into the base as the adapter saw it in training: the NF4-dequantised W0' "
+                             "(default: none, the full-precision W0)" if merging else
+                        "QLoRA: store the frozen Linears of the blocks in 4-bit NF4, dequantised on the fly "
+                        "(about 1/7.75 of their fp32 bytes); LoRA trains on top in full precision (default: none)")
+    parser.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                        help="with --quantize nf4: keep each block's absmax in fp32 (4.5 bits per weight) instead "
+                             "of double-quantising them to 8 bits (4.127 bits per weight)")
+
+
+def check_quantize_args(args) -> None:
+    if args.quantize != "nf4" and not args.double_quant:
+        raise ValueError("--no-double-quant applies to --quantize nf4 only")
+
+
+def quantize_from_args(model, args) -> None:
+    """quantize_base(model) for --quantize nf4, before any adapter goes on."""
+    if args.quantize == "nf4":
+        quantize_base(model, double_quant=args.double_quant)
 
 
 def train_command(args) -> None:
     config = train_config_from_args(args)  # checks the training options before anything is loaded
+    check_quantize_args(args)
     examples = load_lm_data(args.data, get_tokenizer(), args.block_size)
     model = model_from_args(args)
     if args.block_size > model.config.n_positions:
         raise ValueError(f"--block-size {args.block_size} exceeds the model's n_positions {model.config.n_positions}")
+    quantize_from_args(model, args)  # QLoRA: 4-bit W0 first, so the adapter (and DoRA's m) starts from W0'
     apply_lora(model, r=args.r, alpha=args.alpha, dropout=args.dropout,
                targets=[t.strip() for t in args.targets.split(",") if t.strip()], qkv=args.qkv, rslora=args.rslora,
                use_dora=args.dora, verbose=False)
     cast_frozen_linears(model, config.autocast_dtype)  # bf16/fp16: the frozen W0 stored as autocast would cast it
+    # (it casts nn.Linear only: NF4 layers stay 4-bit, and their W0' is dequantised in fp32, then cast by autocast)
     train_set, eval_set = split_from_args(examples, args)
     print(lora_summary(model))
     print(describe_plan(len(train_set), len(eval_set), config), flush=True)
@@ -85,11 +116,19 @@ def run_info(args) -> dict:
     return {"command": "techniques.lora train", "model": args.weights or args.model, "data": str(args.data),
             "block_size": args.block_size, "eval_fraction": args.eval_fraction, "r": args.r, "alpha": args.alpha,
             "dropout": args.dropout, "targets": args.targets, "qkv": args.qkv, "rslora": args.rslora,
-            "dora": args.dora}
+            "dora": args.dora, "quantize": quantize_name(args)}
+
+
+def quantize_name(args):
+    """None (no quantisation: what checkpoints from before --quantize hold), 'nf4' or 'nf4+double-quant'."""
+    return None if args.quantize == "none" else "nf4" + ("+double-quant" if args.double_quant else "")
 
 
 def merge_command(args) -> None:
-    model = merge_lora(load_adapter(model_from_args(args), args.lora))
+    check_quantize_args(args)
+    model = model_from_args(args)
+    quantize_from_args(model, args)
+    model = merge_lora(load_adapter(model, args.lora))
     model.save_pretrained(args.out)
     print(f"merged {args.lora} into the weights; saved to {args.out}")
 

@@ -21,6 +21,13 @@ with the norm treated as a constant in the backward pass (their section 4.3:
 "detached", which saves memory and changes little). `use_dora=True` on a layer
 or on `apply_lora` turns it on; at step 0 (B = 0) W' = W0 exactly.
 
+QLoRA (Dettmers et al. 2023, arXiv:2305.14314) is this same layer on a base stored in
+4-bit NF4: `quantize_base(model)` (in `nf4.py`) before `apply_lora`, and W0 above is
+then the dequantised W0' = dequant(W_NF4), made again at each forward pass (their
+eq. 5). A and B (and DoRA's m) train in full precision as before. Merging needs W0
+in full precision: `merge_lora` dequantises the base to a plain nn.Linear first;
+`LoRALinear.merge()` alone on a 4-bit base is refused (it would add Δ to a copy).
+
 Reading order: the layer (`LoRALinear`), its per-projection variant for the fused
 q|k|v `c_attn` (`LoRAQKV`), where it goes (`apply_lora`, `lora_parameters`,
 `lora_summary`) and how it leaves (`merge_lora`). The adapter files in peft's
@@ -45,6 +52,8 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .nf4 import NF4Linear, dequantize_base, nf4_memory
 
 __all__ = ["LoRALinear", "LoRAQKV", "apply_lora", "merge_lora", "lora_modules", "lora_parameters", "lora_summary"]
 
@@ -153,6 +162,7 @@ class LoRALinear(nn.Module):
         alone."""
         if self.merged:
             raise RuntimeError("this LoRA layer is already merged; unmerge() first")
+        self._check_not_4bit("merge")
         w = self.base.weight
         if self.magnitude is None:
             w.add_(self.delta_weight().to(w.dtype))
@@ -166,6 +176,7 @@ class LoRALinear(nn.Module):
         """W0 <- W0 - Δ (DoRA: W0 <- W' · n / m - Δ), undoing `merge()` up to float rounding."""
         if not self.merged:
             raise RuntimeError("this LoRA layer is not merged")
+        self._check_not_4bit("unmerge")
         w = self.base.weight
         if self.magnitude is None:
             w.sub_(self.delta_weight().to(w.dtype))
@@ -173,6 +184,12 @@ class LoRALinear(nn.Module):
             w.copy_((w * (self._merged_norm / self.magnitude)[:, None] - self.delta_weight()).to(w.dtype))
             self._merged_norm = None
         self.merged = False
+
+    def _check_not_4bit(self, what: str) -> None:
+        if isinstance(self.base, NF4Linear):
+            raise RuntimeError(f"cannot {what} into a 4-bit NF4 base (its weight is dequantised on the fly, so Δ "
+                               "would be added to a copy); merge_lora(model) dequantises it to a plain nn.Linear "
+                               "first, or set layer.base = layer.base.to_linear() yourself")
 
     def describe(self) -> str:
         return "whole"
@@ -273,7 +290,7 @@ def _find_targets(model: nn.Module, targets: Targets) -> list[str]:
         module = model.get_submodule(n)
         if isinstance(module, LoRALinear):
             raise ValueError(f"{n} already carries LoRA; merge_lora(model) first, or apply once with all targets")
-        if not isinstance(module, nn.Linear) or not n.startswith("transformer.h."):
+        if not isinstance(module, (nn.Linear, NF4Linear)) or not n.startswith("transformer.h."):
             raise ValueError(f"target {n} is a {type(module).__name__}; LoRA here wraps the blocks' nn.Linear "
                              "projections: c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj (c_proj means both)")
     if isinstance(targets, str):
@@ -332,7 +349,9 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def lora_summary(model: nn.Module) -> str:
-    """e.g. 'LoRA r=8 on c_attn: 294,912 trainable of 124,734,720 parameters (0.24%)'."""
+    """e.g. 'LoRA r=8 on c_attn: 294,912 trainable of 124,734,720 parameters (0.24%)', and for a 4-bit
+    base (`quantize_base`) '; base Linears 4-bit NF4: 41.8 MiB (fp32 would be 324 MiB, 1/7.75)'.
+    The NF4 weights are buffers, not parameters, but are counted as the parameters they stand for."""
     layers = [m for _, m in lora_modules(model)]
     if not layers:
         return "no LoRA layers in this model"
@@ -340,11 +359,14 @@ def lora_summary(model: nn.Module) -> str:
     targets = targets if isinstance(targets, str) else ", ".join(targets)
     qkv = {m.describe() for m in layers if isinstance(m, LoRAQKV)}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    nf4_bytes, fp32_bytes, n_nf4 = nf4_memory(model)
+    total = sum(p.numel() for p in model.parameters()) + fp32_bytes // 4
     kind = "DoRA" if layers[0].magnitude is not None else "LoRA"
+    memory = (f"; base Linears 4-bit NF4: {nf4_bytes / 2**20:.3g} MiB (fp32 would be {fp32_bytes / 2**20:.3g} MiB, "
+              f"1/{fp32_bytes / nf4_bytes:.2f})" if n_nf4 else "")
     return (f"{kind} r={layers[0].r}{' (rsLoRA)' if layers[0].rslora else ''} on {targets}"
             f"{' (c_attn per projection: ' + '/'.join(qkv) + ')' if qkv else ''}: "
-            f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+            f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%){memory}")
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -352,12 +374,18 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
     Afterwards the model is an ordinary GPT again: same modules, same cost, and
     `save_pretrained` writes a normal checkpoint. All parameters stay frozen.
+    A 4-bit NF4 base (QLoRA) is dequantised first: the merged weight is W0' + Δ with
+    W0' = dequant(W_NF4), the weight the adapter was trained on, stored in full precision;
+    the NF4 layers without an adapter become plain nn.Linears holding their W0' too.
     """
     for name, layer in list(lora_modules(model)):
+        if isinstance(layer.base, NF4Linear):
+            layer.base = layer.base.to_linear()
         if not layer.merged:
             layer.merge()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
+    dequantize_base(model)
     if hasattr(model, "lora_targets"):
         del model.lora_targets
     return model
