@@ -79,7 +79,8 @@ def dynamic_map() -> torch.Tensor:
 
 
 DYNAMIC_CODE = dynamic_map()
-NF4_PAIRS = torch.stack((NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)), dim=1)  # (256, 2): byte b -> its 2 values
+# (256, 2): row b is the pair a packed byte b stands for, (NF4[b >> 4], NF4[b & 15])
+NF4_PAIRS = torch.stack((NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)), dim=1)
 
 
 # ---- blockwise absmax quantisation, for any sorted code book -----------------------------------
@@ -224,12 +225,14 @@ class NF4Linear(nn.Module):
 
 
 # ---- where it goes ----------------------------------------------------------------------------
-def quantize_base(model: nn.Module, double_quant: bool = True) -> int:
+def quantize_base(model: nn.Module, double_quant: bool = True, device: Optional[torch.device | str] = None) -> int:
     """Store every nn.Linear inside the transformer blocks (`transformer.h.*`: c_attn, attn.c_proj,
     mlp.c_fc, mlp.c_proj) as an NF4Linear, in place, as QLoRA does for the whole frozen base.
     Embeddings, LayerNorms and the head (tied to the token embedding) stay as they are.
     Call it before `apply_lora` (DoRA's magnitude starts at the norms of the quantised W0').
-    Returns how many layers were quantised."""
+    device: where to quantise and keep the 4-bit layers (default: where each layer is). A model loaded
+    into host memory can so go to a small GPU one layer at a time, never whole in full precision; move
+    the rest of it (`model.to(device)`) afterwards. Returns how many layers were quantised."""
     from .lora import LoRALinear  # lora.py imports this file
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("the model already carries LoRA layers; quantize_base(model) first, then apply_lora "
@@ -239,7 +242,11 @@ def quantize_base(model: nn.Module, double_quant: bool = True) -> int:
         raise ValueError("no nn.Linear under transformer.h.* to quantise (already NF4, or not a GPT)")
     for name in names:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, NF4Linear.from_linear(model.get_submodule(name), double_quant))
+        linear = model.get_submodule(name)
+        w, b = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+        if device is not None:
+            w, b = w.to(device), None if b is None else b.to(device)
+        setattr(model.get_submodule(parent), child, NF4Linear(w, b, double_quant))
     return len(names)
 
 
