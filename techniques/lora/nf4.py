@@ -6,19 +6,24 @@ absolute maximum c (fp32) and, for each element, the index of the nearest value 
 the 16-value NormalFloat code book q_j (eq. 4: quantiles of N(0, 1), rescaled to
 [-1, 1]):
 
-    W_4bit = round_NF4(W / c)        dequant(W_4bit, c) = q[W_4bit] · c          (eq. 1, blockwise)
+    W_4bit = round_NF4(W / c)        dequant(W_4bit, c) = q[W_4bit] · c          (eqs. 1-2, blockwise)
 
+(the paper writes the scale as 1/c and divides; we keep c and multiply, as bitsandbytes
+stores it).
 Two 4-bit indices are packed per byte. Double quantisation (section 3, "Double
 Quantization") stores the block absmaxes c themselves in 8 bits: their mean is
 subtracted, the centred values are cut into blocks of 256, and each is stored as
 an 8-bit code of the dynamic data type with one fp32 absmax per 256:
 
-    c ≈ dequant(c_8bit, c2) + mean(c)        ≈ 4 + 8/64 + 32/(64·256) = 4.127 bits per weight
+    c ≈ dequant(c_8bit, c2) + mean(c)        ≈ 4 + 8/64 + 32/(64·256) = 4.127 bits per weight   (eq. 6)
 
 (without it 4 + 32/64 = 4.5 bits). The forward pass is eq. (5) with the adapter
 added by `LoRALinear` around this layer:
 
     Y = X · doubleDequant(c1, c2, W_NF4)ᵀ + b        (+ s·X·Aᵀ·Bᵀ in LoRALinear)
+
+in the compute dtype of the run (fp32, or bf16/fp16 under autocast) where the paper
+writes BF16 throughout.
 
 Reading order: the two code books (`NF4_CODE`, `dynamic_map`), blockwise absmax
 quantisation (`quantize_blocks` / `dequantize_blocks`), nibble packing, NF4 with or
@@ -28,7 +33,9 @@ without double quantisation (`quantize_nf4` / `dequantize_nf4`), the layer
 The storage matches bitsandbytes' `quantize_4bit(..., quant_type="nf4", blocksize=64,
 compress_statistics=True|False)` byte for byte (tests/test_qlora.py): the same code
 books, nearest code with ties to the lower one, the first of two elements in the
-high nibble, the same 8-bit code for the absmaxes. Where it differs, and why:
+high nibble, the same 8-bit code for the absmaxes (equal to bitsandbytes' pure-PyTorch
+reference kernel; its native CPU kernel picks a neighbouring 8-bit code for ~0.2% of
+the absmaxes, those near a midpoint). Where it differs, and why:
 - a last block shorter than 64 (in·out not a multiple of 64) is padded with zeros
   to a whole block, so every tensor here has whole blocks; zeros change neither the
   block's absmax nor the other codes, and the bytes bitsandbytes stores are the
@@ -52,9 +59,9 @@ __all__ = ["NF4_CODE", "dynamic_map", "quantize_nf4", "dequantize_nf4", "NF4Line
 BLOCK = 64           # weights per absmax (the paper's block size for W)
 ABSMAX_BLOCK = 256   # absmaxes per second-level absmax (double quantisation)
 
-# The paper's NF4 (its appendix E; bitsandbytes' table), as fp32: the 16 values of eq. (4) built asymmetrically,
-# 8 quantiles of N(0, 1) for the positive half, 7 for the negative half and an exact zero, divided by the largest.
-# tests/test_qlora.py builds them again from that definition.
+# The paper's NF4 (the values its appendix lists; bitsandbytes' table), as fp32: the 16 values of eq. (4) built
+# asymmetrically, 8 quantiles of N(0, 1) for the positive half, 7 for the negative half and an exact zero, divided
+# by the largest. tests/test_qlora.py builds them again from that definition.
 NF4_CODE = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
