@@ -371,3 +371,26 @@ def test_cli_quantize_options(tmp_path, capsys):
     code, _, err = run_cli(base + ["--quantize", "nf8"], capsys)
     assert code == 2 and "invalid choice" in err
     json.dumps(run_info(parse(base + ["--quantize", "nf4"])))                # JSON-ready, as checkpoints store it
+
+
+def test_cli_resume_continues_a_4bit_run_exactly_and_refuses_another_setting(tiny_hf, tmp_path, capsys):
+    """--quantize is part of the run: a checkpoint of an NF4 run resumes to the uninterrupted run's adapter, and
+    resuming it without --quantize (or without double quantisation) is refused with the difference named."""
+    from safetensors.torch import load_file
+    data = tmp_path / "text.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+
+    def run(out, *extra):
+        return run_cli(["train", "--weights", str(tiny_hf[2]), "--data", str(data), "--block-size", "16",
+                        "--batch-size", "3", "--device", "cpu", "--no-progress", "--precision", "fp32",
+                        "--max-steps", "4", "--out", str(tmp_path / out), *extra], capsys)
+    assert run("a", "--quantize", "nf4", "--save-every", "2")[0] == 0
+    state = str(tmp_path / "a" / "train_state")
+    code, out, err = run("b", "--quantize", "nf4", "--resume", state)
+    assert code == 0 and "resuming from" in out, err
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    code, _, err = run("c", "--resume", state)
+    assert code == 2 and "quantize: 'nf4+double-quant' in the checkpoint, None now" in err
+    code, _, err = run("d", "--quantize", "nf4", "--no-double-quant", "--resume", state)
+    assert code == 2 and "quantize: 'nf4+double-quant' in the checkpoint, 'nf4' now" in err
