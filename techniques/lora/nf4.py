@@ -240,8 +240,8 @@ def quantize_base(model: nn.Module, double_quant: bool = True, device: Optional[
     device: where to quantise and keep the 4-bit layers (default: where each layer is). A model loaded
     into host memory can so go to a small GPU one layer at a time, never whole in full precision; move
     the rest of it (`model.to(device)`) afterwards. Returns how many layers were quantised."""
-    from .lora import LoRALinear  # lora.py imports this file
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    # a LoRA layer is told by its parts (base, A, B): lora.py imports this file, not the other way round
+    if any(all(hasattr(m, part) for part in ("base", "A", "B")) for m in model.modules()):
         raise ValueError("the model already carries LoRA layers; quantize_base(model) first, then apply_lora "
                          "(the adapter starts from the quantised W0)")
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("transformer.h.")]
