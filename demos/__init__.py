@@ -1,1 +1,1 @@
-"""Runnable demos: `python -m demos.tour`, `python -m demos.shakespeare_from_scratch`, ..."""
+"""Runnable demos: `python -m demos.tour`, `python -m demos.pretrain`, ..."""

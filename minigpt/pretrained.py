@@ -134,7 +134,8 @@ def resolve_weights_dir(name_or_path: str | os.PathLike) -> Path:
         d = bundled_dir(name)
         if not (d / "config.json").is_file():
             raise FileNotFoundError(f"the bundled model {name!r} is missing from {d}; reinstall minigpt, or "
-                                    "re-create it with `python -m demos.shakespeare_from_scratch --bundle`")
+                                    "re-create it with `python -m demos.pretrain_data` then "
+                                    "`python -m demos.pretrain --bundle`")
         return d
     path = Path(name_or_path).expanduser()
     if path.is_dir():

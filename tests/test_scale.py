@@ -270,7 +270,7 @@ def test_prefix_cli_resume_continues_a_checkpoint_exactly(tiny_hf, text_file, tm
 
 
 def test_pretraining_command_resumes_exactly(tmp_path):
-    run = [sys.executable, "-m", "demos.shakespeare_from_scratch", "--smoke", "--no-progress", "--steps", "4"]
+    run = [sys.executable, "-m", "demos.pretrain", "--smoke", "--no-progress", "--steps", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     a = subprocess.run([*run, "--save-every", "3", "--out", str(tmp_path / "a")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
