@@ -44,7 +44,9 @@ def test_smoke_runs_report_their_extra_numbers(smoke_runs):
         assert math.isfinite(extra["explainer"][k]), k
     assert extra["squad_qa"]["em_before"] >= 0 and extra["squad_qa"]["em_after"] >= 0
     assert extra["table_to_text"]["paper_bleu"]["prefix-tuning (0.1%), GPT-2 medium, arXiv v1 Table 1"] == 69.7
-    assert extra["table_to_text"]["decoding"] == "greedy"
+    assert extra["table_to_text"]["decoding"] == "beam 5"
+    for k in ("greedy_bleu_before", "greedy_bleu_after"):
+        assert 0 <= extra["table_to_text"][k] <= 100, k
 
 
 def test_explainer_gap_without_prefixes_is_zero(smoke_runs):
