@@ -216,6 +216,13 @@ def vader_scores(analyzer, texts: Sequence[str]) -> list[float]:
     return [analyzer.polarity_scores(t)["compound"] for t in texts]
 
 
+def distinct_n(token_rows: Sequence[Sequence[int]], n: int = 2) -> float:
+    """Dist-n (Li et al. 2016, as the PPLM paper reports it): distinct n-grams of generated tokens divided by
+    all of them, pooled over a setting's samples. Low values mean repetition, PPLM's failure at large steps."""
+    grams = [tuple(row[i:i + n]) for row in token_rows for i in range(len(row) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
 def positive_share(scores: Sequence[float]) -> float:
     return sum(s >= POSITIVE for s in scores) / max(1, len(scores))
 
@@ -272,8 +279,10 @@ def run(args) -> ProjectResult:
             "bow": continuations(model, prompts, desc=f"PPLM bag {BOW}", bow=BOW, **common, **bow_knobs)}
     texts = {k: [tok.decode(t) for t in v.tokens] for k, v in runs.items()}
     scores = {k: vader_scores(analyzer, v) for k, v in texts.items()}
+    distinct2 = {k: distinct_n([list(map(int, t)) for t in v.tokens], 2) for k, v in runs.items()}
     for k, label in (("plain", "unperturbed"), ("discrim", "discriminator"), ("bow", f"bag {BOW}")):
-        print(f"  {label:>18}: VADER compound {mean(scores[k]):+.3f}, positive {100 * positive_share(scores[k]):.0f}%")
+        print(f"  {label:>18}: VADER compound {mean(scores[k]):+.3f}, positive {100 * positive_share(scores[k]):.0f}%"
+              f", distinct-2 {distinct2[k]:.3f}")
     first = headline_setting(args)
     second = "bow" if first == "discrim" else "discrim"
     setting = {"discrim": f"PPLM discriminator ({head.source}), class {head.label}",
@@ -288,6 +297,9 @@ def run(args) -> ProjectResult:
                "second_setting": {"setting": setting[second], "knobs": knobs[second],
                                   "vader_compound_mean": mean(scores[second]),
                                   "positive_share": positive_share(scores[second])},
+               "distinct_2": {"unperturbed": distinct2["plain"], "discriminator": distinct2["discrim"],
+                              "bag": distinct2["bow"]},
+               "distinct_note": "Dist-2 (Li et al. 2016): distinct token bigrams / all, over the continuations",
                "discriminator_dev_accuracy": head.dev_accuracy,
                "bag_mass_per_step": {"unperturbed": mean(runs["plain"].attribute),
                                      "bag": mean(runs["bow"].attribute)},
@@ -333,7 +345,8 @@ def write_outputs(out, result: ProjectResult, prompts, samples, texts, scores, h
             f"VADER compound, mean: unperturbed {result.before:+.3f}; {LABELS[first]} {result.after:+.3f}; "
             f"{LABELS[second]} {x['second_setting']['vader_compound_mean']:+.3f}. Rated positive: "
             f"{100 * x['positive_share_before']:.0f}% / {100 * x['positive_share_after']:.0f}% / "
-            f"{100 * x['second_setting']['positive_share']:.0f}%.\n\n"
+            f"{100 * x['second_setting']['positive_share']:.0f}%. Distinct-2 (repetition: lower is more): "
+            + " / ".join(f"{v:.3f}" for v in x["distinct_2"].values()) + " (unperturbed / discriminator / bag).\n\n"
             f"A 2-core CPU and the small model forced {x['new_tokens']} new tokens (the paper: 50) and {samples} "
             "sample(s) per prompt; a head trained here uses a subset of SST-2's training rows.")
     path = write_samples(out, f"{TITLE}: unperturbed vs {LABELS[first]}", rows, note)
