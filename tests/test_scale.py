@@ -289,7 +289,10 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_says_where(tiny_hf, text_file, tmp
                              "--data", str(text_file), "--block-size", "16", "--batch-size", "2", "--device", "cpu",
                              "--no-progress", "--max-steps", "100000", "--save-every", "1", "--out", str(out)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            # a shell's background job starts with SIGINT ignored, and Python then installs no
+                            # KeyboardInterrupt handler: give the child the default, as a terminal would
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     state = out / "train_state" / "trainer_state.json"
     deadline = time.time() + 120
     while not state.is_file() and time.time() < deadline and proc.poll() is None:
