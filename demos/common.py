@@ -39,7 +39,7 @@ from minigpt import GPT, GPTConfig, resolve_device
 from minigpt.cli import add_model_args, add_precision_arg
 
 __all__ = ["MICRO_CONFIG", "AUTO", "add_demo_args", "ChosenModel", "choose_model", "new_figure", "save_figure",
-           "Report", "Stopwatch", "format_seconds", "finite_or_none", "bow_stepsize", "NARROW_MODEL_STEPSIZE_FACTOR"]
+           "Report", "Stopwatch", "format_seconds", "finite_or_none", "bow_stepsize", "STEPSIZE_FACTORS"]
 
 # The --smoke model: two layers of width 32, random weights, built in-process in well under a second.
 MICRO_CONFIG = dict(n_layer=2, n_head=2, n_embd=32, n_positions=128)
@@ -49,9 +49,14 @@ PREFERRED = "gpt2"
 FIGSIZE = (8.0, 4.5)   # inches: what a README shows at full width
 DPI = 110
 # PPLM's bag-of-words step size is the paper's (0.03, for GPT-2 medium, width 1024) on models at least 512 wide.
-# The bundled tiny model (width 128) forced a change: at 0.03 its bag mass per token rose by ~4% (0.071 -> 0.073
-# over 2 x 30 tokens in the tour), at 0.3 by ~60% with the text still readable. Narrower models take 10x.
-NARROW_MODEL_STEPSIZE_FACTOR = 10
+# Narrower models need a larger step for the same pull; measured with the tour's bag and sampling (positive_words,
+# top-k 10, 30 tokens, seed 300, 4 samples for each of 3 openings):
+# - width 256 (the bundled tiny v2): bag mass per token 0.021-0.035 unperturbed, 0.022-0.053 at 0.03, 0.069-0.092
+#   at 0.1 with the text still sentences, 0.32-0.50 at 0.3, where it becomes a list ("friendly friendly ...");
+#   so 0.1, the paper's x 10/3.
+# - width 128 (the first bundled model): at 0.03 its bag mass rose ~4% (0.071 -> 0.073), at 0.3 ~60% with the
+#   text still readable; so 0.3, the paper's x 10 (and the same below, e.g. the --smoke micro model).
+STEPSIZE_FACTORS = ((512, 1.0), (256, 10 / 3), (0, 10.0))   # (from this width up, factor on the paper's step)
 
 
 # ---- options ---------------------------------------------------------------------------------
@@ -116,8 +121,9 @@ def choose_model(args) -> ChosenModel:
 
 
 def bow_stepsize(model: GPT, paper: float) -> float:
-    """The PPLM bag-of-words step size for this model: the paper's value, or 10x it below width 512."""
-    return paper if model.config.n_embd >= 512 else paper * NARROW_MODEL_STEPSIZE_FACTOR
+    """The PPLM bag-of-words step size for this model: the paper's value from width 512, 10/3 of it from
+    width 256, 10x it below (STEPSIZE_FACTORS, measured on the bundled models)."""
+    return paper * next(f for width, f in STEPSIZE_FACTORS if model.config.n_embd >= width)
 
 
 def _kwargs(d: dict) -> str:

@@ -76,8 +76,8 @@ E2E_MAX_TOKENS = 110   # prompt + completion tokens kept per record (the longest
 
 # PPLM with a bag of words: the paper's BoW settings (Dathathri et al. 2020, appendix: stepsize 0.03-0.04,
 # 3 iterations, gamma 1.5, gm_scale 0.95, kl_scale 0.01, window 5, top-k 10 sampling), for GPT-2 medium.
-# The bundled tiny model forced one change, the step size: models narrower than 512 take 10x (0.3), see
-# demos.common.bow_stepsize for the measurement behind it.
+# The bundled tiny models forced one change, the step size: models narrower than 512 take a larger one (0.1 at
+# width 256, 0.3 below); see demos.common.bow_stepsize for the measurements behind it.
 PPLM_BAG = "positive_words"
 PPLM_PROMPT = "The lake"
 PPLM_KNOBS = dict(stepsize=0.03, num_iterations=3, gamma=1.5, gm_scale=0.95, kl_scale=0.01, window_length=5,

@@ -154,9 +154,11 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
     _check_outputs(out, "micro-random")
 
 
-def test_bag_step_size_is_the_papers_from_width_512_and_ten_times_below():
+def test_bag_step_size_is_the_papers_from_width_512_a_third_of_ten_times_from_256_and_ten_times_below():
     from demos.common import bow_stepsize
     from minigpt import GPT, GPTConfig
-    narrow, wide = (GPT(GPTConfig(n_layer=1, n_head=2, n_embd=c, n_positions=8, vocab_size=16)) for c in (32, 512))
-    assert bow_stepsize(wide, 0.03) == 0.03 and bow_stepsize(narrow, 0.03) == pytest.approx(0.3)
+    narrow, mid, wide, wider = (GPT(GPTConfig(n_layer=1, n_head=2, n_embd=c, n_positions=8, vocab_size=16))
+                                for c in (32, 256, 512, 1024))
+    assert bow_stepsize(wide, 0.03) == 0.03 and bow_stepsize(wider, 0.03) == 0.03
+    assert bow_stepsize(mid, 0.03) == pytest.approx(0.1) and bow_stepsize(narrow, 0.03) == pytest.approx(0.3)
     assert tour.pplm_knobs(narrow)["stepsize"] == pytest.approx(0.3) and tour.pplm_knobs(narrow, steer=False)["stepsize"] == 0

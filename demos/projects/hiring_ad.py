@@ -30,8 +30,8 @@ could only read 0 -> 0. It is still reported, unchanged, beside the balance.
 
 Hyperparameters: the reference's bag-of-words settings (uber-research/PPLM: stepsize 0.03, 3
 iterations, window 5, gamma 1.5, kl_scale 0.01, gm_scale 0.95, top-k 10 sampling), 50 new tokens; the
-avoid loss is a bag loss, so it takes them unchanged. On models narrower than 512 the step size is 10x
-(demos.common.bow_stepsize, as in the tour). On the bundled model the masculine-coded tokens hold about
+avoid loss is a bag loss, so it takes them unchanged. On models narrower than 512 the step size grows
+(0.1 at width 256, 0.3 below; demos.common.bow_stepsize, as in the tour). On the bundled model the masculine-coded tokens hold about
 0.1-0.2% of the next-token mass and never reach the top 10 the sampler draws from, so its unperturbed
 adverts contain none; metrics.json also carries the steered bag's mass per step (the steering's own
 signal, a diagnostic only), before and after.

@@ -11,8 +11,8 @@ all three, on the same prompts and seeds:
   data/poem_sentiment that its annotators labelled positive (train split; the dev split's positive verses for
   the eval loss), each read after "<|endoftext|>" (or --prefix DIR);
 - sentiment, PPLM (Dathathri et al. 2020) with the `positive_words` bag and the reference's bag-of-words knobs
-  (stepsize 0.03, 3 iterations, gamma 1.5, window 5, kl_scale 0.01, gm_scale 0.95, top-k 10; the step size is
-  10x below width 512, demos.common.bow_stepsize, as in the tour), on the past that
+  (stepsize 0.03, 3 iterations, gamma 1.5, window 5, kl_scale 0.01, gm_scale 0.95, top-k 10; the step size grows
+  below width 512: 0.1 at 256, 0.3 below; demos.common.bow_stepsize, as in the tour), on the past that
   the prefix starts (`techniques.pplm.generate(..., past_key_values=prefix.past_key_values(1))`).
 
 Every configuration samples with the same sampler (PPLM's, with stepsize 0 where PPLM is off, which is plain

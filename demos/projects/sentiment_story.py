@@ -30,8 +30,8 @@ positive (compound >= 0.05, VADER's own threshold).
 Hyperparameters are the reference's (uber-research/PPLM README and run_pplm.py examples):
 discriminator stepsize 0.04, 10 iterations, gamma 1.0, gm_scale 0.95, kl_scale 0.01, horizon 1;
 bag of words stepsize 0.03, 3 iterations, window 5, gamma 1.5, gm_scale 0.95, kl_scale 0.01; both
-sample with top-k 10. What the small model and a 2-core CPU forced: the bag's step size is 10x (0.3) on
-models narrower than 512 (demos.common.bow_stepsize, as in the tour); 30 new tokens per continuation
+sample with top-k 10. What the small model and a 2-core CPU forced: the bag's step size grows on
+models narrower than 512 (0.1 at width 256, 0.3 below; demos.common.bow_stepsize, as in the tour); 30 new tokens per continuation
 (the paper: 50) and 6 samples per prompt; the head is trained on a random 12,000 of SST-2's 67,349
 training rows (caching features costs one forward pass per text; --train-rows 0 takes them all) with the
 reference's training settings (10 epochs, batch 64, Adam at lr 1e-4). The bundled model saw SST-2's
