@@ -10,6 +10,10 @@ writes into --out:
 - `metric.png`: the metric before and after (and, where it trains, `loss.png`).
 
 `python -m demos.projects` runs any or all of them and writes runs/projects/index.html.
+
+The projects are leaves: each imports the kits (demos.kits), this frame and the library, never another
+project. The command-line options that several projects share (the LoRA and the prefix-tuning groups)
+live here, beside the files every project writes.
 """
 from __future__ import annotations
 
@@ -17,17 +21,20 @@ import argparse
 import importlib
 import json
 import math
+import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 from minigpt import atomic_save_dir, write_json
+from minigpt.cli import positive_int
 
 from ..common import add_demo_args, new_figure, save_figure
 
-__all__ = ["ProjectResult", "project_parser", "require", "write_metrics", "write_samples", "metric_figure",
-           "loss_figure", "DEMOS_EXTRA", "REPO"]
+__all__ = ["ProjectResult", "project_parser", "run_mode", "progress", "add_lora_args", "lora_training",
+           "add_prefix_args", "prefix_training", "require", "write_metrics", "write_samples", "metric_figure",
+           "loss_figure", "bars_figure", "DEMOS_EXTRA", "REPO"]
 
 REPO = Path(__file__).resolve().parents[2]     # the repository root: data/ lives there
 DEMOS_EXTRA = 'pip install -e ".[demos]"'
@@ -73,6 +80,61 @@ def project_parser(name: str, description: str, *, needs: Sequence[str] = (), ou
     add_demo_args(p, out=out or f"runs/{name}", quick_help="fewer steps and examples (minutes on a 2-core CPU)",
                   trains=trains)
     return p
+
+
+def run_mode(args) -> str:
+    """smoke, quick or full: which of a project's SIZES this run takes."""
+    return "smoke" if args.smoke else "quick" if args.quick else "full"
+
+
+def progress() -> bool:
+    """Progress bars only on a terminal (a log file gets the one-line summaries)."""
+    return sys.stderr.isatty()
+
+
+def add_lora_args(parser: argparse.ArgumentParser, sizes: dict) -> None:
+    """The LoRA projects' options: --lora DIR, --steps, --lr (sizes: the project's SIZES, for the defaults)."""
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--lora", metavar="DIR", help="load this adapter (saved by an earlier run in OUT/adapter) "
+                                                 "instead of training one")
+    g.add_argument("--steps", type=positive_int, default=None,
+                   help=f"LoRA optimizer steps (default: {sizes['full'].steps}; --quick {sizes['quick'].steps})")
+    g.add_argument("--lr", type=float, default=None,
+                   help="AdamW peak learning rate (default: 2e-3 for models narrower than 512, else 1e-3)")
+
+
+def lora_training(args, steps: int) -> dict:
+    """demos.kits.lora_train_config's arguments from the options add_lora_args added: --steps (else the
+    project's `steps`), --lr (else the kit's lora_lr), and the run's --seed and --precision; progress bars
+    only on a terminal."""
+    return dict(steps=args.steps or steps, lr=args.lr, seed=args.seed, precision=args.precision, progress=progress())
+
+
+def add_prefix_args(parser: argparse.ArgumentParser, *, P: Optional[int], P_note: str, steps: dict[str, int],
+                    prefix_help: str = "load the prefix adapter a run saved in OUT/adapter (peft's layout) "
+                                       "instead of training one") -> None:
+    """The prefix projects' options: --prefix, --num-virtual-tokens, --max-steps, --batch-size, --lr,
+    --no-progress (steps: the project's steps per run mode, for the help)."""
+    g = parser.add_argument_group("prefix tuning")
+    g.add_argument("--prefix", metavar="DIR", help=prefix_help)
+    g.add_argument("--num-virtual-tokens", type=positive_int, default=P, metavar="P",
+                   help=f"P, the prefix length (default: {P_note})")
+    g.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
+                   help=f"optimizer steps (default: {steps['full']}; {steps['quick']} with --quick, "
+                        f"{steps['smoke']} with --smoke)")
+    g.add_argument("--batch-size", type=positive_int, default=None, metavar="N", help="examples per step (default: 8)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="AdamW peak learning rate, linear decay to 0 (default: the paper's 8e-5 for GPT-2 medium "
+                        "and wider, 5e-4 for gpt2, 3e-3 for narrower models such as tiny)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def prefix_training(args, steps: int) -> dict:
+    """demos.kits.fit_prefix's training arguments from the options add_prefix_args added: --max-steps (else
+    the project's `steps`), --batch-size (else 8), --lr (else the kit's prefix_lr), --no-progress, and the
+    run's --seed and --precision."""
+    return dict(steps=args.max_steps or steps, batch_size=args.batch_size or 8, lr=args.lr, seed=args.seed,
+                precision=args.precision, progress=not args.no_progress)
 
 
 def require(module: str, package: Optional[str] = None):
@@ -152,3 +214,17 @@ def loss_figure(out: str | Path, history: Sequence[dict], title: str, name: str 
     ax.legend()
     ax.grid(alpha=0.3)
     return save_figure(fig, Path(out) / name)
+
+
+def bars_figure(path: str | Path, values: dict[str, float], *, ylabel: str, title: str, fmt: str = "{:.3g}",
+                colors: Sequence[str] = ("#9aa5b1", "#4c72b0")) -> Path:
+    """A secondary before/after figure: one bar per label, its value written on top."""
+    fig = new_figure()
+    ax = fig.add_subplot(1, 1, 1)
+    bars = ax.bar(list(values), list(values.values()), color=list(colors)[:len(values)], width=0.5)
+    for b, v in zip(bars, values.values()):
+        ax.annotate(fmt.format(v), (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)

@@ -1,0 +1,116 @@
+"""Prefix tuning as the prefix projects use it: train or load a prefix, decode with it, score it.
+
+A prefix (Li & Liang 2021) is P learned key/value vectors per layer, put in front of every input as if an
+earlier prompt had been read; the model stays frozen. Trained here as the paper trains it: reparametrised,
+P'[P, d] through an MLP of hidden width 512 (section 4.3 and appendix A), then folded to the plain table
+P_theta, which is what is used and saved.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from minigpt import (EOT_ID, Example, GPT, TrainConfig, collate_lm, evaluate, generate, get_tokenizer, left_pad,
+                     lm_loss_fn, resolve_precision)
+from minigpt.cli import describe_plan
+from techniques.prefix import PrefixTuning, load_adapter, save_adapter, train_prefix
+
+__all__ = ["PREFIX_HIDDEN", "prefix_lr", "PrefixRun", "load_prefix", "fit_prefix", "save_prefix", "complete",
+           "heldout_loss"]
+
+PREFIX_HIDDEN = 512   # the reparametrisation MLP's hidden width (Li & Liang 2021, section 4.3 and appendix A)
+
+
+def prefix_lr(model: GPT) -> float:
+    """Peak learning rate: the paper's 8e-5 (Li & Liang 2021, GPT-2 medium, 5e-5 to 8e-5) from GPT-2 medium's
+    width (1024) up; a few hundred steps on narrower models need more: 5e-4 for gpt2's 768, 3e-3 below 512
+    (e.g. the bundled tiny model)."""
+    d = model.config.n_embd
+    return 8e-5 if d >= 1024 else 5e-4 if d >= 512 else 3e-3
+
+
+@dataclass
+class PrefixRun:
+    """A prefix ready to use (folded to its table, eval mode) and how it came to be."""
+    prefix: PrefixTuning
+    history: list[dict]      # the training history; empty when loaded
+    how: str                 # one line for samples.md and metrics.json
+    lr: Optional[float] = None
+    steps: int = 0
+
+
+def load_prefix(model: GPT, directory: str | Path) -> PrefixRun:
+    """The prefix adapter saved in `directory` (peft's layout), for `model`."""
+    prefix = load_adapter(model, directory).eval()
+    return PrefixRun(prefix, [], f"loaded from {directory} (P={prefix.num_virtual_tokens})")
+
+
+def fit_prefix(model: GPT, train_ex: Sequence[Example], eval_ex: Sequence[Example], *, P: int, steps: int,
+               eval_every: int, seed: int, precision: str, progress: bool, batch_size: int = 8,
+               lr: Optional[float] = None, label: str = "") -> PrefixRun:
+    """Train a reparametrised prefix of P virtual tokens (MLP width PREFIX_HIDDEN) on the frozen model with
+    techniques.prefix.train_prefix, `steps` AdamW steps of `batch_size` at `lr` (None = prefix_lr(model)),
+    the eval loss on eval_ex every `eval_every` steps; return it folded to its table.
+
+    The prefix's initialisation draws from torch's global generator, seeded with `seed` just before."""
+    lr = lr if lr is not None else prefix_lr(model)
+    if lr <= 0:
+        raise ValueError(f"--lr must be > 0, got {lr}")
+    config = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, eval_every=min(eval_every, steps),
+                         seed=seed, progress=progress, precision=resolve_precision(precision, model.device))
+    torch.manual_seed(seed)
+    prefix = PrefixTuning(model.config, P, projection=True, hidden_size=PREFIX_HIDDEN).to(model.device)
+    n = sum(p.numel() for p in prefix.parameters())
+    print(f"{label}prefix: P={P} virtual tokens, reparametrised (P'[{P}, {model.config.n_embd}] + MLP of width "
+          f"{PREFIX_HIDDEN}): {n:,} trainable parameters, the model's {model.num_parameters():,} frozen; lr {lr:g}")
+    print(f"{label}{describe_plan(len(train_ex), len(eval_ex), config)}")
+    history = train_prefix(model, prefix, list(train_ex), eval_examples=list(eval_ex), config=config)
+    with torch.no_grad():
+        folded = prefix.fold().eval()
+    return PrefixRun(folded, history, f"trained here: P={P}, reparametrised (MLP width {PREFIX_HIDDEN}), "
+                                      f"{steps} steps of batch {config.batch_size}, lr {lr:g}", lr, steps)
+
+
+def save_prefix(run: PrefixRun, directory: Path, model_name: str) -> Optional[Path]:
+    """Save a prefix trained here (peft's layout); a loaded one is not written again."""
+    if not run.history:
+        return None
+    return save_adapter(run.prefix, directory, base_model_name_or_path=model_name)
+
+
+def _until_eot(ids: Sequence[int]) -> list[int]:
+    ids = list(ids)
+    return ids[:ids.index(EOT_ID)] if EOT_ID in ids else ids
+
+
+@torch.no_grad()
+def complete(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             prefix: Optional[PrefixTuning] = None, batch_size: int = 32, num_beams: int = 1) -> list[str]:
+    """Greedy (or, with num_beams > 1, beam-search) continuation of each prompt (token ids), up to
+    <|endoftext|>: the new text only.
+
+    Prompts are batched by length (left-padded; minigpt.generate gives each row the tokens it would
+    get alone) and returned in the order given. Neither needs a generator: the same prompt gives the
+    same output before and after, whatever the batch."""
+    tok = get_tokenizer()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    texts: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        ids, mask = left_pad([prompts[i] for i in chunk], EOT_ID, model.device)     # (B, T)
+        past = prefix.past_key_values(len(chunk)) if prefix is not None else None   # L x (k, v) [B, nh, P, hs]
+        seq = generate(model, ids, attention_mask=mask, past_key_values=past, max_new_tokens=max_new_tokens,
+                       eos_token_id=EOT_ID, pad_token_id=EOT_ID, num_beams=num_beams)  # (B, T + new)
+        for i, row in zip(chunk, seq[:, ids.size(1):].tolist()):
+            texts[i] = tok.decode(_until_eot(row))
+    return texts
+
+
+def heldout_loss(model: GPT, examples: Sequence[Example], prefix: Optional[PrefixTuning] = None,
+                 batch_size: int = 8) -> float:
+    """Mean cross-entropy (nats/token) on the examples' target tokens, with or without the prefix."""
+    past_fn = None if prefix is None else (lambda B: (prefix.past_key_values(B), prefix.num_virtual_tokens))
+    return evaluate(lm_loss_fn(model, past_fn=past_fn), list(examples), batch_size, collate_lm, model.device, [model])
