@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from demos.kits import Perplexity, text_perplexity
 from demos.projects import chemistry, hybrid, poetry, scifi
 from helpers import PNG_MAGIC, check_project_contract, help_text, smoke_runs_of
 from minigpt import EOT_ID, GPT, GPTConfig, causal_lm_loss, get_tokenizer
@@ -125,7 +126,7 @@ def micro():
 def test_text_perplexity_is_exp_of_the_token_mean_cross_entropy(micro):
     tok = get_tokenizer()
     texts = [" the moon is high", " and a long road runs over the hills to the sea", " oh"]
-    got = poetry.text_perplexity(micro, texts, batch_size=2)   # padded batches
+    got = text_perplexity(micro, texts, batch_size=2)   # padded batches
     nll, n = 0.0, 0
     for text, own in zip(texts, got.per_text):
         ids = torch.tensor([[EOT_ID] + tok.encode(text)])
@@ -140,7 +141,7 @@ def test_text_perplexity_is_exp_of_the_token_mean_cross_entropy(micro):
 
 
 def test_text_perplexity_scores_only_the_text_after_its_context(micro):
-    one = poetry.text_perplexity(micro, [" and the sea"], ["<|endoftext|> the river"])
+    one = text_perplexity(micro, [" and the sea"], ["<|endoftext|> the river"])
     tok = get_tokenizer()
     ctx, text = [EOT_ID] + tok.encode(" the river"), tok.encode(" and the sea")
     ids = torch.tensor([ctx + text])
@@ -179,7 +180,7 @@ def test_pplm_perplexity_with_stepsize_zero_is_plain_perplexity(micro):
     texts = [" the moon is high", " and a long road runs over the hills", " oh"]
     prefix = PrefixTuning(micro.config, 3).eval()
     for pre in (None, prefix):
-        plain = poetry.text_perplexity(micro, texts, prefix=pre)
+        plain = text_perplexity(micro, texts, prefix=pre)
         off = hybrid.pplm_perplexity(micro, texts, bag, {**hybrid.PPLM_KNOBS, "stepsize": 0.0}, prefix=pre,
                                      batch_size=2)
         on = hybrid.pplm_perplexity(micro, texts, bag, hybrid.PPLM_KNOBS, prefix=pre, batch_size=2)
@@ -208,7 +209,7 @@ def test_scifi_genre_share_counts_whole_words():
 
 def test_hybrid_label_preference_is_the_cross_entropy_gap():
     held = hybrid.HeldOut([" a", " b", " c", " d"], positive=[0, 2], negative=[1])
-    scores = poetry.Perplexity(text_nll=[2.0, 9.0, 4.0, 100.0], text_tokens=[1, 3, 3, 1])
+    scores = Perplexity(text_nll=[2.0, 9.0, 4.0, 100.0], text_tokens=[1, 3, 3, 1])
     # negative: 9 nats / 3 tokens = 3; positive: (2 + 4) nats / (1 + 3) tokens = 1.5 (token-weighted)
     assert hybrid.label_preference(scores, held) == pytest.approx(1.5)
     assert math.isnan(hybrid.label_preference(scores, hybrid.HeldOut([" a"], [0], [])))
@@ -221,3 +222,13 @@ def test_hybrid_prompts_are_neutral_verse_openings():
     assert all(vader.polarity_scores(o)["compound"] == 0 for o in openings)
     held = hybrid.held_out(None)
     assert held.positive and held.negative and not set(held.positive) & set(held.negative)
+
+
+def test_hybrid_trains_the_poetry_projects_adapter():
+    """The hybrid's style LoRA is the poetry project's: the same batch, eval interval and verses per run mode
+    (quick takes poetry's full run with fewer steps), so the two cannot drift apart unnoticed."""
+    for mode, poetry_mode in (("full", "full"), ("quick", "full"), ("smoke", "smoke")):
+        h, p = hybrid.SIZES[mode], poetry.SIZES[poetry_mode]
+        assert (h.lora_batch, h.lora_eval_every, h.lora_train_verses, h.lora_dev_verses) == \
+            (p.batch_size, p.eval_every, p.train_verses, p.dev_verses), mode
+    assert hybrid.SIZES["full"].lora_steps == poetry.SIZES["full"].steps

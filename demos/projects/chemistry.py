@@ -27,9 +27,9 @@ from minigpt.cli import run_command
 from techniques.lora import save_adapter
 
 from ..common import Stopwatch, choose_model, finite_or_none, format_seconds
-from .common import REPO, ProjectResult, loss_figure, metric_figure, project_parser, write_metrics, write_samples
-from .poetry import (EOT, LORA, add_lora_args, bars_figure, load_lora, sample_continuations, text_perplexity, train_config,
-                     train_lora)
+from ..kits import EOT, LORA, load_lora, lora_train_config, sample_continuations, text_perplexity, train_lora
+from .common import (REPO, ProjectResult, add_lora_args, bars_figure, loss_figure, lora_training, metric_figure,
+                     project_parser, write_metrics, write_samples)
 
 NAME = "chemistry"
 TITLE = "Chemistry report generator"
@@ -150,7 +150,8 @@ def run(args) -> ProjectResult:
         max_len = min(128, base.config.n_positions)
         examples = examples_from_pairs(get_tokenizer(), [(EOT + r.prompt, r.report) for r in train_rows], max_len)
         train_ex, dev_ex = split_examples(examples, DEV_FRACTION, args.seed)
-        config = train_config(args, sizes, base)
+        config = lora_train_config(base, batch_size=sizes.batch_size, eval_every=sizes.eval_every,
+                                   **lora_training(args, sizes.steps))
         model, history = train_lora(base, train_ex, dev_ex, config)   # a LoRA copy: `base` is untouched
         info = {"steps": len(history), "lr": config.lr, "batch_size": config.batch_size,
                 "train_reactions": len(train_ex), "dev_reactions": len(dev_ex)}

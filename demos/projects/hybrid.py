@@ -4,8 +4,9 @@ The tutorial's "hybrid" printed the prompt plus "with joy..." and a hard-coded 3
 that touch the model in different places are composed, and an ablation measures each on its own, each pair and
 all three, on the same prompts and seeds:
 
-- style, LoRA (Hu et al. 2021; r = 8, alpha = 16 on q and v): the poetry project's adapter, trained here with
-  its function on the poem verses (or loaded with --lora DIR), merged into the weights (W0 + (alpha/r)·B·A);
+- style, LoRA (Hu et al. 2021; r = 8, alpha = 16 on q and v): the poetry project's adapter, trained here as the
+  poetry project trains it (demos.kits.train_poem_lora, its sizes) on the poem verses (or loaded with --lora DIR),
+  merged into the weights (W0 + (alpha/r)·B·A);
 - task, prefix tuning (Li & Liang 2021; P = 10 virtual tokens, the paper's table-to-text length, MLP-
   reparametrised with hidden width 512): write a positive verse, trained on the base model on the verses of
   data/poem_sentiment that its annotators labelled positive (train split; the dev split's positive verses for
@@ -42,18 +43,18 @@ from typing import Optional, Sequence
 
 import torch
 
-from minigpt import EOT_ID, GPT, TrainConfig, get_tokenizer, resolve_precision, save_history, stack_past
-from minigpt.cli import describe_plan, run_command
+from minigpt import EOT_ID, GPT, get_tokenizer, save_history, stack_past
+from minigpt.cli import run_command
 from techniques import pplm
 from techniques.lora import merge_lora, save_adapter as save_lora_adapter
 from techniques.peft_format import read_adapter_config
-from techniques.prefix import (PrefixTuning, load_adapter as load_prefix_adapter, save_adapter as save_prefix_adapter,
-                               train_prefix)
+from techniques.prefix import PrefixTuning, load_adapter as load_prefix_adapter, save_adapter as save_prefix_adapter
 
 from ..common import Stopwatch, bow_stepsize, choose_model, finite_or_none, format_seconds, new_figure, save_figure
-from .common import ProjectResult, loss_figure, metric_figure, project_parser, require, write_metrics, write_samples
-from .poetry import (EOT, SIZES as POETRY_SIZES, Perplexity, poetry_lora, progress, read_verses, text_perplexity,
-                     verse_examples)
+from ..kits import (EOT, PREFIX_HIDDEN, Perplexity, fit_prefix, load_lora, lora_train_config, read_verses,
+                    text_perplexity, train_poem_lora, verse_examples)
+from .common import (ProjectResult, loss_figure, metric_figure, progress, project_parser, require, write_metrics,
+                     write_samples)
 
 NAME = "hybrid"
 TITLE = "Hybrid sentiment system"
@@ -66,7 +67,7 @@ TUTORIAL_PROMPT = "the day was"   # the tutorial's hybrid_sentiment('The day was
 # The paper's bag-of-words settings (Dathathri et al. 2020, appendix; the reference run_pplm.py's BoW example).
 PPLM_KNOBS = dict(stepsize=0.03, num_iterations=3, gamma=1.5, window_length=5, kl_scale=0.01, gm_scale=0.95,
                   do_sample=True, top_k=10)
-PREFIX = dict(num_virtual_tokens=10, projection=True, hidden_size=512)
+PREFIX = dict(num_virtual_tokens=10, projection=True, hidden_size=PREFIX_HIDDEN)   # what demos.kits.fit_prefix trains
 # (key, label, LoRA, prefix, PPLM): none, each alone, each pair, all three.
 CONFIGS = (("none", "none (base model)", False, False, False),
            ("lora", "LoRA", True, False, False),
@@ -79,6 +80,10 @@ CONFIGS = (("none", "none (base model)", False, False, False),
 @dataclass
 class Sizes:
     lora_steps: int = 300         # the poetry project's full run
+    lora_batch: int = 16          # batch, eval interval and verses: the poetry project's full run (smoke: its smoke)
+    lora_eval_every: int = 50
+    lora_train_verses: Optional[int] = None
+    lora_dev_verses: Optional[int] = None
     prefix_steps: int = 200       # 133 positive verses at batch 8: about 12 epochs
     prefix_batch: int = 8
     prefix_eval_every: int = 25
@@ -93,8 +98,21 @@ class Sizes:
 
 SIZES = {"full": Sizes(),
          "quick": Sizes(lora_steps=120, prefix_steps=80, prefix_eval_every=20, test_verses=12, prompts=8),
-         "smoke": Sizes(lora_steps=2, prefix_steps=2, prefix_batch=4, prefix_eval_every=1, train_verses=8,
-                        dev_verses=2, test_verses=1, prompts=1, samples_per_prompt=1, tokens=3)}
+         "smoke": Sizes(lora_steps=2, lora_batch=4, lora_eval_every=1, lora_train_verses=16, lora_dev_verses=4,
+                        prefix_steps=2, prefix_batch=4, prefix_eval_every=1, train_verses=8, dev_verses=2,
+                        test_verses=1, prompts=1, samples_per_prompt=1, tokens=3)}
+
+
+# ---- the style: the poetry project's LoRA ---------------------------------------------------------------------
+def style_lora(base: GPT, args, sizes: Sizes) -> tuple[GPT, list[dict], dict]:
+    """The style adapter: loaded from --lora DIR, or trained as the poetry project trains it (demos.kits'
+    train_poem_lora, at the kit's lora_lr). Returns (LoRA model, history (empty when loaded), what was done)."""
+    if args.lora:
+        return load_lora(base, args.lora), [], {"adapter": str(args.lora)}
+    config = lora_train_config(base, steps=sizes.lora_steps, batch_size=sizes.lora_batch,
+                               eval_every=sizes.lora_eval_every, seed=args.seed, precision=args.precision,
+                               progress=progress())
+    return train_poem_lora(base, config, train_verses=sizes.lora_train_verses, dev_verses=sizes.lora_dev_verses)
 
 
 # ---- the prefix's task: a positive verse ---------------------------------------------------------------------
@@ -103,10 +121,6 @@ POSITIVE, NEGATIVE = 1, -1   # data/poem_sentiment's labels
 
 def labelled_verses(split: str, label: int) -> list[str]:
     return [v for v, y in read_verses(split, with_labels=True) if y == label]
-
-
-def prefix_lr(model: GPT) -> float:
-    return 5e-4 if model.config.n_embd >= 512 else 3e-3
 
 
 def task_prefix(base: GPT, args, sizes: Sizes) -> tuple[PrefixTuning, list[dict], dict]:
@@ -119,18 +133,10 @@ def task_prefix(base: GPT, args, sizes: Sizes) -> tuple[PrefixTuning, list[dict]
     max_len = min(64, base.config.n_positions - P)
     train_ex = verse_examples(labelled_verses("train", POSITIVE)[:sizes.train_verses], max_len)
     dev_ex = verse_examples(labelled_verses("dev", POSITIVE)[:sizes.dev_verses], max_len)
-    torch.manual_seed(args.seed)
-    prefix = PrefixTuning(base.config, P, projection=PREFIX["projection"], hidden_size=PREFIX["hidden_size"]).to(
-        base.device)
-    config = TrainConfig(max_steps=sizes.prefix_steps, batch_size=sizes.prefix_batch, lr=prefix_lr(base),
-                         eval_every=sizes.prefix_eval_every, seed=args.seed, progress=progress(),
-                         precision=resolve_precision(args.precision, base.device))
-    print(f"prefix: P={P} virtual tokens, MLP hidden {PREFIX['hidden_size']}, "
-          f"{sum(p.numel() for p in prefix.parameters()):,} trainable parameters (the model frozen)")
-    print(describe_plan(len(train_ex), len(dev_ex), config), flush=True)
-    history = train_prefix(base, prefix, train_ex, eval_examples=dev_ex, config=config)
-    return prefix.fold().eval(), history, {"steps": len(history), "lr": config.lr, "batch_size": config.batch_size,
-                                           "train_verses": len(train_ex), "dev_verses": len(dev_ex), **PREFIX}
+    run = fit_prefix(base, train_ex, dev_ex, P=P, steps=sizes.prefix_steps, batch_size=sizes.prefix_batch,
+                     eval_every=sizes.prefix_eval_every, seed=args.seed, precision=args.precision, progress=progress())
+    return run.prefix, run.history, {"steps": len(run.history), "lr": run.lr, "batch_size": sizes.prefix_batch,
+                                     "train_verses": len(train_ex), "dev_verses": len(dev_ex), **PREFIX}
 
 
 def neutral_openings(vader, n: int) -> list[str]:
@@ -296,10 +302,8 @@ def run(args) -> ProjectResult:
     prompts = [o for o in openings for _ in range(sizes.samples_per_prompt)]   # sample i draws from seed + i
     held = held_out(sizes.test_verses)
 
-    poetry_sizes = POETRY_SIZES["smoke" if args.smoke else "full"]
-    poetry_sizes = type(poetry_sizes)(**{**poetry_sizes.__dict__, "steps": sizes.lora_steps})
     print("style: the poetry project's LoRA adapter")
-    lora_model, lora_history, lora_info = poetry_lora(base, args, poetry_sizes)
+    lora_model, lora_history, lora_info = style_lora(base, args, sizes)
     print("task: a prefix for positive verses")
     prefix, prefix_history, prefix_info = task_prefix(base, args, sizes)
     merged = merge_lora(copy.deepcopy(lora_model))       # W0 + (alpha/r)·B·A folded in: a plain GPT again

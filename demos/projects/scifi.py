@@ -26,9 +26,9 @@ from minigpt.cli import run_command
 from techniques.lora import save_adapter
 
 from ..common import Stopwatch, choose_model, finite_or_none, format_seconds
-from .common import REPO, ProjectResult, loss_figure, metric_figure, project_parser, write_metrics, write_samples
-from .poetry import (EOT, LORA, add_lora_args, bars_figure, load_lora, sample_continuations, text_perplexity, train_config,
-                     train_lora)
+from ..kits import EOT, LORA, load_lora, lora_train_config, sample_continuations, text_perplexity, train_lora
+from .common import (REPO, ProjectResult, add_lora_args, bars_figure, loss_figure, lora_training, metric_figure,
+                     project_parser, write_metrics, write_samples)
 
 NAME = "scifi"
 TITLE = "Sci-fi from 100 snippets"
@@ -143,7 +143,8 @@ def run(args) -> ProjectResult:
     else:
         max_len = min(96, base.config.n_positions)
         train_ex, eval_ex = snippet_examples(snippets, max_len), snippet_examples(heldout, max_len)
-        config = train_config(args, sizes, base)
+        config = lora_train_config(base, batch_size=sizes.batch_size, eval_every=sizes.eval_every,
+                                   **lora_training(args, sizes.steps))
         model, history = train_lora(base, train_ex, eval_ex, config)   # a LoRA copy: `base` is untouched
         info = {"steps": len(history), "lr": config.lr, "batch_size": config.batch_size, "snippets": len(train_ex),
                 "epochs": round(len(history) * config.batch_size / len(train_ex), 2)}
