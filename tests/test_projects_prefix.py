@@ -15,6 +15,7 @@ import math
 
 import pytest
 
+from demos.kits import e2e_prompt, group_by_mr
 from demos.projects import explainer, squad_qa, summarizer, table_to_text
 from demos.projects.squad_qa import best_over_gold, exact_match, f1, normalize, squad_scores
 from helpers import PNG_MAGIC, check_project_contract, help_text, smoke_runs_of
@@ -228,8 +229,8 @@ def test_corpus_bleu_takes_every_reference():
 
 def test_e2e_groups_references_by_input():
     rows = [("a[1]", "x"), ("b[2]", "y"), ("a[1]", "z")]
-    assert table_to_text.group_by_mr(rows) == {"a[1]": ["x", "z"], "b[2]": ["y"]}
-    assert table_to_text.e2e_prompt("name[X]") == " name[X] <|endoftext|>"
+    assert group_by_mr(rows) == {"a[1]": ["x", "z"], "b[2]": ["y"]}
+    assert e2e_prompt("name[X]") == " name[X] <|endoftext|>"
 
 
 def test_summarizer_inputs():

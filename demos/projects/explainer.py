@@ -35,9 +35,9 @@ from minigpt import EOT_ID, GPT, examples_from_pairs, generate, get_tokenizer
 from minigpt.cli import run_command
 
 from ..common import Stopwatch, choose_model, format_seconds, new_figure, save_figure
-from .common import REPO, ProjectResult, metric_figure, project_parser, require, write_metrics, write_samples
-from .table_to_text import (PrefixRun, add_prefix_args, fit_prefix, heldout_loss, load_prefix, run_mode,
-                            save_prefix)
+from ..kits import PrefixRun, fit_prefix, heldout_loss, load_prefix, save_prefix
+from .common import (REPO, ProjectResult, add_prefix_args, metric_figure, prefix_training, project_parser, require,
+                     run_mode, write_metrics, write_samples)
 
 __all__ = ["NAME", "TITLE", "TECHNIQUE", "NEEDS", "build_parser", "run", "main", "LEVELS", "Pair", "read_pairs",
            "Readability", "flesch_reading_ease", "count_words", "count_sentences", "count_syllables"]
@@ -255,8 +255,8 @@ def run(args) -> ProjectResult:
     loss_before = {lv: heldout_loss(model, test_ex[lv]) for lv in LEVELS}
     for lv in LEVELS:
         if lv not in runs:
-            runs[lv] = fit_prefix(model, args, train_ex[lv], test_ex[lv], P=P, steps=size.steps,
-                                  eval_every=size.eval_every, label=f"[{lv}] ")
+            runs[lv] = fit_prefix(model, train_ex[lv], test_ex[lv], P=P, eval_every=size.eval_every,
+                                  label=f"[{lv}] ", **prefix_training(args, size.steps))
     loss_after = {lv: heldout_loss(model, test_ex[lv], runs[lv].prefix) for lv in LEVELS}
 
     # Sample i of topic t uses seed --seed + t * samples + i for every variant (no prefix, simple, expert).

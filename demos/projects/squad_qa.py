@@ -36,9 +36,9 @@ from minigpt import examples_from_pairs, get_tokenizer
 from minigpt.cli import run_command
 
 from ..common import Stopwatch, choose_model, format_seconds
-from .common import REPO, ProjectResult, loss_figure, metric_figure, project_parser, write_metrics, write_samples
-from .table_to_text import (add_prefix_args, complete, fit_prefix, heldout_loss, load_prefix, run_mode,
-                            save_prefix)
+from ..kits import complete, fit_prefix, heldout_loss, load_prefix, save_prefix
+from .common import (REPO, ProjectResult, add_prefix_args, loss_figure, metric_figure, prefix_training, project_parser,
+                     run_mode, write_metrics, write_samples)
 
 __all__ = ["NAME", "TITLE", "TECHNIQUE", "NEEDS", "build_parser", "run", "main", "Question", "load_squad",
            "read_splits", "split_questions", "normalize", "exact_match", "f1", "best_over_gold", "squad_scores",
@@ -266,7 +266,8 @@ def run(args) -> ProjectResult:
     loss_before = heldout_loss(model, test_ex)
     before = [t.strip().split("\n")[0].strip() for t in complete(model, ids, max_new_tokens=size.new_tokens)]
     if prefix_run is None:
-        prefix_run = fit_prefix(model, args, train_ex, test_ex, P=P, steps=size.steps, eval_every=size.eval_every)
+        prefix_run = fit_prefix(model, train_ex, test_ex, P=P, eval_every=size.eval_every,
+                                **prefix_training(args, size.steps))
     loss_after = heldout_loss(model, test_ex, prefix_run.prefix)
     after = [t.strip().split("\n")[0].strip()
              for t in complete(model, ids, max_new_tokens=size.new_tokens, prefix=prefix_run.prefix)]

@@ -30,9 +30,9 @@ from minigpt import GPT, examples_from_pairs, get_tokenizer
 from minigpt.cli import run_command
 
 from ..common import Stopwatch, choose_model, format_seconds
-from .common import ProjectResult, loss_figure, metric_figure, project_parser, require, write_metrics, write_samples
-from .table_to_text import (add_prefix_args, complete, fit_prefix, heldout_loss, load_prefix, run_mode,
-                            save_prefix)
+from ..kits import complete, fit_prefix, heldout_loss, load_prefix, save_prefix
+from .common import (ProjectResult, add_prefix_args, loss_figure, metric_figure, prefix_training, project_parser,
+                     require, run_mode, write_metrics, write_samples)
 
 __all__ = ["NAME", "TITLE", "TECHNIQUE", "NEEDS", "build_parser", "run", "main", "Paper", "read_aclsum",
            "detokenize", "fit_abstract", "summary_prompt", "first_sentence", "rouge_f1", "default_P"]
@@ -166,7 +166,8 @@ def run(args) -> ProjectResult:
     ids = [tok.encode(p) for p in test_prompts]
     before = [first_sentence(t) for t in complete(model, ids, max_new_tokens=size.new_tokens)]
     if prefix_run is None:
-        prefix_run = fit_prefix(model, args, train_ex, val_ex, P=P, steps=size.steps, eval_every=size.eval_every)
+        prefix_run = fit_prefix(model, train_ex, val_ex, P=P, eval_every=size.eval_every,
+                                **prefix_training(args, size.steps))
     loss_after = heldout_loss(model, val_ex, prefix_run.prefix)
     after = [first_sentence(t) for t in complete(model, ids, max_new_tokens=size.new_tokens, prefix=prefix_run.prefix)]
 

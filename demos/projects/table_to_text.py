@@ -17,35 +17,29 @@ challenge's own script; this run is far smaller in model (the bundled tiny model
 parameters), data (4.7k rows) and steps, so its BLEU is comparable only to its own "before".
 Where the small model forced a change: the paper's lr (5e-5 to 8e-5 for GPT-2 medium) suits
 thousands of steps; a few hundred steps on a model narrower than 512 train at 3e-3 (5e-4 for gpt2;
-the paper's 8e-5 from width 1024 up); see `prefix_lr`.
+the paper's 8e-5 from width 1024 up); see `demos.kits.prefix_lr`.
 
-The prefix plumbing the four prefix-tuning projects share (summarizer, explainer, squad_qa) lives
-here too: the options, train-or-load, greedy batched completion and the held-out loss.
+The prefix plumbing the four prefix-tuning projects share (train-or-load, batched completion, the held-out
+loss) is in demos.kits.prefix, their options in demos/projects/common.py, E2E's reading in demos.kits.data.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
-from minigpt import (EOT_ID, Example, GPT, TrainConfig, collate_lm, evaluate, examples_from_pairs, generate,
-                     get_tokenizer, left_pad, lm_loss_fn, resolve_precision)
-from minigpt.cli import describe_plan, positive_int, run_command
-from techniques.prefix import PrefixTuning, load_adapter, save_adapter, train_prefix
+from minigpt import examples_from_pairs, get_tokenizer
+from minigpt.cli import run_command
 
 from ..common import Stopwatch, choose_model, format_seconds
-from .common import (REPO, ProjectResult, loss_figure, metric_figure, project_parser, require, write_metrics,
-                     write_samples)
+from ..kits import EOT, complete, e2e_prompt, fit_prefix, group_by_mr, heldout_loss, load_prefix, read_e2e, save_prefix
+from .common import (REPO, ProjectResult, add_prefix_args, loss_figure, metric_figure, prefix_training,
+                     project_parser, require, run_mode, write_metrics, write_samples)
 
-__all__ = ["NAME", "TITLE", "TECHNIQUE", "NEEDS", "build_parser", "run", "main", "read_e2e", "group_by_mr",
-           "e2e_prompt", "corpus_bleu", "paper_table", "PAPER_E2E", "PREFIX_HIDDEN", "prefix_lr", "add_prefix_args",
-           "run_mode",
-           "PrefixRun", "fit_prefix", "load_prefix", "complete", "heldout_loss", "save_prefix"]
+__all__ = ["NAME", "TITLE", "TECHNIQUE", "NEEDS", "build_parser", "run", "main", "corpus_bleu", "paper_table",
+           "PAPER_E2E"]
 
 NAME = "table_to_text"
 NUM_BEAMS = 5  # the prefix-tuning paper's decoding (Li & Liang 2021, section 5.3)
@@ -54,7 +48,6 @@ TECHNIQUE = "prefix tuning"
 TRAINS = True
 NEEDS = ("sacrebleu",)
 
-EOT = "<|endoftext|>"
 P_E2E = 10            # the paper's prefix length for table-to-text (Li & Liang 2021, section 7.2 / appendix A)
 # The paper's GPT-2 medium numbers on E2E (beam 5, the 42k-row train set, the E2E challenge's scoring script).
 # arXiv v1 (Table 1) reports prefix 69.7 / fine-tuning 68.2 (a reimplementation's report quotes the same);
@@ -63,120 +56,6 @@ PAPER_E2E = {"prefix-tuning (0.1%), GPT-2 medium, arXiv v1 Table 1": 69.7,
              "fine-tuning, GPT-2 medium, arXiv v1 Table 1": 68.2,
              "prefix-tuning, GPT-2 medium, ACL 2021 version (as data/e2e/README.md cites)": 70.3,
              "fine-tuning, GPT-2 medium, ACL 2021 version (as data/e2e/README.md cites)": 68.8}
-
-
-# ==== the prefix plumbing the four prefix projects share ========================================
-PREFIX_HIDDEN = 512   # the reparametrisation MLP's hidden width (the paper's, section 4.3 and appendix A)
-
-
-def prefix_lr(model: GPT) -> float:
-    """Peak learning rate: the paper's 8e-5 from GPT-2 medium's width (1024) up; a few hundred steps on
-    narrower models need more (5e-4 for gpt2's 768, 3e-3 below 512, e.g. the bundled tiny model)."""
-    d = model.config.n_embd
-    return 8e-5 if d >= 1024 else 5e-4 if d >= 512 else 3e-3
-
-
-def run_mode(args) -> str:
-    return "smoke" if args.smoke else "quick" if args.quick else "full"
-
-
-def add_prefix_args(parser: argparse.ArgumentParser, *, P: Optional[int], P_note: str, steps: dict[str, int],
-                    prefix_help: str = "load the prefix adapter a run saved in OUT/adapter (peft's layout) "
-                                       "instead of training one") -> None:
-    """--prefix, --num-virtual-tokens, --max-steps, --batch-size, --lr, --no-progress."""
-    g = parser.add_argument_group("prefix tuning")
-    g.add_argument("--prefix", metavar="DIR", help=prefix_help)
-    g.add_argument("--num-virtual-tokens", type=positive_int, default=P, metavar="P",
-                   help=f"P, the prefix length (default: {P_note})")
-    g.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
-                   help=f"optimizer steps (default: {steps['full']}; {steps['quick']} with --quick, "
-                        f"{steps['smoke']} with --smoke)")
-    g.add_argument("--batch-size", type=positive_int, default=None, metavar="N", help="examples per step (default: 8)")
-    g.add_argument("--lr", type=float, default=None,
-                   help="AdamW peak learning rate, linear decay to 0 (default: the paper's 8e-5 for GPT-2 medium "
-                        "and wider, 5e-4 for gpt2, 3e-3 for narrower models such as tiny)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-@dataclass
-class PrefixRun:
-    """A prefix ready to use (folded to its table, eval mode) and how it came to be."""
-    prefix: PrefixTuning
-    history: list[dict]      # the training history; empty when loaded
-    how: str                 # one line for samples.md and metrics.json
-    lr: Optional[float] = None
-    steps: int = 0
-
-
-def load_prefix(model: GPT, directory: str | Path) -> PrefixRun:
-    prefix = load_adapter(model, directory).eval()
-    return PrefixRun(prefix, [], f"loaded from {directory} (P={prefix.num_virtual_tokens})")
-
-
-def fit_prefix(model: GPT, args, train_ex: Sequence[Example], eval_ex: Sequence[Example], *, P: int, steps: int,
-               eval_every: int, label: str = "") -> PrefixRun:
-    """Train a reparametrised prefix of P virtual tokens with train_prefix (--max-steps, --batch-size, --lr
-    override `steps`, 8 and prefix_lr); return it folded to its table."""
-    lr = args.lr if args.lr is not None else prefix_lr(model)
-    if lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {lr}")
-    steps = args.max_steps or steps
-    config = TrainConfig(max_steps=steps, batch_size=args.batch_size or 8, lr=lr, eval_every=min(eval_every, steps),
-                         seed=args.seed, progress=not args.no_progress,
-                         precision=resolve_precision(args.precision, model.device))
-    torch.manual_seed(args.seed)
-    prefix = PrefixTuning(model.config, P, projection=True, hidden_size=PREFIX_HIDDEN).to(model.device)
-    n = sum(p.numel() for p in prefix.parameters())
-    print(f"{label}prefix: P={P} virtual tokens, reparametrised (P'[{P}, {model.config.n_embd}] + MLP of width "
-          f"{PREFIX_HIDDEN}): {n:,} trainable parameters, the model's {model.num_parameters():,} frozen; lr {lr:g}")
-    print(f"{label}{describe_plan(len(train_ex), len(eval_ex), config)}")
-    history = train_prefix(model, prefix, list(train_ex), eval_examples=list(eval_ex), config=config)
-    with torch.no_grad():
-        folded = prefix.fold().eval()
-    return PrefixRun(folded, history, f"trained here: P={P}, reparametrised (MLP width {PREFIX_HIDDEN}), "
-                                      f"{steps} steps of batch {config.batch_size}, lr {lr:g}", lr, steps)
-
-
-def save_prefix(run: PrefixRun, directory: Path, model_name: str) -> Optional[Path]:
-    """Save a prefix trained here (peft's layout); a loaded one is not written again."""
-    if not run.history:
-        return None
-    return save_adapter(run.prefix, directory, base_model_name_or_path=model_name)
-
-
-def _until_eot(ids: Sequence[int]) -> list[int]:
-    ids = list(ids)
-    return ids[:ids.index(EOT_ID)] if EOT_ID in ids else ids
-
-
-@torch.no_grad()
-def complete(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             prefix: Optional[PrefixTuning] = None, batch_size: int = 32, num_beams: int = 1) -> list[str]:
-    """Greedy (or, with num_beams > 1, beam-search) continuation of each prompt (token ids), up to
-    <|endoftext|>: the new text only.
-
-    Prompts are batched by length (left-padded; minigpt.generate gives each row the tokens it would
-    get alone) and returned in the order given. Neither needs a generator: the same prompt gives the
-    same output before and after, whatever the batch."""
-    tok = get_tokenizer()
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    texts: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        ids, mask = left_pad([prompts[i] for i in chunk], EOT_ID, model.device)     # (B, T)
-        past = prefix.past_key_values(len(chunk)) if prefix is not None else None   # L x (k, v) [B, nh, P, hs]
-        seq = generate(model, ids, attention_mask=mask, past_key_values=past, max_new_tokens=max_new_tokens,
-                       eos_token_id=EOT_ID, pad_token_id=EOT_ID, num_beams=num_beams)  # (B, T + new)
-        for i, row in zip(chunk, seq[:, ids.size(1):].tolist()):
-            texts[i] = tok.decode(_until_eot(row))
-    return texts
-
-
-def heldout_loss(model: GPT, examples: Sequence[Example], prefix: Optional[PrefixTuning] = None,
-                 batch_size: int = 8) -> float:
-    """Mean cross-entropy (nats/token) on the examples' target tokens, with or without the prefix."""
-    past_fn = None if prefix is None else (lambda B: (prefix.past_key_values(B), prefix.num_virtual_tokens))
-    return evaluate(lm_loss_fn(model, past_fn=past_fn), list(examples), batch_size, collate_lm, model.device, [model])
 
 
 # ==== E2E =======================================================================================
@@ -194,30 +73,6 @@ class Sizes:
 SIZES = {"full": Sizes(None, 400, 100, 20, None, 48, 8),    # 48 new tokens: 95% of the references are <= 44
          "quick": Sizes(None, 150, 50, 10, 150, 48, 5),
          "smoke": Sizes(16, 2, 2, 1, 3, 6, 2)}
-
-
-def read_e2e(path: Path) -> list[tuple[str, str]]:
-    """An E2E CSV (columns mr, ref) -> (mr, ref) rows."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: this project needs the E2E records (data/e2e in the "
-                                "repository, or --data DIR with devset.csv and testset_w_refs.csv)")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"mr", "ref"} <= set(rows[0]):
-        raise ValueError(f"{path}: expected a CSV with columns mr, ref")
-    return [(r["mr"].strip(), r["ref"].strip()) for r in rows]
-
-
-def group_by_mr(rows: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
-    """mr -> its references, in the file's order (the test set has several per input)."""
-    groups: dict[str, list[str]] = {}
-    for mr, ref in rows:
-        groups.setdefault(mr, []).append(ref)
-    return groups
-
-
-def e2e_prompt(mr: str) -> str:
-    return f" {mr} {EOT}"
 
 
 def corpus_bleu(sacrebleu, hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
@@ -297,7 +152,8 @@ def run(args) -> ProjectResult:
     loss_before = heldout_loss(model, loss_ex)
     before, greedy_before = decode()
     if prefix_run is None:
-        prefix_run = fit_prefix(model, args, train_ex, loss_ex, P=P, steps=size.steps, eval_every=size.eval_every)
+        prefix_run = fit_prefix(model, train_ex, loss_ex, P=P, eval_every=size.eval_every,
+                                **prefix_training(args, size.steps))
     prefix = prefix_run.prefix
     loss_after = heldout_loss(model, loss_ex, prefix)
     after, greedy_after = decode(prefix)
