@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+from demos.kits import continuations
 from demos.projects import hiring_ad, hypothesis, sentiment_story
 from demos.projects.common import DEMOS_EXTRA
 from helpers import PNG_MAGIC, check_project_contract, help_text, smoke_runs_of
@@ -158,8 +159,8 @@ def test_sst2_subsets_are_seeded_and_sized():
 # ---- the same seed per sample --------------------------------------------------------------------------
 def test_an_unperturbed_sample_is_minigpt_generate_with_its_seed(micro):
     prompts = ["The lake", "A letter came"]
-    got = sentiment_story.continuations(micro, prompts, samples=2, seed=5, max_new_tokens=6, progress=False,
-                                        bow="positive_words", stepsize=0.0, do_sample=True, top_k=10)
+    got = continuations(micro, prompts, samples=2, seed=5, max_new_tokens=6, progress=False,
+                        bow="positive_words", stepsize=0.0, do_sample=True, top_k=10)
     assert len(got.tokens) == len(got.attribute) == 4
     for k, prompt in enumerate(p for p in prompts for _ in range(2)):
         ids = torch.tensor([[EOT_ID] + get_tokenizer().encode(prompt)])

@@ -50,8 +50,8 @@ from minigpt.cli import positive_int, run_command
 from techniques import pplm
 
 from ..common import Stopwatch, bow_stepsize, choose_model, new_figure, save_figure
+from ..kits import continuations, mean
 from .common import REPO, ProjectResult, metric_figure, project_parser, require, write_metrics, write_samples
-from .sentiment_story import continuations, mean
 
 NAME = "hiring_ad"
 TITLE = "Ethical hiring tool"

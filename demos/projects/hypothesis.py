@@ -41,8 +41,8 @@ from minigpt.cli import positive_int, run_command
 from techniques import pplm
 
 from ..common import Stopwatch, choose_model, new_figure, save_figure
+from ..kits import continuations, mean, prompt_ids
 from .common import ProjectResult, metric_figure, project_parser, require, write_metrics, write_samples
-from .sentiment_story import continuations, mean, prompt_ids
 
 NAME = "hypothesis"
 TITLE = "Scientific hypothesis"

@@ -46,13 +46,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from minigpt import EOT_ID, GPT, TrainConfig, get_tokenizer, resolve_precision
+from minigpt import GPT, TrainConfig, get_tokenizer, resolve_precision
 from minigpt.cli import positive_int, run_command
 from techniques import pplm
 
 from ..common import Stopwatch, bow_stepsize, choose_model, new_figure, save_figure
+from ..kits import continuations, mean
 from .common import (REPO, ProjectResult, loss_figure, metric_figure, project_parser, require, write_metrics,
                      write_samples)
 
@@ -101,37 +101,7 @@ SIZES = {"full": Sizes(5, 6, 30, 12000, 0, 10),
          "smoke": Sizes(2, 1, 4, 64, 32, 1)}
 
 
-# ---- shared by the PPLM projects: prompts in, continuations out, one generator per sample ----------
-def prompt_ids(prompt: str, device) -> torch.Tensor:
-    """(1, T): "<|endoftext|>" + prompt, as the reference conditions its samples."""
-    return torch.tensor([[EOT_ID] + get_tokenizer().encode(prompt)], device=device)
-
-
-@dataclass
-class Samples:
-    """Continuations (new token ids), and per continuation the attribute model's own signal averaged over its
-    steps under the distribution drawn from (bag mass under p̃, or the head's p(class)): a diagnostic of the
-    steering, never the yardstick."""
-    tokens: list[list[int]]
-    attribute: list[float]
-
-
-def continuations(model: GPT, prompts: Sequence[str], *, samples: int, seed: int, max_new_tokens: int,
-                  desc: str = "pplm", progress: bool = True, **pplm_args) -> Samples:
-    """`samples` continuations of each prompt, prompt-major: entry k is drawn with its own torch.Generator
-    seeded seed + k, so runs with other knobs (stepsize 0 = unperturbed) see the same seeds.
-    pplm_args go to techniques.pplm.generate (bow=, avoid_bow=, discriminator=, the knobs)."""
-    jobs = [(p, k) for k, p in enumerate(p for p in prompts for _ in range(samples))]
-    out = Samples([], [])
-    for prompt, k in tqdm(jobs, desc=desc, unit="sample", disable=not progress):
-        ids = prompt_ids(prompt, model.device)
-        gen = torch.Generator(device=model.device).manual_seed(seed + k)
-        res = pplm.generate(model, ids, max_new_tokens=max_new_tokens, generator=gen, **pplm_args)
-        out.tokens.append(res.sequences[0, ids.size(1):].tolist())
-        out.attribute.append(res.stacked("attribute_after").mean().item() if res.steps else float("nan"))
-    return out
-
-
+# ---- samples.md ------------------------------------------------------------------------------------
 def append_samples(path: Path, heading: str, rows: Sequence[dict], note: str = "") -> None:
     """Add a section to samples.md: one entry per row (input, output, score)."""
     lines = [f"\n# {heading}\n"] + ([note + "\n"] if note else [])
@@ -144,10 +114,6 @@ def append_samples(path: Path, heading: str, rows: Sequence[dict], note: str = "
 
 def _quote(text: str) -> str:
     return "\n".join("> " + line for line in str(text).strip().splitlines()) or "> (empty)"
-
-
-def mean(xs: Sequence[float]) -> float:
-    return sum(xs) / max(1, len(xs))
 
 
 # ---- the attribute models ------------------------------------------------------------------------------
