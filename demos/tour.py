@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import math
 import random
@@ -39,22 +38,22 @@ from matplotlib.ticker import MaxNLocator
 from tqdm.auto import tqdm
 
 from minigpt import (EOT_ID, GPT, TrainConfig, atomic_save_dir, collate_lm, evaluate, examples_from_pairs, generate,
-                     get_tokenizer, lm_loss_fn, resolve_precision, sample_next_token, train, write_json)
+                     get_tokenizer, lm_loss_fn, resolve_precision, sample_next_token, write_json)
 from minigpt.cli import describe_plan, run_command
 from minigpt.tokenizer import Tokenizer
 from techniques import pplm
-from techniques.lora import apply_lora, lora_modules, lora_parameters, lora_summary, merge_lora
+from techniques.lora import lora_modules, lora_parameters, lora_summary, merge_lora
 from techniques.prefix import PrefixTuning, train_prefix
 
 from .common import (Report, Stopwatch, add_demo_args, bow_stepsize, choose_model, finite_or_none, format_seconds,
                      html_item, new_figure, save_figure)
+from .kits import (E2E, EOT, LORA, PREFIX_HIDDEN, e2e_prompt, group_by_mr, lora_lr, new_lora_model, prefix_lr, read_e2e,
+                   read_verses, train_lora_parameters, verse_examples)
 
 __all__ = ["Sizes", "SIZES", "TourContext", "StepResult", "STEPS", "step_next_token", "step_attention", "step_lora",
            "step_prefix", "step_pplm", "step_hybrid", "run_tour", "build_summary", "build_report", "setup", "show",
            "finish", "filtered_probs", "pplm_knobs", "forecast", "estimate_seconds", "build_parser", "main"]
 
-DATA = Path(__file__).resolve().parents[1] / "data"
-EOT = "<|endoftext|>"
 
 # ---- what the steps read and how they sample -------------------------------------------------------
 NEXT_TOKEN_PROMPT = "The king looked at the crowd and said"
@@ -62,15 +61,14 @@ SAMPLING = dict(temperature=0.8, top_k=10, top_p=0.9)     # step 1's filters (mi
 ATTENTION_SENTENCE = "The old man gave the boy his book because he had finished reading it."
 SAMPLE_KNOBS = dict(do_sample=True, temperature=0.9, top_k=40)  # samples before/after LoRA
 
-# LoRA: the paper's r = 8, alpha = 16 on the attention's q and v (Hu et al. 2021, section 7.1 / Table 5).
-# The paper's lr 2e-4 (GPT-2 M on E2E) is for large models and thousands of steps; a few hundred steps on
-# the small bundled model need a higher one, so models narrower than 512 train at 2e-3 (1e-3 above).
-LORA = dict(r=8, alpha=16, targets=("c_attn",), qkv="qv")
+# LoRA: the paper's r = 8, alpha = 16 on the attention's q and v (Hu et al. 2021, section 7.1 / Table 5), as
+# demos.kits.LORA holds it. The paper's lr 2e-4 (GPT-2 M on E2E) is for large models and thousands of steps; a
+# few hundred steps on the small bundled model need a higher one (demos.kits.lora_lr: 2e-3 below width 512).
 
 # Prefix tuning: the paper's P = 10 virtual tokens for table-to-text (E2E) and its MLP reparametrisation
 # (Li & Liang 2021, sections 4.3 and 7.2, hidden width 512). The paper trains 5-10 epochs over 42k records at
-# lr 5e-5 ... 5e-4; the tour has a few hundred steps, so it trains at a higher rate (see prefix_lr).
-PREFIX = dict(num_virtual_tokens=10, projection=True, hidden_size=512)
+# lr 5e-5 ... 5e-4; the tour has a few hundred steps, so it trains at a higher rate (demos.kits.prefix_lr).
+PREFIX = dict(num_virtual_tokens=10, projection=True, hidden_size=PREFIX_HIDDEN)
 PREFIX_BEAMS = 5  # the prefix-tuning paper decodes E2E with beam search, 5 beams (Li & Liang 2021, section 5.3)
 E2E_MAX_TOKENS = 110   # prompt + completion tokens kept per record (the longest E2E pairs are ~100)
 
@@ -321,29 +319,6 @@ def step_attention(ctx: TourContext) -> StepResult:
 
 
 # ==== step 3: LoRA on the poem verses ================================================================
-def read_verses(split: str) -> list[str]:
-    """data/poem_sentiment/{split}.tsv: id, verse, label (tab-separated, no header) -> the verses."""
-    path = DATA / "poem_sentiment" / f"{split}.tsv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the tour needs the poem verses shipped in data/poem_sentiment")
-    verses = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        parts = line.split("\t")
-        if len(parts) != 3:
-            raise ValueError(f"{path}, line {n}: expected id<TAB>verse<TAB>label")
-        verses.append(parts[1].strip())
-    return verses
-
-
-def lora_lr(model: GPT) -> float:
-    return 1e-3 if model.config.n_embd >= 512 else 2e-3
-
-
-def _verse_examples(tok: Tokenizer, verses: Sequence[str], max_len: int):
-    # "<|endoftext|>" starts each verse (GPT-2 has no BOS token); the loss is on the verse and its closing EOT
-    return examples_from_pairs(tok, [(EOT, " " + v) for v in verses], max_len)
-
-
 def _sample_texts(ctx: TourContext, model: GPT, prompts: Sequence[str], n_tokens: int, offset: int,
                   past_fn: Optional[Callable] = None, **knobs) -> list[str]:
     """One continuation per prompt (the new text only), each from generator seed + offset + i."""
@@ -416,18 +391,17 @@ def _singular_values_figure(svals: dict[str, torch.Tensor], r: int, path: Path, 
 
 
 def step_lora(ctx: TourContext) -> StepResult:
-    s, tok, model = ctx.sizes, ctx.tokenizer, ctx.model
+    s, model = ctx.sizes, ctx.model
     train_verses, dev_verses = read_verses("train"), read_verses("dev")
     if s.lora_eval_verses is not None:
         dev_verses = dev_verses[:s.lora_eval_verses]
     max_len = min(64, model.config.n_positions)
-    train_ex, eval_ex = _verse_examples(tok, train_verses, max_len), _verse_examples(tok, dev_verses, max_len)
+    train_ex, eval_ex = verse_examples(train_verses, max_len), verse_examples(dev_verses, max_len)
     lr = lora_lr(model)
     _announce(3, "LoRA", f"r={LORA['r']}, alpha={LORA['alpha']} adapters on c_attn's q and v, trained on "
                          f"{len(train_ex)} poem verses (train split), eval loss on {len(eval_ex)} held-out verses "
                          f"(dev split), lr {lr:g}")
-    lora_model = apply_lora(copy.deepcopy(model), r=LORA["r"], alpha=LORA["alpha"], targets=LORA["targets"],
-                            qkv=LORA["qkv"], verbose=False)
+    lora_model = new_lora_model(model)
     trainable = sum(p.numel() for p in lora_parameters(lora_model))
     config = TrainConfig(max_steps=s.lora_steps, batch_size=s.lora_batch, lr=lr, eval_every=s.lora_eval_every,
                          seed=ctx.seed, progress=ctx.progress, precision=ctx.precision)
@@ -438,7 +412,7 @@ def step_lora(ctx: TourContext) -> StepResult:
     print(f"  eval loss before training: {eval_before:.3f} nats/token")
     prompts = [EOT + " " + " ".join(v.split()[:2]) for v in dev_verses[:s.samples]]
     before = _sample_texts(ctx, model, prompts, s.sample_tokens, 100, **SAMPLE_KNOBS)
-    history = _train_lora(lora_model, loss_fn, train_ex, eval_ex, config)
+    history = train_lora_parameters(lora_model, train_ex, eval_ex, config)
     eval_after = history[-1]["eval_loss"]
     after = _sample_texts(ctx, lora_model, prompts, s.sample_tokens, 100, **SAMPLE_KNOBS)
     print(f"  eval loss after training: {eval_after:.3f} nats/token (before: {eval_before:.3f})")
@@ -511,39 +485,14 @@ def most_moved_query(lora_model: GPT) -> tuple[str, torch.Tensor, dict[str, torc
     return name.replace(".attn.c_attn", ""), W, dW
 
 
-def _train_lora(model: GPT, loss_fn, train_ex, eval_ex, config: TrainConfig) -> list[dict]:
-    """minigpt.train over the LoRA parameters, the model in eval mode (no dropout: a clean comparison)."""
-    model.eval()
-    return train(lora_parameters(model), loss_fn, train_ex, eval_examples=eval_ex, config=config,
-                 eval_modules=[model])
-
-
 # ==== step 4: prefix tuning on E2E ===================================================================
-def read_e2e(name: str) -> list[tuple[str, str]]:
-    """data/e2e/{name}.csv -> (mr, ref) rows."""
-    path = DATA / "e2e" / f"{name}.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the tour needs the E2E records shipped in data/e2e")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"mr", "ref"} <= set(rows[0]):
-        raise ValueError(f"{path}: expected a CSV with columns mr, ref")
-    return [(r["mr"].strip(), r["ref"].strip()) for r in rows]
-
-
 def e2e_data(seed: int, n_held_out: int) -> tuple[list[tuple[str, str]], list[str], dict[str, list[str]]]:
     """(the (mr, ref) rows of devset.csv, to train on; n held-out inputs of testset_w_refs.csv, a seeded
     choice; every held-out input's references)."""
-    by_mr: dict[str, list[str]] = {}
-    for mr, ref in read_e2e("testset_w_refs"):
-        by_mr.setdefault(mr, []).append(ref)
+    by_mr = group_by_mr(read_e2e(E2E / "testset_w_refs.csv"))
     held_out = sorted(by_mr)
     random.Random(seed).shuffle(held_out)
-    return read_e2e("devset"), held_out[:n_held_out], by_mr
-
-
-def e2e_prompt(mr: str) -> str:
-    return f" {mr} {EOT}"
+    return read_e2e(E2E / "devset.csv"), held_out[:n_held_out], by_mr
 
 
 def mr_values(mr: str) -> list[str]:
@@ -561,10 +510,6 @@ def slot_recall(mr: str, text: str) -> float:
     """Share of the record's values that appear in the text (case-insensitive): a rough yardstick."""
     values = mr_values(mr)
     return sum(v.lower() in text.lower() for v in values) / len(values) if values else float("nan")
-
-
-def prefix_lr(model: GPT) -> float:
-    return 5e-4 if model.config.n_embd >= 512 else 3e-3
 
 
 def step_prefix(ctx: TourContext) -> StepResult:
