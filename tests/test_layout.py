@@ -1,15 +1,20 @@
-"""The layout rules of DESIGN.md, checked on the source: no import circles, no command line
-inside library modules, and the one direction of imports (techniques -> minigpt's public names)."""
+"""The layout rules of README.md's map of the package, checked on the source: no import circles, no command
+line inside library modules, the one direction of imports (techniques -> minigpt's public names), and the
+demos' shape: the tutorial's projects are leaves (none imports another; what they share is in demos/kits),
+and the kits import no project and not the tour."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("minigpt", "techniques")
+PACKAGES = ("minigpt", "techniques", "demos")
+LIBRARY = ("minigpt", "techniques")   # library packages: their modules have no command line
 # Modules that are command lines (they compose the pieces and may use argparse).
 COMMANDS = {"minigpt.__main__", "minigpt.cli", "minigpt.check", "techniques.lora.__main__",
             "techniques.prefix.__main__", "techniques.pplm.__main__"}
+# demos/projects/: every module is a project, except the frame the projects share and the runner.
+NOT_PROJECTS = {"demos.projects.common", "demos.projects.__main__"}
 
 
 def project_modules() -> dict[str, Path]:
@@ -82,9 +87,14 @@ def test_no_import_circles():
         visit(m)
 
 
+def demo_projects(modules) -> set[str]:
+    """The tutorial's projects: the modules of demos/projects/ less NOT_PROJECTS."""
+    return {m for m in modules if m.startswith("demos.projects.") and m not in NOT_PROJECTS}
+
+
 def test_library_modules_have_no_command_line():
     for name, path in project_modules().items():
-        if name in COMMANDS:
+        if name in COMMANDS or not name.startswith(LIBRARY):
             continue
         source = path.read_text(encoding="utf-8")
         assert "argparse" not in source, f"{path} is a library module but uses argparse"
@@ -98,3 +108,24 @@ def test_imports_go_one_way():
             assert minigpt_deps <= {"minigpt"}, f"{name} reaches into {minigpt_deps - {'minigpt'}}; use minigpt's public names"
         if name.startswith("minigpt") and name not in COMMANDS:
             assert not any(d.startswith("techniques") for d in deps), f"library module {name} imports techniques"
+
+
+def test_projects_are_leaves():
+    g = graph()
+    projects = demo_projects(g)
+    assert {"demos.projects.poetry", "demos.projects.table_to_text", "demos.projects.sentiment_story",
+            "demos.projects.hybrid"} <= projects
+    for name in sorted(projects):
+        siblings = g[name] & projects
+        assert not siblings, (f"project {name} imports the project(s) {', '.join(sorted(siblings))}; a project "
+                              "is a leaf: move what it shares into demos/kits (or demos/projects/common.py)")
+
+
+def test_kits_import_no_project_and_not_the_tour():
+    g = graph()
+    kits = {m for m in g if m == "demos.kits" or m.startswith("demos.kits.")}
+    assert {"demos.kits", "demos.kits.lora", "demos.kits.prefix", "demos.kits.pplm", "demos.kits.data",
+            "demos.kits.measures"} <= kits
+    for name in sorted(kits):
+        bad = {d for d in g[name] if d.startswith("demos.projects") or d == "demos.tour"}
+        assert not bad, f"kit {name} imports {', '.join(sorted(bad))}; kits sit below the projects and the tour"
