@@ -512,6 +512,13 @@ def slot_recall(mr: str, text: str) -> float:
     return sum(v.lower() in text.lower() for v in values) / len(values) if values else float("nan")
 
 
+def mean_slot_recall(mrs: Sequence[str], texts: Sequence[str]) -> float:
+    """slot_recall averaged over inputs and their outputs, one text per input (rounded for the summary)."""
+    if len(mrs) != len(texts):
+        raise ValueError(f"{len(mrs)} inputs but {len(texts)} outputs")
+    return _r(sum(slot_recall(mr, t) for mr, t in zip(mrs, texts)) / len(mrs))
+
+
 def step_prefix(ctx: TourContext) -> StepResult:
     s, tok, model = ctx.sizes, ctx.tokenizer, ctx.model
     P = PREFIX["num_virtual_tokens"]
@@ -554,10 +561,6 @@ def step_prefix(ctx: TourContext) -> StepResult:
     after_greedy = _sample_texts(ctx, model, prompts, s.prefix_tokens, 200,
                                  past_fn=lambda: folded.past_key_values(1))
     print(f"  eval loss after training: {after_loss:.3f} nats/token (no prefix: {plain:.3f})")
-    recall_before = [slot_recall(mr, t) for mr, t in zip(show_mrs, before)]
-    recall_after = [slot_recall(mr, t) for mr, t in zip(show_mrs, after)]
-    recall_greedy = [slot_recall(mr, t) for mr, t in zip(show_mrs, before_greedy + after_greedy)]
-    n_show = len(show_mrs)
     for mr, b, a, g in zip(show_mrs, before, after, after_greedy):
         print(f"  {mr}\n    before (beam {PREFIX_BEAMS}): {b!r}\n    after (beam {PREFIX_BEAMS}):  {a!r}\n"
               f"    after (greedy):  {g!r}")
@@ -570,11 +573,11 @@ def step_prefix(ctx: TourContext) -> StepResult:
                "P": P, "parameters_direct": n_direct, "parameters_reparametrised": n_reparam,
                "hidden_size": PREFIX["hidden_size"], "steps": len(history), "lr": lr, "train_records": len(train_ex),
                "eval_references": len(eval_ex), "eval_inputs": len(held_out),
-               "slot_recall_before": _r(sum(recall_before) / len(recall_before)),
-               "slot_recall_after": _r(sum(recall_after) / len(recall_after)),
+               "slot_recall_before": mean_slot_recall(show_mrs, before),
+               "slot_recall_after": mean_slot_recall(show_mrs, after),
                "decoding": f"beam {PREFIX_BEAMS}",
-               "slot_recall_before_greedy": _r(sum(recall_greedy[:n_show]) / n_show),
-               "slot_recall_after_greedy": _r(sum(recall_greedy[n_show:]) / n_show),
+               "slot_recall_before_greedy": mean_slot_recall(show_mrs, before_greedy),
+               "slot_recall_after_greedy": mean_slot_recall(show_mrs, after_greedy),
                "outputs": [{"mr": mr, "before": b, "after": a, "before_greedy": bg, "after_greedy": ag}
                            for mr, b, a, bg, ag in zip(show_mrs, before, after, before_greedy, after_greedy)]}
     report = [("text", f"A prefix of P = {P} learned key/value vectors per layer, reparametrised through an MLP "

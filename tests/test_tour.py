@@ -78,6 +78,20 @@ def test_smoke_tour_writes_every_file(smoke_run, capsys):
     assert not list(out.glob(".tmp-save-*"))  # the atomic save cleaned up after itself
 
 
+def test_prefix_slot_recalls_score_each_decoding_of_its_own_outputs(smoke_run):
+    """The four slot recalls (beam and greedy, before and after) are the means over the outputs the
+    summary lists: each decoding scored on its own texts."""
+    p = json.loads((smoke_run[1] / "summary.json").read_text(encoding="utf-8"))["prefix"]
+    for key, field in (("slot_recall_before", "before"), ("slot_recall_after", "after"),
+                       ("slot_recall_before_greedy", "before_greedy"), ("slot_recall_after_greedy", "after_greedy")):
+        want = sum(tour.slot_recall(o["mr"], o[field]) for o in p["outputs"]) / len(p["outputs"])
+        assert p[key] == pytest.approx(want, abs=1e-4), key
+    mr = "name[The Eagle], area[riverside]"
+    assert tour.mean_slot_recall([mr, mr], ["The Eagle is by the riverside.", "Nothing here."]) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="2 inputs but 4 outputs"):
+        tour.mean_slot_recall([mr, mr], ["a", "b", "c", "d"])
+
+
 def test_summary_holds_this_runs_measurements(smoke_run):
     _, out = smoke_run
     s = json.loads((out / "summary.json").read_text(encoding="utf-8"))
