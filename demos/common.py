@@ -39,7 +39,8 @@ from minigpt import GPT, GPTConfig, resolve_device
 from minigpt.cli import add_model_args, add_precision_arg
 
 __all__ = ["MICRO_CONFIG", "AUTO", "add_demo_args", "ChosenModel", "choose_model", "new_figure", "save_figure",
-           "Report", "Stopwatch", "format_seconds", "finite_or_none", "bow_stepsize", "STEPSIZE_FACTORS"]
+           "Report", "Stopwatch", "format_seconds", "finite_or_none", "bow_stepsize", "STEPSIZE_FACTORS",
+           "moving_average"]
 
 # The --smoke model: two layers of width 32, random weights, built in-process in well under a second.
 MICRO_CONFIG = dict(n_layer=2, n_head=2, n_embd=32, n_positions=128)
@@ -135,6 +136,17 @@ def _first_line(e: Exception) -> str:
 
 
 # ---- figures -----------------------------------------------------------------------------------
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """The mean of the last `window` values at each position (fewer at the start): a loss curve's trend."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def new_figure(figsize: tuple[float, float] = FIGSIZE) -> Figure:
     """A figure on matplotlib's Agg canvas: no window, no global pyplot state, safe in notebooks."""
     fig = Figure(figsize=figsize, dpi=DPI)

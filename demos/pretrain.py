@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from demos.common import moving_average
 from demos.pretrain_data import EVAL_CAP, EVAL_FRACTION, SOURCES, SourceBlocks, source_blocks, sst2_column, weighted
 from minigpt import (GPT, GPTConfig, TrainConfig, atomic_save_dir, autocast, collate_lm, evaluate,
                      examples_from_text, generate, get_tokenizer, lm_loss_fn, processes, resolve_device,
@@ -145,16 +146,6 @@ def show(label: str, texts: dict[str, str]) -> None:
 
 
 # ---- the plot ----------------------------------------------------------------------------------
-def moving_average(values: list[float], window: int) -> list[float]:
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
-
-
 def plot(history: list[dict], before: float, tokens_per_step: int, title: str, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")

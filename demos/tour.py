@@ -46,7 +46,7 @@ from techniques.lora import lora_modules, lora_parameters, lora_summary, merge_l
 from techniques.prefix import PrefixTuning, train_prefix
 
 from .common import (Report, Stopwatch, add_demo_args, bow_stepsize, choose_model, finite_or_none, format_seconds,
-                     html_item, new_figure, save_figure)
+                     html_item, moving_average, new_figure, save_figure)
 from .kits import (E2E, EOT, LORA, PREFIX_HIDDEN, e2e_prompt, group_by_mr, lora_lr, new_lora_model, prefix_lr, read_e2e,
                    read_verses, train_lora_parameters, verse_examples)
 
@@ -333,16 +333,6 @@ def _sample_texts(ctx: TourContext, model: GPT, prompts: Sequence[str], n_tokens
     return out
 
 
-def _moving_average(xs: Sequence[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, x in enumerate(xs):
-        total += x
-        if i >= window:
-            total -= xs[i - window]
-        out.append(total / min(i + 1, window))
-    return out
-
-
 def _loss_figure(history: list[dict], eval_before: float, path: Path, title: str,
                  baseline: Optional[tuple[str, float]] = None) -> Path:
     fig = new_figure()
@@ -350,7 +340,7 @@ def _loss_figure(history: list[dict], eval_before: float, path: Path, title: str
     steps = [h["step"] + 1 for h in history]
     losses = [h["loss"] for h in history]
     ax.plot(steps, losses, color="#4c72b0", alpha=0.3, lw=1, label="train (per step)")
-    ax.plot(steps, _moving_average(losses, max(1, len(losses) // 20)), color="#4c72b0", lw=2,
+    ax.plot(steps, moving_average(losses, max(1, len(losses) // 20)), color="#4c72b0", lw=2,
             label="train (moving average)")
     ev = [(0, eval_before)] + [(h["step"] + 1, h["eval_loss"]) for h in history if "eval_loss" in h]
     ax.plot([e[0] for e in ev], [e[1] for e in ev], "o-", color="#dd8452", lw=2, label="eval (held out)")

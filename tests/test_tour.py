@@ -13,6 +13,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from demos import tour
 
@@ -176,3 +178,11 @@ def test_bag_step_size_is_the_papers_from_width_512_a_third_of_ten_times_from_25
     assert bow_stepsize(wide, 0.03) == 0.03 and bow_stepsize(wider, 0.03) == 0.03
     assert bow_stepsize(mid, 0.03) == pytest.approx(0.1) and bow_stepsize(narrow, 0.03) == pytest.approx(0.3)
     assert tour.pplm_knobs(narrow)["stepsize"] == pytest.approx(0.3) and tour.pplm_knobs(narrow, steer=False)["stepsize"] == 0
+
+
+@given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=40), st.integers(1, 12))
+def test_moving_average_is_the_mean_of_the_last_window_values(values, window):
+    from demos.common import moving_average
+    got = moving_average(values, window)
+    want = [sum(values[max(0, i + 1 - window):i + 1]) / min(i + 1, window) for i in range(len(values))]
+    assert got == pytest.approx(want, abs=1e-6)
