@@ -40,7 +40,7 @@ from minigpt.cli import add_model_args, add_precision_arg
 
 __all__ = ["MICRO_CONFIG", "AUTO", "add_demo_args", "ChosenModel", "choose_model", "new_figure", "save_figure",
            "Report", "Stopwatch", "format_seconds", "finite_or_none", "bow_stepsize", "STEPSIZE_FACTORS",
-           "moving_average"]
+           "moving_average", "run_mode"]
 
 # The --smoke model: two layers of width 32, random weights, built in-process in well under a second.
 MICRO_CONFIG = dict(n_layer=2, n_head=2, n_embd=32, n_positions=128)
@@ -119,6 +119,11 @@ def choose_model(args) -> ChosenModel:
                            f"pass --model {PREFERRED} or --weights DIR to choose")
     return ChosenModel(model, PREFERRED, f"model: {PREFERRED}, loaded from the Hugging Face cache or downloaded "
                                          f"(--model {FALLBACK} runs the bundled model instead)")
+
+
+def run_mode(args) -> str:
+    """smoke, quick or full, from a demo's --smoke and --quick: which of its sizes this run takes."""
+    return "smoke" if args.smoke else "quick" if args.quick else "full"
 
 
 def bow_stepsize(model: GPT, paper: float) -> float:

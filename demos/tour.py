@@ -46,7 +46,7 @@ from techniques.lora import lora_modules, lora_parameters, lora_summary, merge_l
 from techniques.prefix import PrefixTuning, train_prefix
 
 from .common import (Report, Stopwatch, add_demo_args, bow_stepsize, choose_model, finite_or_none, format_seconds,
-                     html_item, moving_average, new_figure, save_figure)
+                     html_item, moving_average, new_figure, run_mode, save_figure)
 from .kits import (E2E, EOT, LORA, PREFIX_HIDDEN, e2e_prompt, group_by_mr, lora_lr, new_lora_model, prefix_lr, read_e2e,
                    read_verses, train_lora_parameters, verse_examples)
 
@@ -932,7 +932,7 @@ def build_report(ctx: TourContext, results: Sequence[StepResult], summary: dict,
 
 
 def _context(chosen, out: Path, args) -> TourContext:
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = run_mode(args)
     return TourContext(model=chosen.model, model_name=chosen.name, tokenizer=get_tokenizer(), out=Path(out),
                        seed=args.seed, sizes=SIZES[mode], mode=mode, progress=not args.no_progress,
                        precision=resolve_precision(args.precision, chosen.model.device),

@@ -28,8 +28,8 @@ from techniques.lora import save_adapter
 
 from ..common import Stopwatch, choose_model, finite_or_none, format_seconds
 from ..kits import EOT, LORA, load_lora, lora_train_config, sample_continuations, text_perplexity, train_lora
-from .common import (REPO, ProjectResult, add_lora_args, bars_figure, loss_figure, lora_training, metric_figure,
-                     project_parser, write_metrics, write_samples)
+from .common import (REPO, ProjectResult, add_lora_args, bars_figure, lora_training, loss_figure, metric_figure,
+                     project_parser, run_mode, write_metrics, write_samples)
 
 NAME = "chemistry"
 TITLE = "Chemistry report generator"
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> ProjectResult:
     clock = Stopwatch()
-    sizes = SIZES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    sizes = SIZES[run_mode(args)]
     reactions = read_reactions()
     train_rows = [r for r in reactions if r.split == "train"]
     test = [r for r in reactions if r.split == "test"][:sizes.test]

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 from minigpt import atomic_save_dir, write_json
 from minigpt.cli import positive_int
 
-from ..common import add_demo_args, new_figure, save_figure
+from ..common import add_demo_args, new_figure, run_mode, save_figure
 
 __all__ = ["ProjectResult", "project_parser", "run_mode", "progress", "add_lora_args", "lora_training",
            "add_prefix_args", "prefix_training", "require", "write_metrics", "write_samples", "metric_figure",
@@ -80,11 +80,6 @@ def project_parser(name: str, description: str, *, needs: Sequence[str] = (), ou
     add_demo_args(p, out=out or f"runs/{name}", quick_help="fewer steps and examples (minutes on a 2-core CPU)",
                   trains=trains)
     return p
-
-
-def run_mode(args) -> str:
-    """smoke, quick or full: which of a project's SIZES this run takes."""
-    return "smoke" if args.smoke else "quick" if args.quick else "full"
 
 
 def progress() -> bool:

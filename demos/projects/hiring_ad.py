@@ -31,8 +31,8 @@ could only read 0 -> 0. It is still reported, unchanged, beside the balance.
 Hyperparameters: the reference's bag-of-words settings (uber-research/PPLM: stepsize 0.03, 3
 iterations, window 5, gamma 1.5, kl_scale 0.01, gm_scale 0.95, top-k 10 sampling), 50 new tokens; the
 avoid loss is a bag loss, so it takes them unchanged. On models narrower than 512 the step size grows
-(0.1 at width 256, 0.3 below; demos.common.bow_stepsize, as in the tour). On the bundled model the masculine-coded tokens hold about
-0.1-0.2% of the next-token mass and never reach the top 10 the sampler draws from, so its unperturbed
+(0.1 at width 256, 0.3 below; demos.common.bow_stepsize, as in the tour). On the bundled model the
+masculine-coded tokens hold about 0.1-0.2% of the next-token mass and never reach the top 10 the sampler draws from, so its unperturbed
 adverts contain none; metrics.json also carries the steered bag's mass per step (the steering's own
 signal, a diagnostic only), before and after.
 """
@@ -51,7 +51,7 @@ from techniques import pplm
 
 from ..common import Stopwatch, bow_stepsize, choose_model, new_figure, save_figure
 from ..kits import continuations, mean
-from .common import REPO, ProjectResult, metric_figure, project_parser, require, write_metrics, write_samples
+from .common import REPO, ProjectResult, metric_figure, project_parser, require, run_mode, write_metrics, write_samples
 
 NAME = "hiring_ad"
 TITLE = "Ethical hiring tool"
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> ProjectResult:
     clock = Stopwatch()
     gd = genderdecoder()
-    sizes = SIZES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    sizes = SIZES[run_mode(args)]
     samples, tokens = args.samples or sizes.samples, args.tokens or sizes.tokens
     rows = read_prompts()[:sizes.roles]
     chosen = choose_model(args)

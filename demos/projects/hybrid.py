@@ -53,8 +53,8 @@ from techniques.prefix import PrefixTuning, load_adapter as load_prefix_adapter,
 from ..common import Stopwatch, bow_stepsize, choose_model, finite_or_none, format_seconds, new_figure, save_figure
 from ..kits import (EOT, PREFIX_HIDDEN, Perplexity, fit_prefix, load_lora, lora_train_config, read_verses,
                     text_perplexity, train_poem_lora, verse_examples)
-from .common import (ProjectResult, loss_figure, metric_figure, progress, project_parser, require, write_metrics,
-                     write_samples)
+from .common import (ProjectResult, loss_figure, metric_figure, progress, project_parser, require, run_mode,
+                     write_metrics, write_samples)
 
 NAME = "hybrid"
 TITLE = "Hybrid sentiment system"
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> ProjectResult:
     clock = Stopwatch()
-    sizes = SIZES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    sizes = SIZES[run_mode(args)]
     vader = require("vaderSentiment.vaderSentiment", "vaderSentiment").SentimentIntensityAnalyzer()
     for folder, kind in ((args.lora, "LORA"), (args.prefix, "PREFIX_TUNING")):
         if folder:   # a wrong folder fails now, not after minutes of training the other adapter

@@ -42,7 +42,7 @@ from techniques import pplm
 
 from ..common import Stopwatch, choose_model, new_figure, save_figure
 from ..kits import continuations, mean, prompt_ids
-from .common import ProjectResult, metric_figure, project_parser, require, write_metrics, write_samples
+from .common import ProjectResult, metric_figure, project_parser, require, run_mode, write_metrics, write_samples
 
 NAME = "hypothesis"
 TITLE = "Scientific hypothesis"
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> ProjectResult:
     clock = Stopwatch()
-    sizes = SIZES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    sizes = SIZES[run_mode(args)]
     samples, tokens = args.samples or sizes.samples, args.tokens or sizes.tokens
     prompts = challenge_prompts(SPLIT, args.papers or sizes.papers)
     chosen = choose_model(args)

@@ -30,7 +30,7 @@ from techniques.lora import save_adapter
 from ..common import Stopwatch, choose_model, finite_or_none, format_seconds
 from ..kits import (EOT, LORA, load_lora, lora_train_config, read_verses, sample_continuations, text_perplexity,
                     train_poem_lora)
-from .common import (ProjectResult, add_lora_args, loss_figure, lora_training, metric_figure, project_parser,
+from .common import (ProjectResult, add_lora_args, lora_training, loss_figure, metric_figure, project_parser, run_mode,
                      write_metrics, write_samples)
 
 NAME = "poetry"
@@ -62,7 +62,7 @@ SIZES = {"full": Sizes(),
 
 
 def sizes_for(args) -> Sizes:
-    return SIZES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    return SIZES[run_mode(args)]
 
 
 def _first(xs: list, n: Optional[int]) -> list:

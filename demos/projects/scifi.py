@@ -27,8 +27,8 @@ from techniques.lora import save_adapter
 
 from ..common import Stopwatch, choose_model, finite_or_none, format_seconds
 from ..kits import EOT, LORA, load_lora, lora_train_config, sample_continuations, text_perplexity, train_lora
-from .common import (REPO, ProjectResult, add_lora_args, bars_figure, loss_figure, lora_training, metric_figure,
-                     project_parser, write_metrics, write_samples)
+from .common import (REPO, ProjectResult, add_lora_args, bars_figure, lora_training, loss_figure, metric_figure,
+                     project_parser, run_mode, write_metrics, write_samples)
 
 NAME = "scifi"
 TITLE = "Sci-fi from 100 snippets"
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> ProjectResult:
     clock = Stopwatch()
-    sizes = SIZES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    sizes = SIZES[run_mode(args)]
     snippets = read_snippets()[:sizes.snippets]
     heldout = read_lines("heldout.txt")[:sizes.heldout]
     bag = read_genre_words()

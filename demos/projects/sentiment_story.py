@@ -31,8 +31,8 @@ Hyperparameters are the reference's (uber-research/PPLM README and run_pplm.py e
 discriminator stepsize 0.04, 10 iterations, gamma 1.0, gm_scale 0.95, kl_scale 0.01, horizon 1;
 bag of words stepsize 0.03, 3 iterations, window 5, gamma 1.5, gm_scale 0.95, kl_scale 0.01; both
 sample with top-k 10. What the small model and a 2-core CPU forced: the bag's step size grows on
-models narrower than 512 (0.1 at width 256, 0.3 below; demos.common.bow_stepsize, as in the tour); 30 new tokens per continuation
-(the paper: 50) and 6 samples per prompt; the head is trained on a random 12,000 of SST-2's 67,349
+models narrower than 512 (0.1 at width 256, 0.3 below; demos.common.bow_stepsize, as in the tour); 30 new
+tokens per continuation (the paper: 50) and 6 samples per prompt; the head is trained on a random 12,000 of SST-2's 67,349
 training rows (caching features costs one forward pass per text; --train-rows 0 takes them all) with the
 reference's training settings (10 epochs, batch 64, Adam at lr 1e-4). The bundled model saw SST-2's
 training sentences (without labels) in pre-training; the dev rows are held out from it.
@@ -53,7 +53,7 @@ from techniques import pplm
 
 from ..common import Stopwatch, bow_stepsize, choose_model, new_figure, save_figure
 from ..kits import continuations, mean
-from .common import (REPO, ProjectResult, loss_figure, metric_figure, project_parser, require, write_metrics,
+from .common import (REPO, ProjectResult, loss_figure, metric_figure, project_parser, require, run_mode, write_metrics,
                      write_samples)
 
 NAME = "sentiment_story"
@@ -223,7 +223,7 @@ def headline_setting(args) -> str:
 
 def run(args) -> ProjectResult:
     clock = Stopwatch()
-    sizes = SIZES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    sizes = SIZES[run_mode(args)]
     samples, tokens = args.samples or sizes.samples, args.tokens or sizes.tokens
     if args.train_rows is not None and args.train_rows < 0:
         raise ValueError(f"--train-rows must be >= 0 (0 = all rows), got {args.train_rows}")
