@@ -110,7 +110,7 @@ def main(argv=None) -> None:
                 (f"{n} processes x 1 thread, batch {b} each (DDP)", run(args, tmp, n, 1, b))]
     base = rows[0][1]
     tokens = n * b * args.seq_len
-    print(f"\n| run | s / step | tokens / s | speed-up |\n|---|---:|---:|---:|")
+    print("\n| run | s / step | tokens / s | speed-up |\n|---|---:|---:|---:|")
     for name, sec in rows:
         print(f"| {name} | {sec:.3f} | {tokens / sec:.0f} | {base / sec:.2f}x |")
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from minigpt import EOT_ID, GPT, generate
+from minigpt import EOT_ID, generate
 from minigpt.__main__ import build_parser, main
 from minigpt.check import (FP32_TOL, PREFIX_GENERATE_NOTE, Row, diff_row, format_table, greedy_by_forward,
                            tokens_row)

@@ -20,11 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 import ddp_worker
-from minigpt import (GPT, Example, GPTConfig, TrainConfig, TrainingInterrupted, examples_from_text, lm_loss_fn,
+from minigpt import (GPT, GPTConfig, TrainConfig, TrainingInterrupted, examples_from_text, lm_loss_fn,
                      train)
 from minigpt.cli import describe_plan
 from techniques.lora import apply_lora, lora_parameters
-from techniques.prefix import PrefixTuning, train_prefix
+from techniques.prefix import PrefixTuning
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
@@ -173,7 +173,6 @@ def test_prefix_resumed_equals_uninterrupted(tmp_path):
         torch.manual_seed(0)
         model = GPT(SMALL)
         prefix = PrefixTuning(SMALL, 4, projection=True, hidden_size=16, dropout=0.2)
-        losses = {}
 
         def params_and_loss():
             model.requires_grad_(False)
