@@ -37,22 +37,22 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METRICS_KEYS = {"project", "metric", "higher_is_better", "before", "after", "model", "n", "seconds", "extra"}
 
 
-def smoke_runs_of(modules, tmp_path_factory, *extra_args: str) -> dict:
-    """Each project module once with --smoke --seed 1: {name: (exit code, out folder)}."""
+def smoke_runs_of(projects, tmp_path_factory, *extra_args: str) -> dict:
+    """Each project (its Project record) once with --smoke --seed 1: {name: (exit code, out folder)}."""
     runs = {}
-    for module in modules:
-        out = tmp_path_factory.mktemp(module.NAME)
-        runs[module.NAME] = (module.main(["--smoke", "--out", str(out), "--seed", "1", *extra_args]), out)
+    for project in projects:
+        out = tmp_path_factory.mktemp(project.name)
+        runs[project.name] = (project.main(["--smoke", "--out", str(out), "--seed", "1", *extra_args]), out)
     return runs
 
 
-def check_project_contract(module, code: int, out: Path) -> dict:
+def check_project_contract(project, code: int, out: Path) -> dict:
     """What every project's run must leave: exit 0, metrics.json with the issue's keys, metric.png, samples.md
     with inputs before and after, and no half-written folder. Returns the metrics."""
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert set(metrics) == METRICS_KEYS
-    assert metrics["project"] == module.NAME and metrics["model"] == "micro-random"
+    assert metrics["project"] == project.name and metrics["model"] == "micro-random"
     assert isinstance(metrics["higher_is_better"], bool)
     for key in ("before", "after", "seconds"):
         assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
@@ -64,9 +64,9 @@ def check_project_contract(module, code: int, out: Path) -> dict:
     return metrics
 
 
-def help_text(module, capsys) -> str:
+def help_text(project, capsys) -> str:
     """A project's --help (it must exit 0), whitespace folded to single spaces."""
     with pytest.raises(SystemExit) as e:
-        module.main(["--help"])
+        project.main(["--help"])
     assert e.value.code == 0
     return " ".join(capsys.readouterr().out.split())

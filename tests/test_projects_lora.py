@@ -20,7 +20,7 @@ from minigpt import EOT_ID, GPT, GPTConfig, causal_lm_loss, get_tokenizer
 from techniques import pplm
 from techniques.prefix import PrefixTuning
 
-PROJECTS = (poetry, scifi, chemistry, hybrid)
+PROJECTS = tuple(m.PROJECT for m in (poetry, scifi, chemistry, hybrid))
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +29,10 @@ def smoke_runs(tmp_path_factory):
     return smoke_runs_of(PROJECTS, tmp_path_factory)
 
 
-@pytest.mark.parametrize("module", PROJECTS, ids=lambda m: m.NAME)
-def test_smoke_run_writes_the_contract(smoke_runs, module):
-    code, out = smoke_runs[module.NAME]
-    check_project_contract(module, code, out)
+@pytest.mark.parametrize("project", PROJECTS, ids=lambda p: p.name)
+def test_smoke_run_writes_the_contract(smoke_runs, project):
+    code, out = smoke_runs[project.name]
+    check_project_contract(project, code, out)
 
 
 def test_smoke_runs_save_their_adapters(smoke_runs):
@@ -64,7 +64,7 @@ def test_hybrid_reports_all_eight_configurations(smoke_runs):
 def test_a_saved_lora_adapter_loads_back(smoke_runs, tmp_path, capsys):
     """--lora OUT/adapter gives exactly the trained adapter: the same held-out perplexity after."""
     first = json.loads((smoke_runs["poetry"][1] / "metrics.json").read_text())
-    code = poetry.main(["--smoke", "--out", str(tmp_path), "--seed", "1", "--lora",
+    code = poetry.PROJECT.main(["--smoke", "--out", str(tmp_path), "--seed", "1", "--lora",
                         str(smoke_runs["poetry"][1] / "adapter")])
     assert code == 0
     again = json.loads((tmp_path / "metrics.json").read_text())
@@ -74,13 +74,13 @@ def test_a_saved_lora_adapter_loads_back(smoke_runs, tmp_path, capsys):
     assert not (tmp_path / "adapter").exists()  # nothing trained, nothing saved
 
 
-@pytest.mark.parametrize("module", PROJECTS, ids=lambda m: m.NAME)
-def test_help_names_the_options_and_the_extra(module, capsys):
-    text = help_text(module, capsys)
+@pytest.mark.parametrize("project", PROJECTS, ids=lambda p: p.name)
+def test_help_names_the_options_and_the_extra(project, capsys):
+    text = help_text(project, capsys)
     for flag in ("--model", "--weights", "--out", "--smoke", "--lora"):
         assert flag in text, flag
-    assert ('pip install -e ".[demos]"' in text) == bool(module.NEEDS)
-    assert all(package in text for package in module.NEEDS)
+    assert ('pip install -e ".[demos]"' in text) == bool(project.needs)
+    assert all(package in text for package in project.needs)
 
 
 def _one_line_error(capsys) -> str:
@@ -89,9 +89,9 @@ def _one_line_error(capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("module", PROJECTS, ids=lambda m: m.NAME)
-def test_a_missing_adapter_folder_is_one_line(module, tmp_path, capsys):
-    code = module.main(["--smoke", "--out", str(tmp_path / "out"), "--lora", str(tmp_path / "nowhere")])
+@pytest.mark.parametrize("project", PROJECTS, ids=lambda p: p.name)
+def test_a_missing_adapter_folder_is_one_line(project, tmp_path, capsys):
+    code = project.main(["--smoke", "--out", str(tmp_path / "out"), "--lora", str(tmp_path / "nowhere")])
     assert code == 2
     err = _one_line_error(capsys)
     assert "nowhere" in err and "does not exist" in err
@@ -100,7 +100,7 @@ def test_a_missing_adapter_folder_is_one_line(module, tmp_path, capsys):
 
 def test_hybrid_refuses_a_lora_adapter_as_prefix(smoke_runs, tmp_path, capsys):
     lora_dir = smoke_runs["hybrid"][1] / "adapter" / "lora"
-    code = hybrid.main(["--smoke", "--out", str(tmp_path), "--prefix", str(lora_dir)])
+    code = hybrid.PROJECT.main(["--smoke", "--out", str(tmp_path), "--prefix", str(lora_dir)])
     assert code == 2
     assert "--lora" in _one_line_error(capsys)  # it names the flag that fits
 
@@ -112,7 +112,7 @@ def test_scifi_trains_on_exactly_100_snippets(tmp_path, monkeypatch, capsys):
     assert len(lines) == 100 == len(scifi.read_snippets())
     (tmp_path / "snippets.txt").write_text("\n".join(lines[:99]) + "\n", encoding="utf-8")
     monkeypatch.setattr(scifi, "DATA", tmp_path)
-    assert scifi.main(["--smoke", "--out", str(tmp_path / "out")]) == 2
+    assert scifi.PROJECT.main(["--smoke", "--out", str(tmp_path / "out")]) == 2
     assert "99 snippets" in _one_line_error(capsys)
 
 

@@ -23,7 +23,7 @@ from demos.projects.common import DEMOS_EXTRA
 from helpers import PNG_MAGIC, check_project_contract, help_text, smoke_runs_of
 from minigpt import EOT_ID, GPT, GPTConfig, generate, get_tokenizer
 
-PROJECTS = (sentiment_story, hiring_ad, hypothesis)
+PROJECTS = tuple(m.PROJECT for m in (sentiment_story, hiring_ad, hypothesis))
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +50,18 @@ def one_line_error(capsys, code: int, *words: str) -> str:
 
 
 # ---- the contract ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("module", PROJECTS, ids=lambda m: m.NAME)
-def test_smoke_run_writes_the_contract(smoke_runs, module):
-    code, out = smoke_runs[module.NAME]
-    check_project_contract(module, code, out)
+@pytest.mark.parametrize("project", PROJECTS, ids=lambda p: p.name)
+def test_smoke_run_writes_the_contract(smoke_runs, project):
+    code, out = smoke_runs[project.name]
+    check_project_contract(project, code, out)
 
 
-@pytest.mark.parametrize("module", PROJECTS, ids=lambda m: m.NAME)
-def test_help_names_the_options_and_the_extra(module, capsys):
-    text = help_text(module, capsys)
+@pytest.mark.parametrize("project", PROJECTS, ids=lambda p: p.name)
+def test_help_names_the_options_and_the_extra(project, capsys):
+    text = help_text(project, capsys)
     for option in ("--model", "--weights", "--out", "--smoke", "--quick"):
         assert option in text, option
-    assert DEMOS_EXTRA in text and module.NEEDS[0] in text
+    assert DEMOS_EXTRA in text and project.needs[0] in text
 
 
 def test_each_project_writes_its_own_numbers(smoke_runs):
@@ -103,7 +103,7 @@ def test_a_saved_discriminator_loads_back(smoke_runs, tmp_path):
     saved = smoke_runs["sentiment_story"][1] / "discriminator"
     assert (saved / "discriminator.json").is_file()
     out = tmp_path / "again"
-    assert sentiment_story.main(["--smoke", "--out", str(out), "--seed", "1", "--no-progress",
+    assert sentiment_story.PROJECT.main(["--smoke", "--out", str(out), "--seed", "1", "--no-progress",
                                  "--discrim", str(saved)]) == 0
     first = json.loads((smoke_runs["sentiment_story"][1] / "metrics.json").read_text())
     again = json.loads((out / "metrics.json").read_text())
@@ -117,34 +117,34 @@ def test_a_saved_discriminator_loads_back(smoke_runs, tmp_path):
 
 
 def test_the_paper_head_on_the_wrong_model_is_one_line(tmp_path, capsys):
-    code = sentiment_story.main(["--smoke", "--out", str(tmp_path), "--discrim", "sentiment", "--no-progress"])
+    code = sentiment_story.PROJECT.main(["--smoke", "--out", str(tmp_path), "--discrim", "sentiment", "--no-progress"])
     one_line_error(capsys, code, "n_embd=1024", "gpt2-medium")
     assert not (tmp_path / "metrics.json").exists()
 
 
 def test_the_paper_head_leads_only_when_it_is_used():
-    parse = sentiment_story.build_parser().parse_args
+    parse = sentiment_story.PROJECT.build_parser().parse_args
     assert sentiment_story.headline_setting(parse(["--discrim", "sentiment"])) == "discrim"
     assert sentiment_story.headline_setting(parse(["--discrim", "runs/x/discriminator"])) == "bow"
     assert sentiment_story.headline_setting(parse([])) == "bow"
 
 
 def test_an_unknown_discriminator_is_one_line(tmp_path, capsys):
-    code = sentiment_story.main(["--smoke", "--out", str(tmp_path), "--discrim", str(tmp_path / "nope")])
+    code = sentiment_story.PROJECT.main(["--smoke", "--out", str(tmp_path), "--discrim", str(tmp_path / "nope")])
     one_line_error(capsys, code, "unknown discriminator", "nope")
 
 
 def test_an_unknown_class_is_one_line(tmp_path, capsys):
-    code = sentiment_story.main(["--smoke", "--out", str(tmp_path), "--class-label", "joyful", "--no-progress"])
+    code = sentiment_story.PROJECT.main(["--smoke", "--out", str(tmp_path), "--class-label", "joyful", "--no-progress"])
     one_line_error(capsys, code, "joyful", "negative", "positive")
 
 
 def test_a_missing_yardstick_names_the_extra(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "vaderSentiment.vaderSentiment", None)   # import now raises ImportError
-    code = sentiment_story.main(["--smoke", "--out", str(tmp_path)])
+    code = sentiment_story.PROJECT.main(["--smoke", "--out", str(tmp_path)])
     one_line_error(capsys, code, "vaderSentiment", DEMOS_EXTRA)
     monkeypatch.setitem(sys.modules, "genderdecoder3", None)
-    one_line_error(capsys, hiring_ad.main(["--smoke", "--out", str(tmp_path)]), "genderdecoder3", DEMOS_EXTRA)
+    one_line_error(capsys, hiring_ad.PROJECT.main(["--smoke", "--out", str(tmp_path)]), "genderdecoder3", DEMOS_EXTRA)
 
 
 def test_sst2_subsets_are_seeded_and_sized():

@@ -20,7 +20,7 @@ from demos.projects import explainer, squad_qa, summarizer, table_to_text
 from demos.projects.squad_qa import best_over_gold, exact_match, f1, normalize, squad_scores
 from helpers import PNG_MAGIC, check_project_contract, help_text, smoke_runs_of
 
-PROJECTS = (summarizer, explainer, table_to_text, squad_qa)
+PROJECTS = tuple(m.PROJECT for m in (summarizer, explainer, table_to_text, squad_qa))
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +29,10 @@ def smoke_runs(tmp_path_factory):
     return smoke_runs_of(PROJECTS, tmp_path_factory, "--no-progress")
 
 
-@pytest.mark.parametrize("module", PROJECTS, ids=lambda m: m.NAME)
-def test_smoke_run_writes_the_contract(smoke_runs, module):
-    code, out = smoke_runs[module.NAME]
-    metrics = check_project_contract(module, code, out)
+@pytest.mark.parametrize("project", PROJECTS, ids=lambda p: p.name)
+def test_smoke_run_writes_the_contract(smoke_runs, project):
+    code, out = smoke_runs[project.name]
+    metrics = check_project_contract(project, code, out)
     assert metrics["higher_is_better"] is True
     assert (out / "loss.png").read_bytes().startswith(PNG_MAGIC)
 
@@ -70,10 +70,10 @@ def test_smoke_runs_save_their_prefixes(smoke_runs):
 @pytest.mark.parametrize("name", ["table_to_text", "explainer"])
 def test_a_saved_prefix_loads_back(smoke_runs, name, tmp_path):
     """--prefix OUT/adapter gives exactly the trained prefix: the same held-out loss and score after."""
-    module = {"table_to_text": table_to_text, "explainer": explainer}[name]
+    project = {"table_to_text": table_to_text, "explainer": explainer}[name].PROJECT
     first = json.loads((smoke_runs[name][1] / "metrics.json").read_text())
-    code = module.main(["--smoke", "--out", str(tmp_path), "--seed", "1", "--no-progress", "--prefix",
-                        str(smoke_runs[name][1] / "adapter")])
+    code = project.main(["--smoke", "--out", str(tmp_path), "--seed", "1", "--no-progress", "--prefix",
+                         str(smoke_runs[name][1] / "adapter")])
     assert code == 0
     again = json.loads((tmp_path / "metrics.json").read_text())
     assert again["before"] == first["before"] and again["after"] == pytest.approx(first["after"], abs=1e-9)
@@ -84,14 +84,14 @@ def test_a_saved_prefix_loads_back(smoke_runs, name, tmp_path):
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "loss.png").exists()  # nothing trained
 
 
-@pytest.mark.parametrize("module", PROJECTS, ids=lambda m: m.NAME)
-def test_help_names_the_options_and_the_extra(module, capsys):
-    text = help_text(module, capsys)
+@pytest.mark.parametrize("project", PROJECTS, ids=lambda p: p.name)
+def test_help_names_the_options_and_the_extra(project, capsys):
+    text = help_text(project, capsys)
     for flag in ("--model", "--weights", "--out", "--smoke", "--quick", "--prefix", "--num-virtual-tokens"):
         assert flag in text, flag
-    assert ('pip install -e ".[demos]"' in text) == bool(module.NEEDS)
-    assert all(package in text for package in module.NEEDS)
-    assert module.TECHNIQUE == "prefix tuning"
+    assert ('pip install -e ".[demos]"' in text) == bool(project.needs)
+    assert all(package in text for package in project.needs)
+    assert project.technique == "prefix tuning"
 
 
 def _one_line_error(code, capsys, *words) -> str:
@@ -103,9 +103,9 @@ def _one_line_error(code, capsys, *words) -> str:
     return err
 
 
-@pytest.mark.parametrize("module", PROJECTS, ids=lambda m: m.NAME)
-def test_a_missing_prefix_folder_is_one_line(module, tmp_path, capsys):
-    code = module.main(["--smoke", "--out", str(tmp_path / "out"), "--prefix", str(tmp_path / "nowhere")])
+@pytest.mark.parametrize("project", PROJECTS, ids=lambda p: p.name)
+def test_a_missing_prefix_folder_is_one_line(project, tmp_path, capsys):
+    code = project.main(["--smoke", "--out", str(tmp_path / "out"), "--prefix", str(tmp_path / "nowhere")])
     _one_line_error(code, capsys, "nowhere", "does not exist", "nothing was saved")
     assert not (tmp_path / "out").exists()
 
@@ -113,7 +113,7 @@ def test_a_missing_prefix_folder_is_one_line(module, tmp_path, capsys):
 def test_a_lora_adapter_as_prefix_is_one_line(tmp_path, capsys):
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM"}))
-    code = table_to_text.main(["--smoke", "--out", str(tmp_path / "out"), "--prefix", str(tmp_path / "lora")])
+    code = table_to_text.PROJECT.main(["--smoke", "--out", str(tmp_path / "out"), "--prefix", str(tmp_path / "lora")])
     _one_line_error(code, capsys, "LORA")
 
 
@@ -121,18 +121,18 @@ def test_bad_squad_files_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": [
         {"context": "c", "qas": [{"id": "q", "question": "why?", "answers": []}]}]}]}))
-    code = squad_qa.main(["--smoke", "--out", str(tmp_path / "out"), "--data", str(bad)])
+    code = squad_qa.PROJECT.main(["--smoke", "--out", str(tmp_path / "out"), "--data", str(bad)])
     _one_line_error(code, capsys, str(bad), "data[0].paragraphs[0].qas[0]", "answers")
     bad.write_text("{not json")
-    code = squad_qa.main(["--smoke", "--out", str(tmp_path / "out"), "--data", str(bad)])
+    code = squad_qa.PROJECT.main(["--smoke", "--out", str(tmp_path / "out"), "--data", str(bad)])
     _one_line_error(code, capsys, str(bad), "not valid JSON")
-    code = squad_qa.main(["--smoke", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "none.json")])
+    code = squad_qa.PROJECT.main(["--smoke", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "none.json")])
     _one_line_error(code, capsys, "none.json", "not found")
     assert not (tmp_path / "out").exists()
 
 
 def test_a_missing_e2e_folder_is_one_line(tmp_path, capsys):
-    code = table_to_text.main(["--smoke", "--out", str(tmp_path / "out"), "--data", str(tmp_path)])
+    code = table_to_text.PROJECT.main(["--smoke", "--out", str(tmp_path / "out"), "--data", str(tmp_path)])
     _one_line_error(code, capsys, "devset.csv", "is missing")
 
 

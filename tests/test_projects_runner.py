@@ -3,21 +3,47 @@ from __future__ import annotations
 
 import json
 
-from demos.projects.__main__ import PROJECTS, main, project
+import importlib
+import pkgutil
+
+import pytest
+
+import demos.projects
+from demos.projects import PROJECT_NAMES, load, load_all
+from demos.projects.__main__ import main
+from demos.projects.common import Project
+
+NOT_PROJECTS = {"common", "__main__"}
+
+
+def test_every_module_in_the_folder_is_a_listed_project():
+    """A project declares itself once, as PROJECT in its module: the folder and the list agree, and no
+    module keeps a second declaration (module-level TECHNIQUE/NEEDS/main beside the record)."""
+    found = {m.name for m in pkgutil.iter_modules(demos.projects.__path__)} - NOT_PROJECTS
+    assert found == set(PROJECT_NAMES)
+    for name in PROJECT_NAMES:
+        module = importlib.import_module(f"demos.projects.{name}")
+        assert isinstance(module.PROJECT, Project)
+        assert not {"TECHNIQUE", "NEEDS", "TRAINS", "main", "build_parser"} & set(vars(module)), name
 
 
 def test_every_project_follows_the_contract():
-    for name in PROJECTS:
-        m = project(name)
-        assert m.NAME == name and m.TITLE and m.TECHNIQUE and isinstance(m.NEEDS, tuple)
-        assert callable(m.main) and callable(m.run) and callable(m.build_parser)
+    for name, p in zip(PROJECT_NAMES, load_all()):
+        assert p.name == name and p.title and p.technique and isinstance(p.needs, tuple)
+        assert set(p.sizes) == {"full", "quick", "smoke"}
+        assert callable(p.run) and callable(p.main)
+
+
+def test_an_unknown_project_is_named():
+    with pytest.raises(ValueError, match="unknown project 'nope'; choose from sentiment_story"):
+        load("nope")
 
 
 def test_list_names_every_project(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    for name in PROJECTS:
-        assert name in out
+    for p in load_all():
+        assert p.name in out and p.title in out
 
 
 def test_run_writes_one_index_of_the_runs(tmp_path, capsys):

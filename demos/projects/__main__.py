@@ -14,7 +14,6 @@ time, or by several commands into the same OUT, end up on one page.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -22,15 +21,9 @@ from pathlib import Path
 from minigpt.cli import run_command
 
 from ..common import AUTO, Report, Stopwatch, add_demo_args, format_seconds
+from . import PROJECT_NAMES as PROJECTS
+from . import load
 from .common import read_metrics
-
-# The order of the tutorial: PPLM's projects, prefix tuning's, LoRA's, then the system that composes them.
-PROJECTS = ("sentiment_story", "hiring_ad", "hypothesis", "summarizer", "explainer", "table_to_text", "squad_qa",
-            "poetry", "scifi", "chemistry", "hybrid")
-
-
-def project(name: str):
-    return importlib.import_module(f"demos.projects.{name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 def list_projects() -> None:
     rows = []
     for name in PROJECTS:
-        m = project(name)
-        rows.append((name, m.TECHNIQUE, m.TITLE, ", ".join(m.NEEDS) or "-"))
+        p = load(name)
+        rows.append((p.name, p.technique, p.title, ", ".join(p.needs) or "-"))
     width = [max(len(r[i]) for r in rows + [("name", "technique", "title", "needs")]) for i in range(4)]
     for r in [("name", "technique", "title", "needs (the demos extra)")] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip())
@@ -60,7 +53,7 @@ def list_projects() -> None:
 def forwarded(args, name: str) -> list[str]:
     """The options every project takes, as they were given here (and --precision to those that train)."""
     out = ["--device", args.device, "--seed", str(args.seed)]
-    if project(name).TRAINS:
+    if load(name).trains:
         out += ["--precision", args.precision]
     if args.weights:
         out += ["--weights", args.weights]
@@ -78,7 +71,7 @@ def run_projects(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names, 1):
         print(f"\n=== [{i}/{len(names)}] {name} ===", flush=True)
-        code = project(name).main(forwarded(args, name) + ["--out", str(out / name)])
+        code = load(name).main(forwarded(args, name) + ["--out", str(out / name)])
         if code != 0:
             raise ValueError(f"project {name} failed (exit code {code}); its error is printed above")
     results = collect(out)

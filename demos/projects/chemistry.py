@@ -16,26 +16,20 @@ paper's 2e-4, which is for GPT-2 medium over thousands of steps), for a run of a
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 from minigpt import examples_from_pairs, get_tokenizer, save_history, split_examples
-from minigpt.cli import run_command
 from techniques.lora import save_adapter
 
-from ..common import Stopwatch, choose_model, finite_or_none, format_seconds
+from ..common import finite_or_none
 from ..kits import EOT, LORA, load_lora, lora_train_config, sample_continuations, text_perplexity, train_lora
-from .common import (REPO, ProjectResult, add_lora_args, bars_figure, lora_training, loss_figure, metric_figure,
-                     project_parser, run_mode, write_metrics, write_samples)
+from .common import (REPO, Finished, Project, ProjectResult, ProjectRun, Samples, add_lora_args, bars_figure,
+                     lora_training, loss_figure)
 
 NAME = "chemistry"
 TITLE = "Chemistry report generator"
-TECHNIQUE = "LoRA"
-TRAINS = True
-NEEDS: tuple[str, ...] = ()   # an exact string check and perplexity by its definition: no package needed
 
 DATA = REPO / "data" / "chemistry" / "reactions.jsonl"
 SAMPLE_KNOBS = dict(do_sample=True, temperature=0.7, top_k=40)
@@ -115,25 +109,15 @@ def check_summary(reports: Sequence[str], reactions: Sequence[Reaction]) -> dict
 
 
 # ---- the project ---------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = project_parser(NAME, "LoRA (r=8, alpha=16 on q and v) for reaction -> short report: the share of test "
-                             "reactions whose report names every reactant and product, and held-out perplexity, "
-                             "before and after.", needs=NEEDS)
-    add_lora_args(p, SIZES)
-    return p
-
-
-def run(args) -> ProjectResult:
-    clock = Stopwatch()
-    sizes = SIZES[run_mode(args)]
+def run(run: ProjectRun) -> Finished:
+    """The share of test reactions whose report names every reactant and product, and the held-out
+    perplexity of the reference reports, before and after LoRA."""
+    args, sizes, base = run.args, run.sizes, run.model
     reactions = read_reactions()
     train_rows = [r for r in reactions if r.split == "train"]
     test = [r for r in reactions if r.split == "test"][:sizes.test]
     if not train_rows or not test:
         raise ValueError(f"{DATA} needs rows with split 'train' and rows with split 'test'")
-    chosen = choose_model(args)
-    print(chosen.reason)
-    base = chosen.model
     prompts = [EOT + r.prompt for r in test]
 
     def generate_reports(model):
@@ -165,7 +149,7 @@ def run(args) -> ProjectResult:
           f"held-out perplexity {ppl_after.value:.2f}")
 
     result = ProjectResult(NAME, "share of reports naming every reactant and product", True, before["all_named"],
-                           after["all_named"], chosen.name, len(test), clock.elapsed(), extra={
+                           after["all_named"], run.chosen.name, len(test), run.clock.elapsed(), extra={
                                "heldout_perplexity_before": finite_or_none(ppl_before.value),
                                "heldout_perplexity_after": finite_or_none(ppl_after.value),
                                "heldout_tokens": ppl_before.tokens,
@@ -174,27 +158,22 @@ def run(args) -> ProjectResult:
                                            "generated report (case-insensitive substring)",
                                "report_tokens": sizes.report_tokens, "sample_knobs": SAMPLE_KNOBS,
                                "lora": {**LORA, **info}})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, files = run.folder(), ["perplexity.png"]
     if history:
         save_adapter(model, out / "adapter")
         save_history(history, out)
         loss_figure(out, history, f"LoRA on {info['train_reactions']} reaction -> report pairs: loss "
                                   f"(eval = {info['dev_reactions']} held-back train reactions)")
+        files += ["adapter/", "history.json", "loss.png"]
     rows = [{"input": r.prompt, "reference": r.report, "before": b, "after": a,
              "before_score": _verdict(b, r), "after_score": _verdict(a, r)}
             for r, b, a in zip(test, reports_before, reports_after)]
-    write_samples(out, f"{TITLE}: reports before and after LoRA", rows, note=_note(result, info, sizes))
-    metric_figure(out, result, labels=("base model", "with LoRA"))
     bars_figure(out / "perplexity.png", {"base model": ppl_before.value, "with LoRA": ppl_after.value},
                 ylabel="perplexity of the test reports", fmt="{:.1f}",
                 title=f"{NAME}: held-out perplexity of {len(test)} reference reports (lower is better; "
                       f"model {result.model})")
-    result.seconds = clock.elapsed()
-    write_metrics(result, out)
-    print(f"wrote {out}/metrics.json, samples.md, metric.png, perplexity.png{', loss.png' if history else ''} "
-          f"in {format_seconds(result.seconds)}")
-    return result
+    samples = Samples(f"{TITLE}: reports before and after LoRA", rows, note=_note(result, info, sizes))
+    return Finished(result, samples, labels=("base model", "with LoRA"), files=files)
 
 
 def _verdict(report: str, reaction: Reaction) -> str:
@@ -218,10 +197,13 @@ def _note(result: ProjectResult, info: dict, sizes: Sizes) -> str:
             "at most) from the same seed before and after.")
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: run(args), out=args.out)
+PROJECT = Project(
+    name=NAME, title=TITLE, technique="LoRA", run=run, sizes=SIZES,
+    description="LoRA (r=8, alpha=16 on q and v) for reaction -> short report: the share of test reactions whose "
+                "report names every reactant and product, and held-out perplexity, before and after.",
+    needs=(),   # an exact string check and perplexity by its definition: no package needed
+    options=lambda parser: add_lora_args(parser, SIZES))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(PROJECT.main())

@@ -1,19 +1,30 @@
-"""What every tutorial project shares: its options, its yardstick import, and the three files it writes.
+"""The project frame: what every tutorial project shares, and the record by which it declares itself.
 
-A project (`python -m demos.projects.<name>`) trains or loads what it needs, runs the task
-before and after with the same seeds, measures both with a yardstick nobody here wrote, and
-writes into --out:
+A project (`python -m demos.projects.<name>`) is one `Project(...)` record at the end of its module: its
+name, title, technique, the yardstick packages it needs, its sizes per run mode and its `run`. The frame
+does the rest, the same way for all eleven:
+
+    parse the options (--model/--weights/--device/--seed, --out, --smoke, --quick, --precision and the
+    project's own) -> pick the run mode's sizes -> the project's `preflight` (fail fast) -> load the model
+    -> the project's `run` (its data, its technique calls, its measure before and after) -> write OUT.
+
+A run returns a `Finished`: the yardstick's numbers (`ProjectResult`), the samples before and after and
+the labels of the two bars. From it the frame writes into --out:
 
 - `metrics.json`: {"project", "metric", "higher_is_better", "before", "after", "model", "n",
   "seconds"} plus any extra numbers under "extra";
 - `samples.md`: inputs with the outputs before and after;
-- `metric.png`: the metric before and after (and, where it trains, `loss.png`).
+- `metric.png`: the metric before and after.
 
-`python -m demos.projects` runs any or all of them and writes runs/projects/index.html.
+What only one project writes (an adapter, `loss.png`, a second figure) it writes itself into
+`run.folder()` and names in `Finished.files`.
+
+`python -m demos.projects` lists and runs them all from the same records (demos.projects.PROJECT_NAMES)
+and writes runs/projects/index.html; the tests read the same records.
 
 The projects are leaves: each imports the kits (demos.kits), this frame and the library, never another
 project. The command-line options that several projects share (the LoRA and the prefix-tuning groups)
-live here, beside the files every project writes.
+live here too.
 """
 from __future__ import annotations
 
@@ -25,14 +36,16 @@ import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-from minigpt import atomic_save_dir, write_json
-from minigpt.cli import positive_int
+from minigpt import GPT, atomic_save_dir, write_json
+from minigpt.cli import positive_int, run_command
 
-from ..common import add_demo_args, new_figure, run_mode, save_figure
+from ..common import (ChosenModel, Stopwatch, add_demo_args, choose_model, format_seconds, new_figure, run_mode,
+                      save_figure)
 
-__all__ = ["ProjectResult", "project_parser", "run_mode", "progress", "add_lora_args", "lora_training",
+__all__ = ["Project", "ProjectRun", "Finished", "Samples", "run_project", "ProjectResult", "project_parser", "run_mode",
+           "progress", "add_lora_args", "lora_training",
            "add_prefix_args", "prefix_training", "require", "write_metrics", "write_samples", "metric_figure",
            "loss_figure", "bars_figure", "DEMOS_EXTRA", "REPO"]
 
@@ -64,6 +77,112 @@ class ProjectResult:
         if self.extra:
             d["extra"] = self.extra
         return d
+
+
+@dataclass
+class Samples:
+    """samples.md: a title, a note under it, one row per input (input, before, after, and optionally
+    reference / before_score / after_score), and an appendix of markdown after the rows (a second
+    setting, a table of every configuration)."""
+    title: str
+    rows: Sequence[dict]
+    note: str = ""
+    appendix: str = ""
+
+
+@dataclass
+class Finished:
+    """What a project's run hands back to the frame: the numbers, the samples, the labels of metric.png's
+    two bars (with the unit of its axis and, optionally, each item's value before and after as dots), and
+    the names of the other files it wrote into OUT (for the closing line)."""
+    result: ProjectResult
+    samples: Samples
+    labels: tuple[str, str] = ("before", "after")
+    unit: str = ""
+    per_item: Optional[tuple[Sequence[float], Sequence[float]]] = None
+    files: Sequence[str] = ()
+
+
+@dataclass
+class ProjectRun:
+    """What the frame hands a project's run: the parsed options, this run mode's sizes, the model the
+    options chose (seeded with --seed, in eval mode), the clock started before it loaded, and what the
+    project's preflight returned (its data, its yardstick), or None."""
+    args: argparse.Namespace
+    sizes: Any
+    chosen: ChosenModel
+    clock: Stopwatch
+    prepared: Any = None
+
+    @property
+    def model(self) -> GPT:
+        return self.chosen.model
+
+    @property
+    def seed(self) -> int:
+        return self.args.seed
+
+    def folder(self) -> Path:
+        """--out, created now: a project calls this when it has something to write, so a run that fails
+        earlier leaves no folder behind."""
+        out = Path(self.args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+
+@dataclass(frozen=True)
+class Project:
+    """A tutorial project, declared once. The command (`main`), `python -m demos.projects` (the list, the
+    runner, the index) and the tests all read this record.
+
+    sizes: the project's sizes for each run mode ("full", "quick", "smoke").
+    run: the project itself, ProjectRun -> Finished: its data, its technique calls, its measure.
+    preflight: what should fail before the model loads (options, a yardstick package, a data file, an
+        adapter folder), (args, sizes) -> what it read or made, handed to run as `run.prepared`.
+    options: adds the project's own options to its parser.
+    """
+    name: str
+    title: str
+    technique: str
+    description: str
+    sizes: Mapping[str, Any]
+    run: Callable[[ProjectRun], Finished]
+    needs: tuple[str, ...] = ()
+    trains: bool = True
+    options: Optional[Callable[[argparse.ArgumentParser], None]] = None
+    preflight: Optional[Callable[[argparse.Namespace, Any], Any]] = None
+
+    def build_parser(self) -> argparse.ArgumentParser:
+        p = project_parser(self.name, self.description, needs=self.needs, trains=self.trains)
+        if self.options is not None:
+            self.options(p)
+        return p
+
+    def main(self, argv: Optional[Sequence[str]] = None) -> int:
+        args = self.build_parser().parse_args(argv)
+        return run_command(lambda: run_project(self, args), out=args.out)
+
+
+def run_project(project: Project, args: argparse.Namespace) -> ProjectResult:
+    """The frame: sizes for the run mode, the preflight, the model, the project's run, then OUT's files."""
+    clock = Stopwatch()
+    sizes = project.sizes[run_mode(args)]
+    prepared = project.preflight(args, sizes) if project.preflight is not None else None
+    chosen = choose_model(args)
+    print(chosen.reason)
+    run = ProjectRun(args, sizes, chosen, clock, prepared)
+    done = project.run(run)
+    out, result = run.folder(), done.result
+    write_samples(out, done.samples.title, done.samples.rows, note=done.samples.note,
+                  appendix=done.samples.appendix)
+    metric_figure(out, result, labels=done.labels, unit=done.unit, per_item=done.per_item)
+    result.seconds = clock.elapsed()
+    write_metrics(result, out)
+    files = ", ".join(["metrics.json", "samples.md", "metric.png", *done.files])
+    print(f"{project.title}: {result.metric} {result.before:.4g} -> {result.after:.4g} "
+          f"({'higher' if result.higher_is_better else 'lower'} is better); wrote {out}: {files} "
+          f"in {format_seconds(result.seconds)}")
+    return result
 
 
 def _num(x) -> Optional[float]:
@@ -151,9 +270,9 @@ def read_metrics(out: str | Path) -> dict:
     return json.loads((Path(out) / "metrics.json").read_text(encoding="utf-8"))
 
 
-def write_samples(out: str | Path, title: str, rows: Sequence[dict], note: str = "") -> Path:
+def write_samples(out: str | Path, title: str, rows: Sequence[dict], note: str = "", appendix: str = "") -> Path:
     """samples.md: one section per input, its outputs before and after (each row: input, before, after,
-    and optionally reference / scores)."""
+    and optionally reference / scores), then the appendix, if any."""
     lines = [f"# {title}\n"] + ([note + "\n"] if note else [])
     for i, row in enumerate(rows, 1):
         lines.append(f"## {i}. input\n\n{_quote(row['input'])}\n")
@@ -163,7 +282,7 @@ def write_samples(out: str | Path, title: str, rows: Sequence[dict], note: str =
             score = f" ({row[key + '_score']})" if row.get(key + "_score") is not None else ""
             lines.append(f"**{key}**{score}:\n\n{_quote(row[key])}\n")
     path = Path(out) / "samples.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    path.write_text("\n".join(lines) + appendix, encoding="utf-8")
     return path
 
 

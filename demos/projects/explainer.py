@@ -32,21 +32,17 @@ from typing import Optional, Sequence
 import torch
 
 from minigpt import EOT_ID, GPT, examples_from_pairs, generate, get_tokenizer
-from minigpt.cli import run_command
 
-from ..common import Stopwatch, choose_model, format_seconds, new_figure, save_figure
+from ..common import new_figure, save_figure
 from ..kits import PrefixRun, fit_prefix, heldout_loss, load_prefix, save_prefix
-from .common import (REPO, ProjectResult, add_prefix_args, metric_figure, prefix_training, project_parser, require,
-                     run_mode, write_metrics, write_samples)
+from .common import (REPO, Finished, Project, ProjectResult, ProjectRun, Samples, add_prefix_args, prefix_training,
+                     require)
 
-__all__ = ["NAME", "TITLE", "TECHNIQUE", "NEEDS", "build_parser", "run", "main", "LEVELS", "Pair", "read_pairs",
-           "Readability", "flesch_reading_ease", "count_words", "count_sentences", "count_syllables"]
+__all__ = ["NAME", "TITLE", "PROJECT", "run", "LEVELS", "Pair", "read_pairs", "Readability", "flesch_reading_ease",
+           "count_words", "count_sentences", "count_syllables"]
 
 NAME = "explainer"
 TITLE = "Educational explainer (two reading levels)"
-TECHNIQUE = "prefix tuning"
-TRAINS = True
-NEEDS = ("pyphen",)
 
 LEVELS = ("simple", "expert")
 P_EXPLAINER = 10
@@ -175,18 +171,31 @@ def sample_text(model: GPT, prompt: str, seed: int, new_tokens: int, prefix=None
     return tok.decode(new[:new.index(EOT_ID)] if EOT_ID in new else new).strip()
 
 
-# ---- the command -------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = project_parser(NAME, "One prefix per reading level (simple, expert) on the same frozen model: held-out "
-                             "loss per level, and the Flesch reading-ease gap between the levels' outputs "
-                             "(syllables from pyphen).", needs=NEEDS)
+# ---- the project -------------------------------------------------------------------------------
+def add_options(p: argparse.ArgumentParser) -> None:
     add_prefix_args(p, P=P_EXPLAINER, P_note=f"{P_EXPLAINER}, the paper's table-to-text length; one prefix per level",
                     steps={k: v.steps for k, v in SIZES.items()},
                     prefix_help="load the two prefixes a run saved (DIR/simple and DIR/expert, e.g. OUT/adapter) "
                                 "instead of training them")
     p.add_argument("--data", metavar="FILE", default=str(REPO / "data" / "explainer" / "pairs.jsonl"),
                    help="the level-tagged pairs (default: data/explainer/pairs.jsonl)")
-    return p
+
+
+def _level_pairs(args, size: Sizes) -> tuple[dict[str, list[Pair]], dict[str, list[Pair]]]:
+    """--data's train and test pairs per level, at this run's sizes; each level needs both."""
+    pairs = read_pairs(Path(args.data))
+    train = {lv: _select(pairs, lv, "train", size.train_topics) for lv in LEVELS}
+    test = {lv: _select(pairs, lv, "test", size.test_topics) for lv in LEVELS}
+    for lv in LEVELS:
+        if not train[lv] or not test[lv]:
+            raise ValueError(f"{args.data}: the {lv!r} level needs train and test rows")
+    return train, test
+
+
+def preflight(args, size: Sizes) -> tuple[dict[str, list[Pair]], dict[str, list[Pair]]]:
+    """pyphen and a bad --data file fail before the model loads; the pairs (train, test) go on to run."""
+    require("pyphen", "pyphen")
+    return _level_pairs(args, size)
 
 
 def _loss_figure(out: Path, runs: dict[str, PrefixRun], P: int) -> Path:
@@ -224,20 +233,11 @@ def _readability_figure(out: Path, bars: dict[str, Optional[float]], n: int, mod
     return save_figure(fig, out / "readability.png")
 
 
-def run(args) -> ProjectResult:
-    watch = Stopwatch()
-    pyphen = require("pyphen", "pyphen")
-    dic = pyphen.Pyphen(lang="en_US")
-    size = SIZES[run_mode(args)]
-    pairs = read_pairs(Path(args.data))
-    train = {lv: _select(pairs, lv, "train", size.train_topics) for lv in LEVELS}
-    test = {lv: _select(pairs, lv, "test", size.test_topics) for lv in LEVELS}
-    for lv in LEVELS:
-        if not train[lv] or not test[lv]:
-            raise ValueError(f"{args.data}: the {lv!r} level needs train and test rows")
-    chosen = choose_model(args)
-    print(chosen.reason)
-    model, tok = chosen.model, get_tokenizer()
+def run(run: ProjectRun) -> Finished:
+    """The Flesch gap between the levels' outputs without prefixes and with one prefix per level."""
+    args, size, model, tok = run.args, run.sizes, run.model, get_tokenizer()
+    dic = require("pyphen", "pyphen").Pyphen(lang="en_US")
+    train, test = run.prepared
 
     runs: dict[str, PrefixRun] = ({lv: load_prefix(model, Path(args.prefix) / lv) for lv in LEVELS}
                                   if args.prefix else {})
@@ -297,12 +297,10 @@ def run(args) -> ProjectResult:
              "prefix_simple": runs["simple"].how, "prefix_expert": runs["expert"].how,
              "syllables": "pyphen en_US hyphenation points + 1", "sampling": SAMPLING}
     result = ProjectResult(NAME, "Flesch gap, simple - expert", True, gap_before, gap_after,
-                           chosen.name, len(test["simple"]), watch.elapsed(), extra=extra)
+                           run.chosen.name, len(test["simple"]), run.clock.elapsed(), extra=extra)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    note = (f"Two prefixes (P={P}) on one frozen model ({chosen.name}). Flesch reading ease (Flesch 1948; syllables "
-            f"from pyphen's en_US dictionary) of sampled outputs on {len(test['simple'])} held-out topics, "
+    note = (f"Two prefixes (P={P}) on one frozen model ({run.chosen.name}). Flesch reading ease (Flesch 1948; "
+            f"syllables from pyphen's en_US dictionary) of sampled outputs on {len(test['simple'])} held-out topics, "
             f"{size.samples} sample(s) each: no prefix {_fmt(_mean(fre_plain['simple']))}; simple prefix "
             f"{_fmt(_mean(fre_steered['simple']))}; expert prefix {_fmt(_mean(fre_steered['expert']))}. **Gap "
             f"(simple - expert): {gap_before:.1f} before -> {gap_after:.1f} after** (the written references: "
@@ -322,31 +320,32 @@ def run(args) -> ProjectResult:
                      "after": f"simple prefix: {steered['simple'][t][0]}\nexpert prefix: {steered['expert'][t][0]}",
                      "after_score": f"Flesch simple {_fmt(fre_steered['simple'][t])}, expert "
                                     f"{_fmt(fre_steered['expert'][t])}"})
-    write_samples(out, f"{TITLE}: samples", rows, note=note)
     per_topic = tuple([g for g in (_gap(a, b) for a, b in zip(d["simple"], d["expert"])) if g == g]
                       for d in (fre_plain, fre_steered))   # NaN (no words) is left out
-    metric_figure(out, result, labels=("no prefix", "one prefix per level"), unit="Flesch points", per_item=per_topic)
+    out = run.folder()
     _readability_figure(out, {"no prefix": _mean(fre_plain["simple"]), "simple prefix": _mean(fre_steered["simple"]),
                               "expert prefix": _mean(fre_steered["expert"]),
                               "written: simple": fre_reference["simple"], "written: expert": fre_reference["expert"]},
-                        len(test["simple"]), chosen.name)
+                        len(test["simple"]), run.chosen.name)
+    files = ["readability.png"]
     trained = {lv: r for lv, r in runs.items() if r.history}
     if trained:
         _loss_figure(out, trained, P)
+        files += ["loss.png", "adapter/"]
     for lv in LEVELS:
-        save_prefix(runs[lv], out / "adapter" / lv, chosen.name)
-    result.seconds = watch.elapsed()
-    write_metrics(result, out)
+        save_prefix(runs[lv], out / "adapter" / lv, run.chosen.name)   # a loaded prefix is not written again
     print(f"Flesch gap (simple - expert) {gap_before:.1f} -> {gap_after:.1f}; held-out loss simple "
           f"{loss_before['simple']:.3f} -> {loss_after['simple']:.3f}, expert {loss_before['expert']:.3f} -> "
-          f"{loss_after['expert']:.3f}; {format_seconds(result.seconds)}; wrote {out}")
-    return result
+          f"{loss_after['expert']:.3f}")
+    return Finished(result, Samples(f"{TITLE}: samples", rows, note=note), labels=("no prefix", "one prefix per level"),
+                    unit="Flesch points", per_item=per_topic, files=files)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: run(args), out=args.out)
-
+PROJECT = Project(
+    name=NAME, title=TITLE, technique="prefix tuning", run=run, sizes=SIZES,
+    description="One prefix per reading level (simple, expert) on the same frozen model: held-out loss per level, and "
+                "the Flesch reading-ease gap between the levels' outputs (syllables from pyphen).",
+    needs=("pyphen",), options=add_options, preflight=preflight)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(PROJECT.main())

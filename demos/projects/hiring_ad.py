@@ -32,13 +32,12 @@ Hyperparameters: the reference's bag-of-words settings (uber-research/PPLM: step
 iterations, window 5, gamma 1.5, kl_scale 0.01, gm_scale 0.95, top-k 10 sampling), 50 new tokens; the
 avoid loss is a bag loss, so it takes them unchanged. On models narrower than 512 the step size grows
 (0.1 at width 256, 0.3 below; demos.common.bow_stepsize, as in the tour). On the bundled model the
-masculine-coded tokens hold about 0.1-0.2% of the next-token mass and never reach the top 10 the sampler draws from, so its unperturbed
-adverts contain none; metrics.json also carries the steered bag's mass per step (the steering's own
-signal, a diagnostic only), before and after.
+masculine-coded tokens hold about 0.1-0.2% of the next-token mass and never reach the top 10 the sampler
+draws from, so its unperturbed adverts contain none; metrics.json also carries the steered bag's mass per
+step (the steering's own signal, a diagnostic only), before and after.
 """
 from __future__ import annotations
 
-import argparse
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -46,18 +45,15 @@ from pathlib import Path
 from typing import Sequence
 
 from minigpt import get_tokenizer
-from minigpt.cli import positive_int, run_command
+from minigpt.cli import positive_int
 from techniques import pplm
 
-from ..common import Stopwatch, bow_stepsize, choose_model, new_figure, save_figure
+from ..common import bow_stepsize, new_figure, save_figure
 from ..kits import continuations, mean
-from .common import REPO, ProjectResult, metric_figure, project_parser, require, run_mode, write_metrics, write_samples
+from .common import REPO, Finished, Project, ProjectResult, ProjectRun, Samples, require
 
 NAME = "hiring_ad"
 TITLE = "Ethical hiring tool"
-TECHNIQUE = "PPLM"
-TRAINS = False        # steers only: no --precision
-NEEDS = ("genderdecoder3",)
 
 PROMPTS_FILE = REPO / "data" / "hiring" / "prompts.txt"
 SAMPLING = dict(do_sample=True, top_k=10, temperature=1.0)
@@ -158,11 +154,7 @@ def verdict_counts(items: Sequence[Assessment]) -> dict[str, int]:
 
 
 # ---- options and the run -------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = project_parser(NAME, "PPLM steers job adverts for 10 roles away from masculine-coded words (its avoid "
-                             "mode) and towards feminine-coded ones (genderdecoder3's lists, expanded to GPT-2 "
-                             "tokens); genderdecoder3 measures the coded words before and after, with the same "
-                             "seeds.", needs=NEEDS, trains=False)
+def add_options(p) -> None:
     g = p.add_argument_group("this project")
     g.add_argument("--avoid-only", action="store_true",
                    help="only avoid the masculine-coded words (avoid_bow=); by default PPLM also steers towards "
@@ -170,17 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--samples", type=positive_int, help="continuations per role (default 10; --quick 2)")
     g.add_argument("--tokens", type=positive_int, help="new tokens per continuation (default 50; --quick 25)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
 
 
-def run(args) -> ProjectResult:
-    clock = Stopwatch()
-    gd = genderdecoder()
-    sizes = SIZES[run_mode(args)]
+def preflight(args, sizes: Sizes) -> tuple[object, list[tuple[str, str]]]:
+    """Before the model loads: the yardstick, then the prompts file; both go on to run."""
+    return genderdecoder(), read_prompts()
+
+
+def run(run: ProjectRun) -> Finished:
+    """The job adverts unperturbed and under PPLM on the same seeds, scored by genderdecoder3."""
+    args, sizes = run.args, run.sizes
+    gd, prompts_file = run.prepared
     samples, tokens = args.samples or sizes.samples, args.tokens or sizes.tokens
-    rows = read_prompts()[:sizes.roles]
-    chosen = choose_model(args)
-    print(chosen.reason)
+    rows = prompts_file[:sizes.roles]
     avoid, avoid_missing = stem_bag(gd.masculine_coded_words, "masculine-coded")
     attract, attract_missing = stem_bag(gd.feminine_coded_words, "feminine-coded")
     print(f"avoid bag: {len(avoid.token_ids)} GPT-2 tokens from {len(gd.masculine_coded_words)} masculine-coded "
@@ -195,7 +189,7 @@ def run(args) -> ProjectResult:
                   **SAMPLING)
     print(f"{len(prompts)} roles x {samples} samples x {tokens} tokens, unperturbed and under PPLM")
     tok = get_tokenizer()
-    model = chosen.model
+    model = run.model
     knobs = {**KNOBS, "stepsize": bow_stepsize(model, KNOBS["stepsize"])}
     plain = continuations(model, prompts, desc="unperturbed", **steer, **common, **{**KNOBS, "stepsize": 0.0})
     steered = continuations(model, prompts, desc="PPLM", **steer, **common, **knobs)
@@ -204,8 +198,9 @@ def run(args) -> ProjectResult:
     rate = {(k, kind): per_100(v, kind) for k, v in scored.items() for kind in ("masculine", "feminine")}
     result = ProjectResult(
         NAME, "feminine- minus masculine-coded words per 100 words", True,
-        rate["before", "feminine"] - rate["before", "masculine"], rate["after", "feminine"] - rate["after", "masculine"],
-        chosen.name, len(texts["before"]), 0.0,
+        rate["before", "feminine"] - rate["before", "masculine"],
+        rate["after", "feminine"] - rate["after", "masculine"],
+        run.chosen.name, len(texts["before"]), run.clock.elapsed(),
         extra={"masculine_per_100_before": rate["before", "masculine"],
                "masculine_per_100_after": rate["after", "masculine"],
                "feminine_per_100_before": rate["before", "feminine"],
@@ -227,14 +222,11 @@ def run(args) -> ProjectResult:
                "knobs": knobs, "sampling": SAMPLING, "roles": len(rows), "samples_per_role": samples,
                "new_tokens": tokens, "seed": args.seed,
                "scored": "the continuation only (the openings are neutral and the same before and after)"})
-    result.seconds = clock.elapsed()
     x = result.extra
     print(f"  masculine-coded per 100 words {x['masculine_per_100_before']:.2f} -> {x['masculine_per_100_after']:.2f}; "
           f"feminine-coded {x['feminine_per_100_before']:.2f} -> {x['feminine_per_100_after']:.2f}; balance "
           f"{result.before:+.2f} -> {result.after:+.2f}")
-    write_outputs(args.out, result, rows, samples, texts, scored)
-    print(f"{TITLE}: wrote {args.out} in {clock.elapsed():.0f} s")
-    return result
+    return finish(run, result, rows, samples, texts, scored)
 
 
 def _top(x: dict, when: str) -> str:
@@ -247,13 +239,10 @@ def _score(a: Assessment) -> str:
     return f"{a.verdict}; masculine: {words(a.masculine)}; feminine: {words(a.feminine)}"
 
 
-def write_outputs(out, result: ProjectResult, rows, samples, texts, scored) -> None:
-    """metrics.json, samples.md, metric.png, verdicts.png."""
-    Path(out).mkdir(parents=True, exist_ok=True)
+def finish(run: ProjectRun, result: ProjectResult, rows, samples, texts, scored) -> Finished:
+    """Writes verdicts.png; hands the frame samples.md and metric.png's bars (each continuation's balance)."""
     rates = {k: [100 * (len(a.feminine) - len(a.masculine)) / max(1, a.words) for a in v] for k, v in scored.items()}
-    metric_figure(out, result, labels=("unperturbed", "PPLM"), unit="per 100 words",
-                  per_item=(rates["before"], rates["after"]))
-    verdict_figure(out, result)
+    verdict_figure(run.folder(), result)
     jobs = [(role, prompt, j) for role, prompt in rows for j in range(samples)]
     table = [{"input": f"{role} (sample {j + 1} of {samples}, seed {result.extra['seed'] + k}): {prompt}",
               "before": prompt + texts["before"][k], "after": prompt + texts["after"][k],
@@ -272,8 +261,8 @@ def write_outputs(out, result: ProjectResult, rows, samples, texts, scored) -> N
             "The steered "
             f"bag's probability mass per step (the steering's own signal, a diagnostic only): "
             f"{x['bag_mass_per_step_before']:.5f} -> {x['bag_mass_per_step_after']:.5f}.")
-    write_samples(out, f"{TITLE}: unperturbed vs PPLM", table, note)
-    write_metrics(result, out)
+    return Finished(result, Samples(f"{TITLE}: unperturbed vs PPLM", table, note), labels=("unperturbed", "PPLM"),
+                    unit="per 100 words", per_item=(rates["before"], rates["after"]), files=["verdicts.png"])
 
 
 def verdict_figure(out, result: ProjectResult) -> Path:
@@ -300,10 +289,14 @@ def verdict_figure(out, result: ProjectResult) -> Path:
     return save_figure(fig, Path(out) / "verdicts.png", "Ethical hiring tool: before vs after, the same seeds")
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: run(args), out=args.out)
+PROJECT = Project(
+    name=NAME, title=TITLE, technique="PPLM", run=run, sizes=SIZES,
+    description="PPLM steers job adverts for 10 roles away from masculine-coded words (its avoid mode) and towards "
+                "feminine-coded ones (genderdecoder3's lists, expanded to GPT-2 tokens); genderdecoder3 measures the "
+                "coded words before and after, with the same seeds.",
+    needs=("genderdecoder3",), trains=False,   # steers only: no --precision
+    options=add_options, preflight=preflight)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(PROJECT.main())

@@ -44,23 +44,18 @@ from typing import Optional, Sequence
 import torch
 
 from minigpt import EOT_ID, GPT, get_tokenizer, save_history, stack_past
-from minigpt.cli import run_command
 from techniques import pplm
 from techniques.lora import merge_lora, save_adapter as save_lora_adapter
 from techniques.peft_format import read_adapter_config
 from techniques.prefix import PrefixTuning, load_adapter as load_prefix_adapter, save_adapter as save_prefix_adapter
 
-from ..common import Stopwatch, bow_stepsize, choose_model, finite_or_none, format_seconds, new_figure, save_figure
+from ..common import Stopwatch, bow_stepsize, finite_or_none, format_seconds, new_figure, save_figure
 from ..kits import (EOT, PREFIX_HIDDEN, Perplexity, fit_prefix, load_lora, lora_train_config, read_verses,
                     text_perplexity, train_poem_lora, verse_examples)
-from .common import (ProjectResult, loss_figure, metric_figure, progress, project_parser, require, run_mode,
-                     write_metrics, write_samples)
+from .common import Finished, Project, ProjectResult, ProjectRun, Samples, loss_figure, progress, require
 
 NAME = "hybrid"
 TITLE = "Hybrid sentiment system"
-TECHNIQUE = "LoRA + prefix + PPLM"
-TRAINS = True
-NEEDS = ("vaderSentiment",)
 
 BAG = "positive_words"
 TUTORIAL_PROMPT = "the day was"   # the tutorial's hybrid_sentiment('The day was'), lower-cased like the verses
@@ -274,29 +269,33 @@ def run_ablation(models: dict[bool, GPT], prefix: PrefixTuning, bag, prompts: Se
 
 
 # ---- the project ---------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = project_parser(NAME, "LoRA (style: poem verses) + prefix (task: a positive verse) + PPLM (sentiment: the "
-                             "positive_words bag), composed; an ablation over all 8 combinations on the same "
-                             "prompts and seeds, measured by VADER, held-out verse perplexity and the held-out "
-                             "preference for positive over negative verses.", needs=NEEDS)
+def add_options(p: argparse.ArgumentParser) -> None:
+    """--lora and --prefix: adapters from earlier runs instead of training them here."""
     g = p.add_argument_group("adapters")
     g.add_argument("--lora", metavar="DIR", help="load this LoRA adapter (e.g. runs/poetry/adapter, or OUT/adapter/"
                                                  "lora of an earlier run) instead of training the poetry adapter")
     g.add_argument("--prefix", metavar="DIR", help="load this prefix adapter (OUT/adapter/prefix of an earlier run) "
                                                    "instead of training one")
-    return p
 
 
-def run(args) -> ProjectResult:
-    clock = Stopwatch()
-    sizes = SIZES[run_mode(args)]
-    vader = require("vaderSentiment.vaderSentiment", "vaderSentiment").SentimentIntensityAnalyzer()
+def vader_analyzer():
+    return require("vaderSentiment.vaderSentiment", "vaderSentiment").SentimentIntensityAnalyzer()
+
+
+def preflight(args: argparse.Namespace, sizes: Sizes) -> object:
+    """Before the model loads: the yardstick is installed, and a --lora / --prefix folder holds that kind of
+    adapter (a wrong folder fails now, not after minutes of training the other adapter)."""
+    vader = vader_analyzer()
     for folder, kind in ((args.lora, "LORA"), (args.prefix, "PREFIX_TUNING")):
-        if folder:   # a wrong folder fails now, not after minutes of training the other adapter
+        if folder:
             read_adapter_config(folder, kind)
-    chosen = choose_model(args)
-    print(chosen.reason)
-    base = chosen.model
+    return vader
+
+
+def run(run: ProjectRun) -> Finished:
+    """The ablation: none, each technique alone, each pair and all three, on the same prompts and seeds."""
+    args, sizes, base = run.args, run.sizes, run.model
+    vader = run.prepared   # the analyzer preflight made
     bag = pplm.load_bag(BAG, get_tokenizer())
     openings = neutral_openings(vader, sizes.prompts)
     prompts = [o for o in openings for _ in range(sizes.samples_per_prompt)]   # sample i draws from seed + i
@@ -314,7 +313,8 @@ def run(args) -> ProjectResult:
                                sizes=sizes, pplm_knobs=knobs)
 
     result = ProjectResult(NAME, "VADER compound (mean)", True, rows["none"]["vader_compound_mean"],
-                           rows["all"]["vader_compound_mean"], chosen.name, len(prompts), clock.elapsed(), extra={
+                           rows["all"]["vader_compound_mean"], run.chosen.name, len(prompts), run.clock.elapsed(),
+                           extra={
                                "ablation": [{"key": k, **{m: (finite_or_none(v) if isinstance(v, float) else v)
                                                           for m, v in r.items()}} for k, r in rows.items()],
                                "before_is": "none (base model)", "after_is": "LoRA + prefix + PPLM",
@@ -322,24 +322,21 @@ def run(args) -> ProjectResult:
                                "tokens": sizes.tokens, "heldout_verses": len(held.texts),
                                "heldout_positive": len(held.positive), "heldout_negative": len(held.negative),
                                "pplm": {"bag": BAG, **knobs}, "lora": lora_info, "prefix": prefix_info})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, files = run.folder(), ["ablation.png"]
     if lora_history:
         save_lora_adapter(lora_model, out / "adapter" / "lora")
         save_history(lora_history, out, "lora_history.json")
         loss_figure(out, lora_history, "Style: LoRA on poem verses (r=8, alpha=16, q and v): loss", "lora_loss.png")
+        files += ["adapter/lora/", "lora_history.json", "lora_loss.png"]
     if prefix_history:
-        save_prefix_adapter(prefix, out / "adapter" / "prefix", base_model_name_or_path=chosen.name)
+        save_prefix_adapter(prefix, out / "adapter" / "prefix", base_model_name_or_path=run.chosen.name)
         save_history(prefix_history, out, "prefix_history.json")
         loss_figure(out, prefix_history, f"Task: prefix (P={PREFIX['num_virtual_tokens']}) on positive verses: loss",
                     "prefix_loss.png")
-    write_hybrid_samples(out, rows, texts, prompts, result, sizes)
-    metric_figure(out, result, labels=("none (base model)", "LoRA + prefix + PPLM"))
+        files += ["adapter/prefix/", "prefix_history.json", "prefix_loss.png"]
     ablation_figure(out / "ablation.png", rows, result.model, len(prompts), len(held.texts))
-    result.seconds = clock.elapsed()
-    write_metrics(result, out)
-    print(f"wrote {out}/metrics.json, samples.md, metric.png, ablation.png in {format_seconds(result.seconds)}")
-    return result
+    samples = hybrid_samples(rows, texts, prompts, result, sizes)
+    return Finished(result, samples, labels=("none (base model)", "LoRA + prefix + PPLM"), files=files)
 
 
 # ---- reports ---------------------------------------------------------------------------------------------
@@ -358,10 +355,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows])
 
 
-def write_hybrid_samples(out: Path, rows: dict, texts: dict, prompts: Sequence[str], result: ProjectResult,
-                         sizes: Sizes) -> Path:
-    """samples.md: the ablation table and settings, each sample's none vs all-three texts, then every
-    configuration's text for every sample."""
+def hybrid_samples(rows: dict, texts: dict, prompts: Sequence[str], result: ProjectResult, sizes: Sizes) -> Samples:
+    """samples.md: the ablation table and settings, each sample's none vs all-three texts, then (the appendix)
+    every configuration's text for every sample."""
     knobs = ", ".join(f"{k}={v}" for k, v in result.extra["pplm"].items() if k != "bag")
     x = result.extra
     note = (f"Model: {result.model}. {len(prompts)} samples: {len(x['openings'])} neutral verse openings (the "
@@ -383,16 +379,13 @@ def write_hybrid_samples(out: Path, rows: dict, texts: dict, prompts: Sequence[s
     sample_rows = [{"input": p, "before": texts["none"][i][0], "after": texts["all"][i][0],
                     "before_score": f"VADER {texts['none'][i][1]:+.3f}",
                     "after_score": f"VADER {texts['all'][i][1]:+.3f}"} for i, p in enumerate(prompts)]
-    path = write_samples(out, f"{TITLE}: the ablation", sample_rows, note=note)
     lines = ["\n# Every configuration, every sample\n"]
     for i, p in enumerate(prompts):
         lines.append(f"## {i + 1}. {p}\n")
         table = [[rows[k]["label"], f"{texts[k][i][1]:+.3f}", " ".join(texts[k][i][0].split()) or "(empty)"]
                  for k in rows]
         lines.append(markdown_table(("configuration", "VADER", "continuation"), table) + "\n")
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    return path
+    return Samples(f"{TITLE}: the ablation", sample_rows, note=note, appendix="\n".join(lines))
 
 
 def _how(info: dict, what: str) -> str:
@@ -426,10 +419,13 @@ def ablation_figure(path: Path, rows: dict, model: str, n_samples: int, n_verses
     return save_figure(fig, path, f"{NAME}: the ablation (model {model}; same prompts and seeds in every bar)")
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: run(args), out=args.out)
+PROJECT = Project(
+    name=NAME, title=TITLE, technique="LoRA + prefix + PPLM", run=run, sizes=SIZES,
+    description="LoRA (style: poem verses) + prefix (task: a positive verse) + PPLM (sentiment: the positive_words "
+                "bag), composed; an ablation over all 8 combinations on the same prompts and seeds, measured by "
+                "VADER, held-out verse perplexity and the held-out preference for positive over negative verses.",
+    needs=("vaderSentiment",), options=add_options, preflight=preflight)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(PROJECT.main())

@@ -27,7 +27,6 @@ diagnostic).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from dataclasses import dataclass
@@ -37,18 +36,15 @@ from typing import Sequence
 import torch
 
 from minigpt import GPT, causal_lm_loss, get_tokenizer
-from minigpt.cli import positive_int, run_command
+from minigpt.cli import positive_int
 from techniques import pplm
 
-from ..common import Stopwatch, choose_model, new_figure, save_figure
+from ..common import new_figure, save_figure
 from ..kits import continuations, mean, prompt_ids
-from .common import ProjectResult, metric_figure, project_parser, require, run_mode, write_metrics, write_samples
+from .common import Finished, Project, ProjectResult, ProjectRun, Samples, require
 
 NAME = "hypothesis"
 TITLE = "Scientific hypothesis"
-TECHNIQUE = "PPLM"
-TRAINS = False        # steers only: no --precision
-NEEDS = ("aclsum",)
 
 BAG = "science"
 SPLIT = "test"
@@ -115,28 +111,26 @@ def perplexity(model: GPT, prompts: Sequence[str], conts: Sequence[Sequence[int]
 
 
 # ---- options and the run -------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = project_parser(NAME, "PPLM with the science bag continues the first half of ACLSum's research-challenge "
-                             "sentences; measured by the share of science-bag tokens (the bag's own signal) and "
-                             "the perplexity of the text under the unsteered model (the fluency cost), with the "
-                             "same seeds.", needs=NEEDS, trains=False)
+def add_options(p) -> None:
     g = p.add_argument_group("this project")
     g.add_argument("--papers", type=positive_int, help="ACLSum test papers to prompt with (default: all 100; "
                                                        "--quick 30)")
     g.add_argument("--samples", type=positive_int, help="continuations per prompt (default 1)")
     g.add_argument("--tokens", type=positive_int, help="new tokens per continuation (default 40; --quick 25)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
 
 
-def run(args) -> ProjectResult:
-    clock = Stopwatch()
-    sizes = SIZES[run_mode(args)]
+def preflight(args, sizes: Sizes) -> list[str]:
+    """Before the model loads: the prompts (ACLSum, the package that holds them)."""
+    return challenge_prompts(SPLIT, args.papers or sizes.papers)
+
+
+def run(run: ProjectRun) -> Finished:
+    """The ACLSum prompts continued unperturbed and under PPLM on the same seeds; bag share and perplexity."""
+    args, sizes = run.args, run.sizes
     samples, tokens = args.samples or sizes.samples, args.tokens or sizes.tokens
-    prompts = challenge_prompts(SPLIT, args.papers or sizes.papers)
-    chosen = choose_model(args)
-    print(chosen.reason)
-    model, tok = chosen.model, get_tokenizer()
+    prompts = run.prepared
+    model, tok = run.model, get_tokenizer()
     bag = pplm.load_bag(BAG, tok)
     bag_ids = set(bag.token_ids)
     print(bag.summary())
@@ -151,7 +145,7 @@ def run(args) -> ProjectResult:
     ppl_after, ppl_items_after = perplexity(model, prompts, steered, samples)
     result = ProjectResult(
         NAME, "science-bag tokens (% of generated tokens)", True, 100 * bag_share(plain, bag_ids),
-        100 * bag_share(steered, bag_ids), chosen.name, len(plain), 0.0,
+        100 * bag_share(steered, bag_ids), run.chosen.name, len(plain), run.clock.elapsed(),
         extra={"perplexity_before": ppl_before, "perplexity_after": ppl_after,
                "perplexity_note": "of the generated continuation under the unsteered model (pooled over tokens); "
                                   "lower is more fluent by the model's own standard",
@@ -161,22 +155,17 @@ def run(args) -> ProjectResult:
                "bag": BAG, "bag_token_ids": len(bag_ids), "knobs": KNOBS, "sampling": SAMPLING,
                "prompts": len(prompts), "split": SPLIT, "samples_per_prompt": samples, "new_tokens": tokens,
                "seed": args.seed})
-    result.seconds = clock.elapsed()
     print(f"  science-bag tokens {result.before:.2f}% -> {result.after:.2f}%; perplexity under the unsteered model "
           f"{ppl_before:.1f} -> {ppl_after:.1f}")
     texts = {"before": [tok.decode(c) for c in plain], "after": [tok.decode(c) for c in steered]}
-    write_outputs(args.out, result, prompts, samples, texts, (plain, steered), bag_ids,
+    return finish(run, result, prompts, samples, texts, (plain, steered), bag_ids,
                   (ppl_items_before, ppl_items_after))
-    print(f"{TITLE}: wrote {args.out} in {clock.elapsed():.0f} s")
-    return result
 
 
-def write_outputs(out, result: ProjectResult, prompts, samples, texts, conts, bag_ids, ppl_items) -> None:
-    """metrics.json, samples.md, metric.png, perplexity.png."""
-    Path(out).mkdir(parents=True, exist_ok=True)
+def finish(run: ProjectRun, result: ProjectResult, prompts, samples, texts, conts, bag_ids, ppl_items) -> Finished:
+    """Writes perplexity.png; hands the frame samples.md and metric.png's bars (each continuation's share)."""
     shares = [[100 * bag_share([c], bag_ids) for c in cs] for cs in conts]
-    metric_figure(out, result, labels=("unperturbed", f"PPLM ({BAG} bag)"), unit="%", per_item=tuple(shares))
-    perplexity_figure(out, result, ppl_items)
+    perplexity_figure(run.folder(), result, ppl_items)
     rows = [{"input": f"{prompts[k // samples]}  (seed {result.extra['seed'] + k})",
              "before": prompts[k // samples] + texts["before"][k], "after": prompts[k // samples] + texts["after"][k],
              "before_score": f"science-bag tokens {shares[0][k]:.1f}%, perplexity {ppl_items[0][k]:.1f}",
@@ -193,8 +182,9 @@ def write_outputs(out, result: ProjectResult, prompts, samples, texts, conts, ba
             f"{x['bag_mass_per_step_after']:.5f}. The independent check is the fluency cost: perplexity "
             f"of the generated text under the unsteered model, {x['perplexity_before']:.1f} -> "
             f"{x['perplexity_after']:.1f} (lower is more fluent).")
-    write_samples(out, f"{TITLE}: unperturbed vs PPLM ({BAG} bag)", rows, note)
-    write_metrics(result, out)
+    return Finished(result, Samples(f"{TITLE}: unperturbed vs PPLM ({BAG} bag)", rows, note),
+                    labels=("unperturbed", f"PPLM ({BAG} bag)"), unit="%", per_item=tuple(shares),
+                    files=["perplexity.png"])
 
 
 def perplexity_figure(out, result: ProjectResult, ppl_items) -> Path:
@@ -215,10 +205,14 @@ def perplexity_figure(out, result: ProjectResult, ppl_items) -> Path:
     return save_figure(fig, Path(out) / "perplexity.png", "Scientific hypothesis: the independent check")
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: run(args), out=args.out)
+PROJECT = Project(
+    name=NAME, title=TITLE, technique="PPLM", run=run, sizes=SIZES,
+    description="PPLM with the science bag continues the first half of ACLSum's research-challenge sentences; "
+                "measured by the share of science-bag tokens (the bag's own signal) and the perplexity of the text "
+                "under the unsteered model (the fluency cost), with the same seeds.",
+    needs=("aclsum",), trains=False,   # steers only: no --precision
+    options=add_options, preflight=preflight)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(PROJECT.main())

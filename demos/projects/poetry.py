@@ -18,26 +18,19 @@ project's adapter with the same kit function, `train_poem_lora`.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 from minigpt import GPT, save_history
-from minigpt.cli import run_command
 from techniques.lora import save_adapter
 
-from ..common import Stopwatch, choose_model, finite_or_none, format_seconds
+from ..common import finite_or_none
 from ..kits import (EOT, LORA, load_lora, lora_train_config, read_verses, sample_continuations, text_perplexity,
                     train_poem_lora)
-from .common import (ProjectResult, add_lora_args, lora_training, loss_figure, metric_figure, project_parser, run_mode,
-                     write_metrics, write_samples)
+from .common import Finished, Project, ProjectResult, ProjectRun, Samples, add_lora_args, lora_training, loss_figure
 
 NAME = "poetry"
 TITLE = "Poetry generator"
-TECHNIQUE = "LoRA"
-TRAINS = True
-NEEDS: tuple[str, ...] = ()   # perplexity is computed here by its definition; no package needed
 
 SAMPLE_KNOBS = dict(do_sample=True, temperature=0.9, top_k=40)
 TUTORIAL_PROMPT = "Stars are"   # the tutorial's own example, lower-cased below like the verses
@@ -59,10 +52,6 @@ SIZES = {"full": Sizes(),
          "quick": Sizes(steps=120, eval_every=40, samples=3, sample_tokens=20),
          "smoke": Sizes(steps=2, batch_size=4, eval_every=1, train_verses=16, dev_verses=4, test_verses=6,
                         samples=2, sample_tokens=4)}
-
-
-def sizes_for(args) -> Sizes:
-    return SIZES[run_mode(args)]
 
 
 def _first(xs: list, n: Optional[int]) -> list:
@@ -88,18 +77,9 @@ def verse_openings(n: int) -> list[str]:
 
 
 # ---- the project ---------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = project_parser(NAME, "LoRA (r=8, alpha=16 on q and v) on poem verses: held-out perplexity and samples "
-                             "from the same seeds, before and after.", needs=NEEDS)
-    add_lora_args(p, SIZES)
-    return p
-
-
-def run(args) -> ProjectResult:
-    clock, sizes = Stopwatch(), sizes_for(args)
-    chosen = choose_model(args)
-    print(chosen.reason)
-    base = chosen.model
+def run(run: ProjectRun) -> Finished:
+    """Held-out perplexity and samples of the same verse openings, before and after LoRA."""
+    args, sizes, base = run.args, run.sizes, run.model
     test = _first(read_verses("test"), sizes.test_verses)
     prompts = verse_openings(sizes.samples)
     contexts = [EOT + " " + p for p in prompts]
@@ -114,27 +94,23 @@ def run(args) -> ProjectResult:
                                          **SAMPLE_KNOBS)
     print(f"held-out perplexity after LoRA: {after.value:.2f} (lower is better)")
 
-    result = ProjectResult(NAME, "held-out perplexity", False, before.value, after.value, chosen.name, len(test),
-                           clock.elapsed(), extra={
+    result = ProjectResult(NAME, "held-out perplexity", False, before.value, after.value, run.chosen.name, len(test),
+                           run.clock.elapsed(), extra={
                                "heldout_tokens": before.tokens,
                                "mean_cross_entropy_before": finite_or_none(before.mean_cross_entropy),
                                "mean_cross_entropy_after": finite_or_none(after.mean_cross_entropy),
                                "lora": {**{k: v for k, v in LORA.items()}, **info},
                                "sample_knobs": SAMPLE_KNOBS, "sample_tokens": sizes.sample_tokens})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    files = []
     if history:
+        out = run.folder()
         save_adapter(model, out / "adapter")
         save_history(history, out)
         loss_figure(out, history, f"LoRA on {info['train_verses']} poem verses (r=8, alpha=16, q and v): loss")
+        files = ["adapter/", "history.json", "loss.png"]
     rows = [{"input": p, "before": b, "after": a} for p, b, a in zip(prompts, before_samples, after_samples)]
-    write_samples(out, f"{TITLE}: samples before and after LoRA", rows, note=_note(result, info, sizes))
-    metric_figure(out, result, labels=("base model", "with LoRA"))
-    result.seconds = clock.elapsed()
-    write_metrics(result, out)
-    print(f"wrote {out}/metrics.json, samples.md, metric.png{', loss.png' if history else ''} "
-          f"in {format_seconds(result.seconds)}")
-    return result
+    samples = Samples(f"{TITLE}: samples before and after LoRA", rows, note=_note(result, info, sizes))
+    return Finished(result, samples, labels=("base model", "with LoRA"), files=files)
 
 
 def _note(result: ProjectResult, info: dict, sizes: Sizes) -> str:
@@ -149,10 +125,13 @@ def _note(result: ProjectResult, info: dict, sizes: Sizes) -> str:
             f"{sizes.sample_tokens} tokens at most) from the same seed before and after.")
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: run(args), out=args.out)
+PROJECT = Project(
+    name=NAME, title=TITLE, technique="LoRA", run=run, sizes=SIZES,
+    description="LoRA (r=8, alpha=16 on q and v) on poem verses: held-out perplexity and samples from the same "
+                "seeds, before and after.",
+    needs=(),   # perplexity is computed here by its definition; no package needed
+    options=lambda parser: add_lora_args(parser, SIZES))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(PROJECT.main())

@@ -15,26 +15,20 @@ hundred steps (SIZES).
 """
 from __future__ import annotations
 
-import argparse
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 from minigpt import Example, examples_from_pairs, get_tokenizer, save_history
-from minigpt.cli import run_command
 from techniques.lora import save_adapter
 
-from ..common import Stopwatch, choose_model, finite_or_none, format_seconds
+from ..common import finite_or_none
 from ..kits import EOT, LORA, load_lora, lora_train_config, sample_continuations, text_perplexity, train_lora
-from .common import (REPO, ProjectResult, add_lora_args, bars_figure, lora_training, loss_figure, metric_figure,
-                     project_parser, run_mode, write_metrics, write_samples)
+from .common import (REPO, Finished, Project, ProjectResult, ProjectRun, Samples, add_lora_args, bars_figure,
+                     lora_training, loss_figure)
 
 NAME = "scifi"
 TITLE = "Sci-fi from 100 snippets"
-TECHNIQUE = "LoRA"
-TRAINS = True
-NEEDS: tuple[str, ...] = ()   # perplexity by its definition and a word count: no package needed
 
 DATA = REPO / "data" / "scifi"
 N_SNIPPETS = 100
@@ -113,23 +107,13 @@ def genre_share(texts: Sequence[str], bag: set[str]) -> float:
 
 
 # ---- the project ---------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = project_parser(NAME, "LoRA (r=8, alpha=16 on q and v) trained on exactly 100 sci-fi snippets: held-out "
-                             "perplexity, and the share of genre words in samples from neutral prompts, before "
-                             "and after.", needs=NEEDS)
-    add_lora_args(p, SIZES)
-    return p
-
-
-def run(args) -> ProjectResult:
-    clock = Stopwatch()
-    sizes = SIZES[run_mode(args)]
+def run(run: ProjectRun) -> Finished:
+    """Held-out perplexity of sci-fi snippets and the genre-word share of samples from neutral prompts,
+    before and after LoRA on the 100 snippets."""
+    args, sizes, base = run.args, run.sizes, run.model
     snippets = read_snippets()[:sizes.snippets]
     heldout = read_lines("heldout.txt")[:sizes.heldout]
     bag = read_genre_words()
-    chosen = choose_model(args)
-    print(chosen.reason)
-    base = chosen.model
     prompts = [p for p in NEUTRAL_PROMPTS[:sizes.prompts] for _ in range(sizes.samples_per_prompt)]
     contexts = [EOT + " " + p for p in prompts]
 
@@ -158,8 +142,8 @@ def run(args) -> ProjectResult:
     print(f"after LoRA: held-out perplexity {after.value:.2f} (lower is better); genre words in samples "
           f"{100 * share_after:.1f}%")
 
-    result = ProjectResult(NAME, "held-out perplexity", False, before.value, after.value, chosen.name, len(heldout),
-                           clock.elapsed(), extra={
+    result = ProjectResult(NAME, "held-out perplexity", False, before.value, after.value, run.chosen.name,
+                           len(heldout), run.clock.elapsed(), extra={
                                "heldout_tokens": before.tokens,
                                "genre_word_share_before": finite_or_none(share_before),
                                "genre_word_share_after": finite_or_none(share_after),
@@ -168,27 +152,22 @@ def run(args) -> ProjectResult:
                                                  "alphabetic, whole words) in the samples from neutral prompts",
                                "samples": len(prompts), "sample_tokens": sizes.sample_tokens,
                                "sample_knobs": SAMPLE_KNOBS, "lora": {**LORA, **info}})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, files = run.folder(), ["genre.png"]
     if history:
         save_adapter(model, out / "adapter")
         save_history(history, out)
         loss_figure(out, history, f"LoRA on {info['snippets']} sci-fi snippets: loss (eval = the held-out snippets)")
+        files += ["adapter/", "history.json", "loss.png"]
     rows = [{"input": p, "before": b, "after": a,
              "before_score": "genre words %d of %d" % genre_count(b, bag),
              "after_score": "genre words %d of %d" % genre_count(a, bag)}
             for p, b, a in zip(prompts, before_samples, after_samples)]
-    write_samples(out, f"{TITLE}: samples before and after LoRA", rows, note=_note(result, info, sizes, len(snippets)))
-    metric_figure(out, result, labels=("base model", "with LoRA"))
     bars_figure(out / "genre.png", {"base model": 100 * share_before, "with LoRA": 100 * share_after},
                 ylabel="genre words among all words (%)", fmt="{:.1f}%",
                 title=f"{NAME}: genre-word share in {len(prompts)} samples from neutral prompts (a lexical count; "
                       f"model {result.model})")
-    result.seconds = clock.elapsed()
-    write_metrics(result, out)
-    print(f"wrote {out}/metrics.json, samples.md, metric.png, genre.png{', loss.png' if history else ''} "
-          f"in {format_seconds(result.seconds)}")
-    return result
+    samples = Samples(f"{TITLE}: samples before and after LoRA", rows, note=_note(result, info, sizes, len(snippets)))
+    return Finished(result, samples, labels=("base model", "with LoRA"), files=files)
 
 
 def _note(result: ProjectResult, info: dict, sizes: Sizes, n_snippets: int) -> str:
@@ -206,10 +185,13 @@ def _note(result: ProjectResult, info: dict, sizes: Sizes, n_snippets: int) -> s
             "tokens at most) from the same seed before and after; a prompt listed twice is two seeds.")
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: run(args), out=args.out)
+PROJECT = Project(
+    name=NAME, title=TITLE, technique="LoRA", run=run, sizes=SIZES,
+    description="LoRA (r=8, alpha=16 on q and v) trained on exactly 100 sci-fi snippets: held-out perplexity, and "
+                "the share of genre words in samples from neutral prompts, before and after.",
+    needs=(),   # perplexity by its definition and a word count: no package needed
+    options=lambda parser: add_lora_args(parser, SIZES))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(PROJECT.main())

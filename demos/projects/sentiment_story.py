@@ -32,14 +32,13 @@ discriminator stepsize 0.04, 10 iterations, gamma 1.0, gm_scale 0.95, kl_scale 0
 bag of words stepsize 0.03, 3 iterations, window 5, gamma 1.5, gm_scale 0.95, kl_scale 0.01; both
 sample with top-k 10. What the small model and a 2-core CPU forced: the bag's step size grows on
 models narrower than 512 (0.1 at width 256, 0.3 below; demos.common.bow_stepsize, as in the tour); 30 new
-tokens per continuation (the paper: 50) and 6 samples per prompt; the head is trained on a random 12,000 of SST-2's 67,349
-training rows (caching features costs one forward pass per text; --train-rows 0 takes them all) with the
-reference's training settings (10 epochs, batch 64, Adam at lr 1e-4). The bundled model saw SST-2's
-training sentences (without labels) in pre-training; the dev rows are held out from it.
+tokens per continuation (the paper: 50) and 6 samples per prompt; the head is trained on a random 12,000 of
+SST-2's 67,349 training rows (caching features costs one forward pass per text; --train-rows 0 takes them
+all) with the reference's training settings (10 epochs, batch 64, Adam at lr 1e-4). The bundled model saw
+SST-2's training sentences (without labels) in pre-training; the dev rows are held out from it.
 """
 from __future__ import annotations
 
-import argparse
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,19 +47,15 @@ from typing import Optional, Sequence
 import torch
 
 from minigpt import GPT, TrainConfig, get_tokenizer, resolve_precision
-from minigpt.cli import positive_int, run_command
+from minigpt.cli import positive_int
 from techniques import pplm
 
-from ..common import Stopwatch, bow_stepsize, choose_model, new_figure, save_figure
+from ..common import bow_stepsize, new_figure, save_figure
 from ..kits import continuations, mean
-from .common import (REPO, ProjectResult, loss_figure, metric_figure, project_parser, require, run_mode, write_metrics,
-                     write_samples)
+from .common import REPO, Finished, Project, ProjectResult, ProjectRun, Samples, loss_figure, require
 
 NAME = "sentiment_story"
 TITLE = "Sentiment story"
-TECHNIQUE = "PPLM"
-TRAINS = True
-NEEDS = ("vaderSentiment",)
 
 PROMPTS = (  # written for this project: openings with no sentiment of their own
     "The old house at the end of the lane",
@@ -102,14 +97,13 @@ SIZES = {"full": Sizes(5, 6, 30, 12000, 0, 10),
 
 
 # ---- samples.md ------------------------------------------------------------------------------------
-def append_samples(path: Path, heading: str, rows: Sequence[dict], note: str = "") -> None:
-    """Add a section to samples.md: one entry per row (input, output, score)."""
+def samples_section(heading: str, rows: Sequence[dict], note: str = "") -> str:
+    """A section for the end of samples.md (its appendix): one entry per row (input, output, score)."""
     lines = [f"\n# {heading}\n"] + ([note + "\n"] if note else [])
     for i, row in enumerate(rows, 1):
         lines += [f"## {i}. input\n\n{_quote(row['input'])}\n", f"**{row['label']}** ({row['score']}):\n\n"
                   f"{_quote(row['output'])}\n"]
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    return "\n".join(lines)
 
 
 def _quote(text: str) -> str:
@@ -194,10 +188,7 @@ def positive_share(scores: Sequence[float]) -> float:
 
 
 # ---- options and the run -------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = project_parser(NAME, "PPLM steers five story openings towards positive sentiment (a discriminator "
-                             "trained on SST-2, and the positive_words bag); VADER scores the text before and "
-                             "after, with the same seeds.", needs=NEEDS)
+def add_options(p) -> None:
     g = p.add_argument_group("this project")
     g.add_argument("--discrim", metavar="NAME|DIR",
                    help="use this discriminator instead of training one: a paper head (sentiment: needs "
@@ -210,7 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--samples", type=positive_int, help="continuations per prompt (default 6; --quick 2)")
     g.add_argument("--tokens", type=positive_int, help="new tokens per continuation (default 30; --quick 20)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
+
+
+def preflight(args, sizes: Sizes) -> object:
+    """Before the model loads: the options, and the yardstick (a missing yardstick fails at once)."""
+    if args.train_rows is not None and args.train_rows < 0:
+        raise ValueError(f"--train-rows must be >= 0 (0 = all rows), got {args.train_rows}")
+    return vader_analyzer()
 
 
 def headline_setting(args) -> str:
@@ -221,16 +218,12 @@ def headline_setting(args) -> str:
     return "discrim" if args.discrim in pplm.PAPER_HEADS else "bow"
 
 
-def run(args) -> ProjectResult:
-    clock = Stopwatch()
-    sizes = SIZES[run_mode(args)]
+def run(run: ProjectRun) -> Finished:
+    """Both PPLM settings and the unperturbed text on the same seeds, scored by VADER."""
+    args, sizes = run.args, run.sizes
     samples, tokens = args.samples or sizes.samples, args.tokens or sizes.tokens
-    if args.train_rows is not None and args.train_rows < 0:
-        raise ValueError(f"--train-rows must be >= 0 (0 = all rows), got {args.train_rows}")
-    analyzer = vader_analyzer()  # before any work: a missing yardstick fails at once
-    chosen = choose_model(args)
-    print(chosen.reason)
-    model, prompts = chosen.model, list(PROMPTS[:sizes.prompts])
+    analyzer = run.prepared   # the analyzer preflight made
+    model, prompts = run.model, list(PROMPTS[:sizes.prompts])
     bow_knobs = {**BOW_KNOBS, "stepsize": bow_stepsize(model, BOW_KNOBS["stepsize"])}
     head = sentiment_head(model, args, sizes)
     tok = get_tokenizer()
@@ -255,8 +248,8 @@ def run(args) -> ProjectResult:
                "bow": f"PPLM bag of words ({BOW})"}
     knobs = {"discrim": DISCRIM_KNOBS, "bow": bow_knobs}
     result = ProjectResult(
-        NAME, "VADER compound (mean)", True, mean(scores["plain"]), mean(scores[first]), chosen.name,
-        len(scores["plain"]), 0.0,
+        NAME, "VADER compound (mean)", True, mean(scores["plain"]), mean(scores[first]), run.chosen.name,
+        len(scores["plain"]), run.clock.elapsed(),
         extra={"setting": setting[first], "knobs": knobs[first],
                "positive_share_before": positive_share(scores["plain"]),
                "positive_share_after": positive_share(scores[first]),
@@ -275,26 +268,25 @@ def run(args) -> ProjectResult:
                "sampling": SAMPLING, "prompts": len(prompts), "samples_per_prompt": samples,
                "new_tokens": tokens, "seed": args.seed,
                "scored": "the continuation only (the prompt is the same before and after)"})
-    result.seconds = clock.elapsed()
-    write_outputs(args.out, result, prompts, samples, texts, scores, head, (first, second))
+    done = finish(run, result, prompts, samples, texts, scores, head, (first, second))
     print(f"{TITLE}: VADER compound {result.before:+.3f} -> {result.after:+.3f} ({setting[first]}; "
-          f"{setting[second]}: {mean(scores[second]):+.3f}); wrote {args.out} in {clock.elapsed():.0f} s")
-    return result
+          f"{setting[second]}: {mean(scores[second]):+.3f})")
+    return done
 
 
 LABELS = {"plain": "unperturbed", "discrim": "PPLM discriminator", "bow": f"PPLM bag ({BOW})"}
 
 
-def write_outputs(out, result: ProjectResult, prompts, samples, texts, scores, head: Head, order) -> None:
-    """metrics.json, samples.md (the headline setting, then the second), metric.png, settings.png
-    (+ loss.png and the head when trained here)."""
+def finish(run: ProjectRun, result: ProjectResult, prompts, samples, texts, scores, head: Head, order) -> Finished:
+    """Writes settings.png (+ loss.png and the head when trained here); hands the frame samples.md (the
+    headline setting, then the second in its appendix) and metric.png's bars."""
     first, second = order
-    Path(out).mkdir(parents=True, exist_ok=True)
+    out, files = run.folder(), []
     if head.trained:
-        head.head.save(Path(out) / "discriminator")
+        head.head.save(out / "discriminator")
         loss_figure(out, head.history, f"discriminator on SST-2 (dev accuracy {100 * head.dev_accuracy:.1f}%)",
                     unit="nats / sentence")
-    metric_figure(out, result, labels=(LABELS["plain"], LABELS[first]), per_item=(scores["plain"], scores[first]))
+        files = ["discriminator/", "loss.png"]
     settings_figure(out, scores)
     inputs = [f"{p}  (sample {j + 1} of {samples}, seed {result.extra['seed'] + k})"
               for k, (p, j) in enumerate((p, j) for p in prompts for j in range(samples))]
@@ -315,13 +307,15 @@ def write_outputs(out, result: ProjectResult, prompts, samples, texts, scores, h
             + " / ".join(f"{v:.3f}" for v in x["distinct_2"].values()) + " (unperturbed / discriminator / bag).\n\n"
             f"A 2-core CPU and the small model forced {x['new_tokens']} new tokens (the paper: 50) and {samples} "
             "sample(s) per prompt; a head trained here uses a subset of SST-2's training rows.")
-    path = write_samples(out, f"{TITLE}: unperturbed vs {LABELS[first]}", rows, note)
-    append_samples(path, f"Second setting: {x['second_setting']['setting']}",
-                   [{"input": inputs[k], "label": f"after ({LABELS[second]})",
-                     "score": f"VADER {scores[second][k]:+.3f}", "output": story(k, second)}
-                    for k in range(len(inputs))],
-                   f"Knobs {x['second_setting']['knobs']}; compare with the 'before' of the same sample above.")
-    write_metrics(result, out)
+    appendix = samples_section(f"Second setting: {x['second_setting']['setting']}",
+                               [{"input": inputs[k], "label": f"after ({LABELS[second]})",
+                                 "score": f"VADER {scores[second][k]:+.3f}", "output": story(k, second)}
+                                for k in range(len(inputs))],
+                               f"Knobs {x['second_setting']['knobs']}; compare with the 'before' of the same sample "
+                               "above.")
+    samples_md = Samples(f"{TITLE}: unperturbed vs {LABELS[first]}", rows, note, appendix)
+    return Finished(result, samples_md, labels=(LABELS["plain"], LABELS[first]),
+                    per_item=(scores["plain"], scores[first]), files=[*files, "settings.png"])
 
 
 def settings_figure(out, scores: dict) -> Path:
@@ -345,10 +339,12 @@ def settings_figure(out, scores: dict) -> Path:
     return save_figure(fig, Path(out) / "settings.png", "Sentiment story: both PPLM settings, the same seeds")
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: run(args), out=args.out)
+PROJECT = Project(
+    name=NAME, title=TITLE, technique="PPLM", run=run, sizes=SIZES,
+    description="PPLM steers five story openings towards positive sentiment (a discriminator trained on SST-2, "
+                "and the positive_words bag); VADER scores the text before and after, with the same seeds.",
+    needs=("vaderSentiment",), trains=True, options=add_options, preflight=preflight)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(PROJECT.main())

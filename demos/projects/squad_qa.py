@@ -33,22 +33,16 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from minigpt import examples_from_pairs, get_tokenizer
-from minigpt.cli import run_command
 
-from ..common import Stopwatch, choose_model, format_seconds
 from ..kits import complete, fit_prefix, heldout_loss, load_prefix, save_prefix
-from .common import (REPO, ProjectResult, add_prefix_args, loss_figure, metric_figure, prefix_training, project_parser,
-                     run_mode, write_metrics, write_samples)
+from .common import (REPO, Finished, Project, ProjectResult, ProjectRun, Samples, add_prefix_args, loss_figure,
+                     prefix_training)
 
-__all__ = ["NAME", "TITLE", "TECHNIQUE", "NEEDS", "build_parser", "run", "main", "Question", "load_squad",
-           "read_splits", "split_questions", "normalize", "exact_match", "f1", "best_over_gold", "squad_scores",
-           "qa_prompt"]
+__all__ = ["NAME", "TITLE", "PROJECT", "run", "Question", "load_squad", "read_splits", "split_questions", "normalize",
+           "exact_match", "f1", "best_over_gold", "squad_scores", "qa_prompt"]
 
 NAME = "squad_qa"
 TITLE = "QA on a SQuAD-format set"
-TECHNIQUE = "prefix tuning"
-TRAINS = True
-NEEDS = ()           # the yardstick is SQuAD's definition, implemented here: no package to install
 
 P_QA = 10
 
@@ -178,7 +172,7 @@ def qa_prompt(context: str, question: str) -> str:
     return f" {context} Q: {question} A:"
 
 
-# ---- the command -------------------------------------------------------------------------------
+# ---- the project -------------------------------------------------------------------------------
 @dataclass
 class Sizes:
     train_q: Optional[int]     # training questions (None = all)
@@ -194,10 +188,7 @@ SIZES = {"full": Sizes(None, None, 150, 30, 24, 8),
          "smoke": Sizes(6, 3, 2, 2, 6, 2)}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = project_parser(NAME, "Prefix tuning for extractive QA (' {context} Q: {question} A:' -> answer) on a SQuAD "
-                             "v1.1-format set, scored by SQuAD's exact match and F1 (the official definitions; "
-                             "no extra package needed).", needs=NEEDS)
+def add_options(p: argparse.ArgumentParser) -> None:
     add_prefix_args(p, P=P_QA, P_note=f"{P_QA}, the paper's table-to-text length",
                     steps={k: v.steps for k, v in SIZES.items()})
     p.add_argument("--data", metavar="FILE", default=str(REPO / "data" / "squad_mini" / "dev-mini-v1.1.json"),
@@ -206,7 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", metavar="FILE", default=None,
                    help="{\"train\": [titles], \"test\": [titles]} (default: splits.json beside --data if it is "
                         "there, else the first 80%% of the articles train and the rest are scored)")
-    return p
 
 
 def _fit_context(tok, q: Question, budget: int) -> tuple[str, bool]:
@@ -219,19 +209,27 @@ def _fit_context(tok, q: Question, budget: int) -> tuple[str, bool]:
     return kept, inside
 
 
-def run(args) -> ProjectResult:
-    watch = Stopwatch()
-    size = SIZES[run_mode(args)]
+def _questions(args, size: Sizes) -> tuple[list[Question], list[Question]]:
+    """--data's (train, test) questions, split by --splits (else splits.json beside it), at this run's sizes."""
     data = Path(args.data)
     questions = load_squad(data)
     splits_path = Path(args.splits) if args.splits else data.parent / "splits.json"
     if args.splits and not splits_path.is_file():
         raise FileNotFoundError(f"--splits {splits_path} not found")
     train_q, test_q = split_questions(questions, read_splits(splits_path) if splits_path.is_file() else None)
-    train_q, test_q = train_q[:size.train_q], test_q[:size.test_q]
-    chosen = choose_model(args)
-    print(chosen.reason)
-    model, tok = chosen.model, get_tokenizer()
+    return train_q[:size.train_q], test_q[:size.test_q]
+
+
+def preflight(args, size: Sizes) -> tuple[list[Question], list[Question]]:
+    """A bad --data or --splits file fails before the model loads; the questions go on to run."""
+    return _questions(args, size)
+
+
+def run(run: ProjectRun) -> Finished:
+    """SQuAD's F1 and exact match of the answers with no prefix and with a trained prefix, on the same questions."""
+    args, size, model, tok = run.args, run.sizes, run.model, get_tokenizer()
+    data = Path(args.data)
+    train_q, test_q = run.prepared
 
     prefix_run = load_prefix(model, args.prefix) if args.prefix else None
     P = prefix_run.prefix.num_virtual_tokens if prefix_run else args.num_virtual_tokens
@@ -274,48 +272,49 @@ def run(args) -> ProjectResult:
     em_before, f1_before = squad_scores(before, golds)
     em_after, f1_after = squad_scores(after, golds)
 
-    result = ProjectResult(NAME, "F1 (SQuAD)", True, f1_before, f1_after, chosen.name, len(test_q), watch.elapsed(),
+    result = ProjectResult(NAME, "F1 (SQuAD)", True, f1_before, f1_after, run.chosen.name, len(test_q),
+                           run.clock.elapsed(),
                            extra={"em_before": round(em_before, 3), "em_after": round(em_after, 3),
                                   "answer_loss_before": round(loss_before, 4),
                                   "answer_loss_after": round(loss_after, 4),
                                   "train_questions": len(train_ex), "train_left_out": dropped, "P": P,
                                   "data": data.name, "decoding": "greedy", "prefix": prefix_run.how,
                                   "metric": "SQuAD v1.1 EM and F1 (official definitions), mean x100"})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     note = (f"Prompt `{qa_prompt('{context}', '{question}')}`, greedy, the answer up to <|endoftext|> or a newline. "
             f"SQuAD v1.1 metrics (official definitions, max over the gold answers, x100) on {len(test_q)} test "
             f"questions of {data.name}: **F1 {f1_before:.1f} -> {f1_after:.1f}**, EM {em_before:.1f} -> "
             f"{em_after:.1f}; "
-            f"answer loss {loss_before:.3f} -> {loss_after:.3f} nats/token. Model {chosen.name}; prefix: "
+            f"answer loss {loss_before:.3f} -> {loss_after:.3f} nats/token. Model {run.chosen.name}; prefix: "
             f"{prefix_run.how}. The paper's lr (5e-5..8e-5) is for GPT-2 medium over thousands of steps; narrower "
             "models use prefix_lr's higher rate."
             + (" data/squad_mini is written for the project in SQuAD's format (not SQuAD's text): its scores are "
                "not comparable with published SQuAD numbers." if data.parent.name == "squad_mini" else ""))
     scored = lambda pred, gold: (f"EM {100 * best_over_gold(exact_match, pred, gold):.0f}, "  # noqa: E731
                                  f"F1 {100 * best_over_gold(f1, pred, gold):.0f}")
-    write_samples(out, f"{TITLE}: samples (greedy, the same inputs before and after)",
-                  [{"input": f"{q.context}\n\nQ: {q.question}", "reference": " | ".join(q.answers),
-                    "before": b or "(empty)", "after": a or "(empty)",
-                    "before_score": scored(b, q.answers), "after_score": scored(a, q.answers)}
-                   for q, b, a in list(zip(test_q, before, after))[:size.shown]], note=note)
-    metric_figure(out, result, labels=("no prefix", "prefix"), unit="x100",
-                  per_item=([100 * best_over_gold(f1, b, g) for b, g in zip(before, golds)],
-                            [100 * best_over_gold(f1, a, g) for a, g in zip(after, golds)]))
-    if prefix_run.history:
+    samples = Samples(f"{TITLE}: samples (greedy, the same inputs before and after)",
+                      [{"input": f"{q.context}\n\nQ: {q.question}", "reference": " | ".join(q.answers),
+                        "before": b or "(empty)", "after": a or "(empty)",
+                        "before_score": scored(b, q.answers), "after_score": scored(a, q.answers)}
+                       for q, b, a in list(zip(test_q, before, after))[:size.shown]], note=note)
+    files = []
+    if prefix_run.history:   # a prefix trained here (a loaded one is not written again)
+        out = run.folder()
         loss_figure(out, prefix_run.history, f"Prefix tuning for QA (P={P}): loss on the answer")
-    save_prefix(prefix_run, out / "adapter", chosen.name)
-    result.seconds = watch.elapsed()
-    write_metrics(result, out)
-    print(f"F1 {f1_before:.1f} -> {f1_after:.1f}, EM {em_before:.1f} -> {em_after:.1f} on {len(test_q)} questions; "
-          f"{format_seconds(result.seconds)}; wrote {out}")
-    return result
+        save_prefix(prefix_run, out / "adapter", run.chosen.name)
+        files = ["loss.png", "adapter/"]
+    print(f"F1 {f1_before:.1f} -> {f1_after:.1f}, EM {em_before:.1f} -> {em_after:.1f} on {len(test_q)} questions")
+    return Finished(result, samples, labels=("no prefix", "prefix"), unit="x100",
+                    per_item=([100 * best_over_gold(f1, b, g) for b, g in zip(before, golds)],
+                              [100 * best_over_gold(f1, a, g) for a, g in zip(after, golds)]), files=files)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: run(args), out=args.out)
+PROJECT = Project(
+    name=NAME, title=TITLE, technique="prefix tuning", run=run, sizes=SIZES,
+    description="Prefix tuning for extractive QA (' {context} Q: {question} A:' -> answer) on a SQuAD v1.1-format "
+                "set, scored by SQuAD's exact match and F1 (the official definitions; no extra package needed).",
+    needs=(),   # the yardstick is SQuAD's definition, implemented here: no package to install
+    options=add_options, preflight=preflight)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(PROJECT.main())

@@ -23,25 +23,19 @@ from __future__ import annotations
 import argparse
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 from minigpt import GPT, examples_from_pairs, get_tokenizer
-from minigpt.cli import run_command
 
-from ..common import Stopwatch, choose_model, format_seconds
 from ..kits import complete, fit_prefix, heldout_loss, load_prefix, save_prefix
-from .common import (ProjectResult, add_prefix_args, loss_figure, metric_figure, prefix_training, project_parser,
-                     require, run_mode, write_metrics, write_samples)
+from .common import (Finished, Project, ProjectResult, ProjectRun, Samples, add_prefix_args, loss_figure,
+                     prefix_training, require)
 
-__all__ = ["NAME", "TITLE", "TECHNIQUE", "NEEDS", "build_parser", "run", "main", "Paper", "read_aclsum",
-           "detokenize", "fit_abstract", "summary_prompt", "first_sentence", "rouge_f1", "default_P"]
+__all__ = ["NAME", "TITLE", "PROJECT", "run", "Paper", "read_aclsum", "detokenize", "fit_abstract", "summary_prompt",
+           "first_sentence", "rouge_f1", "default_P"]
 
 NAME = "summarizer"
 TITLE = "News summarizer (ACLSum outcome)"
-TECHNIQUE = "prefix tuning"
-TRAINS = True
-NEEDS = ("aclsum", "rouge-score")
 
 CUE = " TL;DR:"
 ASPECT = "outcome"
@@ -126,26 +120,29 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
 
-# ---- the command -------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = project_parser(NAME, "Prefix tuning for summarization: ACLSum abstract -> one-sentence outcome summary, "
-                             "' {abstract} TL;DR:' zero-shot vs with a trained prefix, scored with ROUGE-1/2/L F1 "
-                             "(rouge_score).", needs=NEEDS)
+# ---- the project -------------------------------------------------------------------------------
+def add_options(p: argparse.ArgumentParser) -> None:
     add_prefix_args(p, P=None, P_note=f"{P_PAPER}, the paper's for summarization, on models with 1024 positions or "
                                       f"more; {P_SMALL} on smaller ones such as tiny (256 positions)",
                     steps={k: v.steps for k, v in SIZES.items()})
-    return p
 
 
-def run(args) -> ProjectResult:
-    watch = Stopwatch()
+def _papers(size: Sizes) -> tuple[list[Paper], list[Paper], list[Paper]]:
+    """ACLSum's train, val and test papers at this run's sizes."""
+    return tuple(read_aclsum(s, n) for s, n in (("train", size.train), ("val", size.val), ("test", size.test)))
+
+
+def preflight(args, size: Sizes) -> tuple[list[Paper], list[Paper], list[Paper]]:
+    """Both yardstick packages before the model loads: rouge_score, and aclsum by reading the papers."""
+    require("rouge_score.rouge_scorer", "rouge-score")
+    return _papers(size)   # (train, val, test), handed to run
+
+
+def run(run: ProjectRun) -> Finished:
+    """ROUGE of the zero-shot `TL;DR:` summaries and of the prefix's, on the same test papers."""
+    args, size, model, tok = run.args, run.sizes, run.model, get_tokenizer()
     rouge = require("rouge_score.rouge_scorer", "rouge-score")
-    size = SIZES[run_mode(args)]
-    train_docs, val_docs, test_docs = (read_aclsum(s, n) for s, n in (("train", size.train), ("val", size.val),
-                                                                        ("test", size.test)))
-    chosen = choose_model(args)
-    print(chosen.reason)
-    model, tok = chosen.model, get_tokenizer()
+    train_docs, val_docs, test_docs = run.prepared
 
     prefix_run = load_prefix(model, args.prefix) if args.prefix else None
     P = prefix_run.prefix.num_virtual_tokens if prefix_run else (args.num_virtual_tokens or default_P(model))
@@ -176,46 +173,45 @@ def run(args) -> ProjectResult:
     s_after = [rouge_f1(scorer, d.summary, s) for d, s in zip(test_docs, after)]
     mean = {f"{k}_{when}": round(_mean([s[k] for s in scores]), 3)
             for when, scores in (("before", s_before), ("after", s_after)) for k in ROUGE_TYPES}
-    result = ProjectResult(NAME, "ROUGE-L F1", True, mean["rougeL_before"], mean["rougeL_after"], chosen.name,
-                           len(test_docs), watch.elapsed(),
+    result = ProjectResult(NAME, "ROUGE-L F1", True, mean["rougeL_before"], mean["rougeL_after"], run.chosen.name,
+                           len(test_docs), run.clock.elapsed(),
                            extra={**mean, "val_loss_before": round(loss_before, 4),
                                   "val_loss_after": round(loss_after, 4),
                                   "P": P, "abstract_budget_tokens": budget, "train_papers": len(train_ex),
                                   "decoding": "greedy, first sentence", "prefix": prefix_run.how,
                                   "rouge": "rouge_score F1 x100, use_stemmer=True, mean over test papers"})
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     table = " ".join(f"{k}: {mean[k + '_before']:.2f} -> {mean[k + '_after']:.2f};" for k in ROUGE_TYPES)
     note = (f"ACLSum abstract -> one-sentence outcome summary. Prompt `{summary_prompt('{abstract}')}` "
             f"(abstract cut to its last sentences that fit {budget} tokens), greedy, the output's first sentence. "
             f"Before = zero-shot (no prefix), after = prefix ({prefix_run.how}). ROUGE F1 x100 on "
             f"{len(test_docs)} test papers (rouge_score, stemmed): {table} validation loss {loss_before:.3f} -> "
-            f"{loss_after:.3f} nats/token. Model: {chosen.name}. The paper's summarization prefix is P = {P_PAPER} "
-            f"on BART; this run uses P = {P}" + (" because the model has only "
-                                                  f"{model.config.n_positions} positions." if P != P_PAPER else "."))
-    write_samples(out, f"{TITLE}: samples (greedy, the same inputs before and after)",
-                  [{"input": p.strip(), "reference": d.summary, "before": b, "after": a,
-                    "before_score": f"ROUGE-L {sb['rougeL']:.1f}", "after_score": f"ROUGE-L {sa['rougeL']:.1f}"}
-                   for p, d, b, a, sb, sa in zip(test_prompts, test_docs, before, after, s_before, s_after)
-                   ][:size.shown], note=note)
-    metric_figure(out, result, labels=("zero-shot TL;DR", "prefix"), unit="F1 x100",
-                  per_item=([s["rougeL"] for s in s_before], [s["rougeL"] for s in s_after]))
-    if prefix_run.history:
+            f"{loss_after:.3f} nats/token. Model: {run.chosen.name}. The paper's summarization prefix is P = "
+            f"{P_PAPER} on BART; this run uses P = {P}"
+            + (f" because the model has only {model.config.n_positions} positions." if P != P_PAPER else "."))
+    samples = Samples(f"{TITLE}: samples (greedy, the same inputs before and after)",
+                      [{"input": p.strip(), "reference": d.summary, "before": b, "after": a,
+                        "before_score": f"ROUGE-L {sb['rougeL']:.1f}", "after_score": f"ROUGE-L {sa['rougeL']:.1f}"}
+                       for p, d, b, a, sb, sa in zip(test_prompts, test_docs, before, after, s_before, s_after)
+                       ][:size.shown], note=note)
+    files = []
+    if prefix_run.history:   # a prefix trained here (a loaded one is not written again)
+        out = run.folder()
         loss_figure(out, prefix_run.history, f"Prefix tuning on ACLSum outcome summaries (P={P}): loss on the summary")
-    save_prefix(prefix_run, out / "adapter", chosen.name)
-    result.seconds = watch.elapsed()
-    write_metrics(result, out)
-    print(f"ROUGE-L F1 {result.before:.2f} -> {result.after:.2f} (ROUGE-1 {mean['rouge1_before']:.2f} -> "
-          f"{mean['rouge1_after']:.2f}, ROUGE-2 {mean['rouge2_before']:.2f} -> {mean['rouge2_after']:.2f}) on "
-          f"{len(test_docs)} test papers; {format_seconds(result.seconds)}; wrote {out}")
-    return result
+        save_prefix(prefix_run, out / "adapter", run.chosen.name)
+        files = ["loss.png", "adapter/"]
+    print(f"ROUGE-1 {mean['rouge1_before']:.2f} -> {mean['rouge1_after']:.2f}, ROUGE-2 {mean['rouge2_before']:.2f} -> "
+          f"{mean['rouge2_after']:.2f} on {len(test_docs)} test papers")
+    return Finished(result, samples, labels=("zero-shot TL;DR", "prefix"), unit="F1 x100",
+                    per_item=([s["rougeL"] for s in s_before], [s["rougeL"] for s in s_after]), files=files)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: run(args), out=args.out)
+PROJECT = Project(
+    name=NAME, title=TITLE, technique="prefix tuning", run=run, sizes=SIZES,
+    description="Prefix tuning for summarization: ACLSum abstract -> one-sentence outcome summary, ' {abstract} "
+                "TL;DR:' zero-shot vs with a trained prefix, scored with ROUGE-1/2/L F1 (rouge_score).",
+    needs=("aclsum", "rouge-score"), options=add_options, preflight=preflight)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(PROJECT.main())

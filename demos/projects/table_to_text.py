@@ -31,22 +31,16 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from minigpt import examples_from_pairs, get_tokenizer
-from minigpt.cli import run_command
 
-from ..common import Stopwatch, choose_model, format_seconds
 from ..kits import EOT, complete, e2e_prompt, fit_prefix, group_by_mr, heldout_loss, load_prefix, read_e2e, save_prefix
-from .common import (REPO, ProjectResult, add_prefix_args, loss_figure, metric_figure, prefix_training,
-                     project_parser, require, run_mode, write_metrics, write_samples)
+from .common import (REPO, Finished, Project, ProjectResult, ProjectRun, Samples, add_prefix_args, loss_figure,
+                     prefix_training, require)
 
-__all__ = ["NAME", "TITLE", "TECHNIQUE", "NEEDS", "build_parser", "run", "main", "corpus_bleu", "paper_table",
-           "PAPER_E2E"]
+__all__ = ["NAME", "TITLE", "PROJECT", "run", "corpus_bleu", "paper_table", "PAPER_E2E"]
 
 NAME = "table_to_text"
 NUM_BEAMS = 5  # the prefix-tuning paper's decoding (Li & Liang 2021, section 5.3)
 TITLE = "Table-to-text (E2E)"
-TECHNIQUE = "prefix tuning"
-TRAINS = True
-NEEDS = ("sacrebleu",)
 
 P_E2E = 10            # the paper's prefix length for table-to-text (Li & Liang 2021, section 7.2 / appendix A)
 # The paper's GPT-2 medium numbers on E2E (beam 5, the 42k-row train set, the E2E challenge's scoring script).
@@ -104,27 +98,30 @@ def _one_line(text: str) -> str:
     return text.strip().split("\n")[0].strip()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = project_parser(NAME, "Prefix tuning on E2E (restaurant record -> sentence), the prefix-tuning paper's "
-                             "benchmark: BLEU (sacrebleu, all references) with no prefix vs a trained prefix, "
-                             "greedy decoding.", needs=NEEDS)
+def add_options(p: argparse.ArgumentParser) -> None:
     add_prefix_args(p, P=P_E2E, P_note=f"{P_E2E}, the paper's for table-to-text",
                     steps={k: v.steps for k, v in SIZES.items()})
     p.add_argument("--data", metavar="DIR", default=str(REPO / "data" / "e2e"),
                    help="folder with devset.csv (training) and testset_w_refs.csv (scored) (default: data/e2e)")
-    return p
 
 
-def run(args) -> ProjectResult:
-    watch = Stopwatch()
-    sacrebleu = require("sacrebleu", "sacrebleu")
-    size = SIZES[run_mode(args)]
+def _e2e(args) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+    """E2E from --data: the devset's (mr, ref) rows to train on, and the test set's references by mr."""
     data = Path(args.data)
-    train_rows = read_e2e(data / "devset.csv")
-    tests = group_by_mr(read_e2e(data / "testset_w_refs.csv"))
-    chosen = choose_model(args)
-    print(chosen.reason)
-    model, tok = chosen.model, get_tokenizer()
+    return read_e2e(data / "devset.csv"), group_by_mr(read_e2e(data / "testset_w_refs.csv"))
+
+
+def preflight(args, size: Sizes) -> tuple[list[tuple[str, str]], dict[str, list[str]]]:
+    """sacrebleu and the E2E files, before the model loads; the records go on to run."""
+    require("sacrebleu", "sacrebleu")
+    return _e2e(args)
+
+
+def run(run: ProjectRun) -> Finished:
+    """Corpus BLEU of the outputs with no prefix and with a trained prefix, on the same E2E test inputs."""
+    args, size, model, tok = run.args, run.sizes, run.model, get_tokenizer()
+    sacrebleu = require("sacrebleu", "sacrebleu")
+    train_rows, tests = run.prepared
 
     mrs = list(tests)
     random.Random(args.seed).shuffle(mrs)
@@ -161,46 +158,47 @@ def run(args) -> ProjectResult:
     bleu_before, bleu_after = corpus_bleu(sacrebleu, before, refs), corpus_bleu(sacrebleu, after, refs)
     greedy_bleu = (corpus_bleu(sacrebleu, greedy_before, refs), corpus_bleu(sacrebleu, greedy_after, refs))
 
-    ours = (f"{chosen.name} ({model.num_parameters():,} parameters), {len(train_ex)} training rows "
+    name = run.chosen.name
+    ours = (f"{name} ({model.num_parameters():,} parameters), {len(train_ex)} training rows "
             f"(devset.csv), {prefix_run.how}")
-    result = ProjectResult(NAME, "BLEU", True, bleu_before, bleu_after, chosen.name, len(test_mrs), watch.elapsed(),
+    result = ProjectResult(NAME, "BLEU", True, bleu_before, bleu_after, name, len(test_mrs), run.clock.elapsed(),
                            extra={"loss_before": round(loss_before, 4), "loss_after": round(loss_after, 4),
                                   "loss_references": len(loss_ex), "train_rows": len(train_ex),
                                   "references": sum(len(r) for r in refs), "P": P, "decoding": f"beam {NUM_BEAMS}",
                                   "greedy_bleu_before": round(greedy_bleu[0], 4),
                                   "greedy_bleu_after": round(greedy_bleu[1], 4),
                                   "prefix": prefix_run.how, "paper_bleu": PAPER_E2E})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     note = (f"Prefix tuning on E2E: ` {{mr}} {EOT}` -> ` {{ref}}{EOT}`. Corpus BLEU on {len(test_mrs)} test inputs "
             f"(all their references), beam {NUM_BEAMS}: **{bleu_before:.2f} before** (no prefix) -> "
             f"**{bleu_after:.2f} after**; greedy: {greedy_bleu[0]:.2f} -> {greedy_bleu[1]:.2f}. "
             f"Held-out loss on {len(loss_ex)} test references: {loss_before:.3f} -> {loss_after:.3f} nats/token.\n\n"
-            + paper_table(chosen.name, model.num_parameters(), len(train_ex), prefix_run.how, bleu_before, bleu_after,
+            + paper_table(name, model.num_parameters(), len(train_ex), prefix_run.how, bleu_before, bleu_after,
                           greedy_bleu)
             + f"\nThis run: {ours}. The paper's lr is 5e-5 to 8e-5 on GPT-2 medium; models narrower than 512 train "
               "at 3e-3 here because they get a few hundred steps, not 5 epochs of 42k rows. Like the paper, this run "
-              "decodes with beam 5 (length penalty 1, no n-gram blocking). sacrebleu's BLEU (13a tokenisation, case-sensitive) is close to, "
-              "not the same as, the E2E challenge script's.")
-    write_samples(out, f"{TITLE}: samples (beam {NUM_BEAMS}, the same inputs before and after)",
-                  [{"input": mr, "reference": "\n".join(tests[mr][:3]), "before": b, "after": a}
-                   for mr, b, a in zip(test_mrs[:size.shown], before, after)], note=note)
-    metric_figure(out, result, labels=("no prefix", "prefix"), unit="sacrebleu, 0-100")
-    if prefix_run.history:
+              "decodes with beam 5 (length penalty 1, no n-gram blocking). sacrebleu's BLEU (13a tokenisation, "
+              "case-sensitive) is close to, not the same as, the E2E challenge script's.")
+    samples = Samples(f"{TITLE}: samples (beam {NUM_BEAMS}, the same inputs before and after)",
+                      [{"input": mr, "reference": "\n".join(tests[mr][:3]), "before": b, "after": a}
+                       for mr, b, a in zip(test_mrs[:size.shown], before, after)], note=note)
+    files = []
+    if prefix_run.history:   # a prefix trained here (a loaded one is not written again)
+        out = run.folder()
         loss_figure(out, prefix_run.history, f"Prefix tuning on E2E (P={P}): loss on the references")
-    save_prefix(prefix_run, out / "adapter", chosen.name)
-    result.seconds = watch.elapsed()
-    write_metrics(result, out)
+        save_prefix(prefix_run, out / "adapter", name)
+        files = ["loss.png", "adapter/"]
     print(f"BLEU (beam {NUM_BEAMS}) {bleu_before:.2f} -> {bleu_after:.2f}, greedy {greedy_bleu[0]:.2f} -> "
-          f"{greedy_bleu[1]:.2f} on {len(test_mrs)} inputs; held-out loss {loss_before:.3f} -> "
-          f"{loss_after:.3f}; {format_seconds(result.seconds)}; wrote {out}")
-    return result
+          f"{greedy_bleu[1]:.2f} on {len(test_mrs)} inputs; held-out loss {loss_before:.3f} -> {loss_after:.3f}")
+    return Finished(result, samples, labels=("no prefix", "prefix"), unit="sacrebleu, 0-100", files=files)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: run(args), out=args.out)
+PROJECT = Project(
+    name=NAME, title=TITLE, technique="prefix tuning", run=run, sizes=SIZES,
+    description="Prefix tuning on E2E (restaurant record -> sentence), the prefix-tuning paper's benchmark: BLEU "
+                "(sacrebleu, all references) with no prefix vs a trained prefix, beam search (5 beams, as the "
+                "paper; greedy BLEU too).",
+    needs=("sacrebleu",), options=add_options, preflight=preflight)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(PROJECT.main())
