@@ -45,9 +45,9 @@ from techniques import pplm
 from techniques.lora import lora_modules, lora_parameters, lora_summary, merge_lora
 from techniques.prefix import PrefixTuning, train_prefix
 
-from .common import (Report, Stopwatch, add_demo_args, bow_stepsize, choose_model, finite_or_none, format_seconds,
+from ..common import (Report, Stopwatch, add_demo_args, bow_stepsize, choose_model, finite_or_none, format_seconds,
                      html_item, moving_average, new_figure, run_mode, save_figure)
-from .kits import (E2E, EOT, LORA, PREFIX_HIDDEN, e2e_prompt, group_by_mr, lora_lr, new_lora_model, prefix_lr, read_e2e,
+from ..kits import (E2E, EOT, LORA, PREFIX_HIDDEN, e2e_prompt, group_by_mr, lora_lr, new_lora_model, prefix_lr, read_e2e,
                    read_verses, train_lora_parameters, verse_examples)
 
 __all__ = ["Sizes", "SIZES", "TourContext", "StepResult", "STEPS", "step_next_token", "step_attention", "step_lora",
@@ -1006,6 +1006,3 @@ def finish(ctx: TourContext, results: Sequence[StepResult]) -> dict:
     build_report(ctx, results, summary, ctx.state["model_line"]).write(ctx.out)
     return summary
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
