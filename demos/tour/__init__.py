@@ -27,7 +27,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -42,6 +42,7 @@ from minigpt import (EOT_ID, GPT, TrainConfig, atomic_save_dir, collate_lm, eval
 from minigpt.cli import describe_plan, run_command
 from minigpt.tokenizer import Tokenizer
 from techniques import pplm
+from techniques.pplm import BagOfWords
 from techniques.lora import lora_modules, lora_parameters, lora_summary, merge_lora
 from techniques.prefix import PrefixTuning, train_prefix
 
@@ -122,7 +123,8 @@ SIZES = {
 
 @dataclass
 class TourContext:
-    """What every step shares. `state` carries what later steps reuse (the LoRA model, the prefix)."""
+    """What every step shares: the model and the run's settings, then what a step leaves for a later one
+    (each None until the step that makes it has run) and the run's bookkeeping."""
     model: GPT
     model_name: str
     tokenizer: Tokenizer
@@ -132,7 +134,16 @@ class TourContext:
     mode: str = "full"
     progress: bool = True
     precision: str = "fp32"        # the LoRA and prefix steps' training arithmetic (--precision)
-    state: dict = field(default_factory=dict)
+    # left by one step for another
+    lora_model: Optional[GPT] = None            # step 3's LoRA-tuned copy of the model; step 6 generates with it
+    prefix: Optional[PrefixTuning] = None       # step 4's trained prefix, folded to its direct table; step 6 reads it
+    e2e_held_out: Optional[list[str]] = None    # step 4's held-out E2E inputs (meaning representations); step 6's
+    bag: Optional[BagOfWords] = None            # the PPLM bag of steps 5 and 6; `pplm_bag()` loads it once
+    # the run's bookkeeping
+    forecast: Optional[dict[str, float]] = None  # seconds per step, from estimate_seconds (summary.json shows it)
+    model_line: str = ""                        # which model and why (choose_model's reason): the report's opening
+    clock: Optional[Stopwatch] = None           # the notebook's wall clock, started by setup(); finish() reads it
+    cpu_start: float = 0.0                      # time.process_time() when the run began
 
     @property
     def device(self) -> torch.device:
@@ -141,6 +152,12 @@ class TourContext:
     def generator(self, offset: int = 0) -> torch.Generator:
         """A fresh seeded generator: the same offset gives the same draws (same-seed comparisons)."""
         return torch.Generator(device=self.device).manual_seed(self.seed + offset)
+
+    def pplm_bag(self) -> BagOfWords:
+        """The PPLM bag (PPLM_BAG in this tokenizer's ids), loaded on first use and kept."""
+        if self.bag is None:
+            self.bag = pplm.load_bag(PPLM_BAG, self.tokenizer)
+        return self.bag
 
 
 @dataclass
@@ -425,7 +442,7 @@ def step_lora(ctx: TourContext) -> StepResult:
             _singular_values_figure(svals, r, ctx.out / "lora_singular_values.png",
                                     f"Singular values of ΔW in {block}: rank {numerical_rank} (r = {r})")]
     print(f"  ΔW_q of {block}: numerical rank {numerical_rank} (r = {r}); ‖ΔW‖/‖W‖ = {ratio:.4f}")
-    ctx.state["lora_model"] = lora_model
+    ctx.lora_model = lora_model
     numbers = {"eval_loss_before": _r(eval_before), "eval_loss_after": _r(eval_after), "rank": r,
                "alpha": LORA["alpha"], "qkv": LORA["qkv"], "numerical_rank": numerical_rank,
                "merged_max_abs_diff": float(f"{diff:.3e}"), "trainable_parameters": trainable,
@@ -554,8 +571,8 @@ def step_prefix(ctx: TourContext) -> StepResult:
     for mr, b, a, g in zip(show_mrs, before, after, after_greedy):
         print(f"  {mr}\n    before (beam {PREFIX_BEAMS}): {b!r}\n    after (beam {PREFIX_BEAMS}):  {a!r}\n"
               f"    after (greedy):  {g!r}")
-    ctx.state["prefix"] = folded
-    ctx.state["e2e_held_out"] = held_out
+    ctx.prefix = folded
+    ctx.e2e_held_out = held_out
     fig = _loss_figure(history, initial, ctx.out / "prefix_loss.png",
                        f"Prefix tuning on E2E: loss (P={P}, {n_reparam:,} trainable parameters)",
                        baseline=("eval, no prefix", plain))
@@ -587,12 +604,6 @@ def step_prefix(ctx: TourContext) -> StepResult:
 
 
 # ==== step 5: PPLM ===================================================================================
-def _bag(ctx: TourContext):
-    if "bag" not in ctx.state:
-        ctx.state["bag"] = pplm.load_bag(PPLM_BAG, ctx.tokenizer)
-    return ctx.state["bag"]
-
-
 def _spans(tok: Tokenizer, ids: Sequence[int], bag_ids: set) -> list[tuple[str, bool]]:
     return [(tok.decode([i]), i in bag_ids) for i in ids if i != EOT_ID]
 
@@ -659,7 +670,7 @@ def _attribute_figure(unpert: torch.Tensor, pert_before: torch.Tensor, pert_afte
 
 def step_pplm(ctx: TourContext) -> StepResult:
     s, tok, model = ctx.sizes, ctx.tokenizer, ctx.model
-    bag = _bag(ctx)
+    bag = ctx.pplm_bag()
     bag_ids = set(bag.token_ids)
     knobs = ", ".join(f"{k}={v}" for k, v in pplm_knobs(model).items())
     _announce(5, "PPLM", f"{s.pplm_samples} continuation(s) of {PPLM_PROMPT!r}, unperturbed and perturbed "
@@ -760,13 +771,14 @@ def _hybrid_figure(rows: dict, path: Path) -> Path:
 
 def step_hybrid(ctx: TourContext) -> StepResult:
     s, tok, model = ctx.sizes, ctx.tokenizer, ctx.model
-    missing = [k for k in ("lora_model", "prefix", "e2e_held_out") if k not in ctx.state]
+    left = {"lora_model": ctx.lora_model, "prefix": ctx.prefix, "e2e_held_out": ctx.e2e_held_out}
+    missing = [name for name, value in left.items() if value is None]
     if missing:
         raise ValueError(f"the hybrid step reuses the LoRA model and the prefix of steps 3 and 4 (missing: "
                          f"{', '.join(missing)}); run step_lora(ctx) and step_prefix(ctx) first")
-    lora_model, prefix, bag = ctx.state["lora_model"], ctx.state["prefix"], _bag(ctx)
+    lora_model, prefix, bag = ctx.lora_model, ctx.prefix, ctx.pplm_bag()
     bag_ids = set(bag.token_ids)
-    mrs = ctx.state["e2e_held_out"][:s.hybrid_inputs]
+    mrs = ctx.e2e_held_out[:s.hybrid_inputs]
     _announce(6, "Hybrid", f"the LoRA adapter (verses), the prefix (E2E) and PPLM ({PPLM_BAG}) in one generation, "
                            f"against each alone, on {len(mrs)} held-out E2E input(s), {s.hybrid_tokens} tokens, "
                            "same seed for every configuration")
@@ -884,8 +896,8 @@ def _time_model(ctx: TourContext) -> tuple[float, float]:
 
 def estimate_seconds(ctx: TourContext) -> float:
     """The forecast of the whole tour, in seconds (see `forecast`)."""
-    ctx.state["forecast"] = forecast(ctx)
-    return sum(ctx.state["forecast"].values())
+    ctx.forecast = forecast(ctx)
+    return sum(ctx.forecast.values())
 
 
 def run_tour(ctx: TourContext, steps: Sequence[Callable] = STEPS) -> list[StepResult]:
@@ -905,11 +917,11 @@ def build_summary(ctx: TourContext, results: Sequence[StepResult], seconds: floa
     for r in results:
         summary[r.key] = r.numbers
     summary["step_seconds"] = {r.key: round(r.seconds, 2) for r in results}
-    if "forecast" in ctx.state:
-        summary["forecast_seconds"] = {k: round(v, 1) for k, v in ctx.state["forecast"].items()}
+    if ctx.forecast is not None:
+        summary["forecast_seconds"] = {k: round(v, 1) for k, v in ctx.forecast.items()}
     summary["figures"] = [p.name for r in results for p in r.figures]
     summary["seconds"] = round(seconds, 2)
-    summary["cpu_seconds"] = round(time.process_time() - ctx.state.get("cpu_start", 0.0), 2)  # all threads
+    summary["cpu_seconds"] = round(time.process_time() - ctx.cpu_start, 2)  # all threads
     return summary
 
 
@@ -936,7 +948,7 @@ def _context(chosen, out: Path, args) -> TourContext:
     return TourContext(model=chosen.model, model_name=chosen.name, tokenizer=get_tokenizer(), out=Path(out),
                        seed=args.seed, sizes=SIZES[mode], mode=mode, progress=not args.no_progress,
                        precision=resolve_precision(args.precision, chosen.model.device),
-                       state={"cpu_start": time.process_time()})
+                       model_line=chosen.reason, cpu_start=time.process_time())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -987,8 +999,7 @@ def setup(argv: Sequence[str] = ()) -> TourContext:
     print(chosen.reason)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     ctx = _context(chosen, Path(args.out), args)
-    ctx.state["model_line"] = chosen.reason
-    ctx.state["clock"] = Stopwatch()
+    ctx.clock = Stopwatch()
     print(f"{ctx.mode} tour; expected time: about {format_seconds(estimate_seconds(ctx))}")
     return ctx
 
@@ -1001,8 +1012,10 @@ def show(result: StepResult) -> None:
 
 def finish(ctx: TourContext, results: Sequence[StepResult]) -> dict:
     """Write summary.json, index.html and report.md for the steps run so far; returns the summary."""
-    summary = build_summary(ctx, results, ctx.state["clock"].elapsed())
+    if ctx.clock is None:
+        raise ValueError("finish(ctx, results) reads the clock that setup() starts; make the context with setup(...)")
+    summary = build_summary(ctx, results, ctx.clock.elapsed())
     write_json(summary, ctx.out / "summary.json")
-    build_report(ctx, results, summary, ctx.state["model_line"]).write(ctx.out)
+    build_report(ctx, results, summary, ctx.model_line).write(ctx.out)
     return summary
 
