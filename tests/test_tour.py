@@ -193,7 +193,8 @@ def test_bag_step_size_is_the_papers_from_width_512_a_third_of_ten_times_from_25
                                 for c in (32, 256, 512, 1024))
     assert bow_stepsize(wide, 0.03) == 0.03 and bow_stepsize(wider, 0.03) == 0.03
     assert bow_stepsize(mid, 0.03) == pytest.approx(0.1) and bow_stepsize(narrow, 0.03) == pytest.approx(0.3)
-    assert tour.pplm_knobs(narrow)["stepsize"] == pytest.approx(0.3) and tour.pplm_knobs(narrow, steer=False)["stepsize"] == 0
+    assert tour.pplm_knobs(narrow)["stepsize"] == pytest.approx(0.3)
+    assert tour.pplm_knobs(narrow, steer=False)["stepsize"] == 0
 
 
 @given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=40), st.integers(1, 12))
