@@ -1,7 +1,8 @@
 """The layout rules of README.md's map of the package, checked on the source: no import circles, no command
 line inside library modules, the one direction of imports (techniques -> minigpt's public names), and the
 demos' shape: the tutorial's projects are leaves (none imports another; what they share is in demos/kits),
-and the kits import no project and not the tour."""
+the tour's steps too (one module each; what they share is in demos/tour/context.py and shared.py), and the
+kits import no project and not the tour."""
 from __future__ import annotations
 
 import ast
@@ -15,6 +16,9 @@ COMMANDS = {"minigpt.__main__", "minigpt.cli", "minigpt.check", "techniques.lora
             "techniques.prefix.__main__", "techniques.pplm.__main__"}
 # demos/projects/: every module is a project, except the frame the projects share and the runner.
 NOT_PROJECTS = {"demos.projects.common", "demos.projects.__main__"}
+# demos/tour/: one module per step of the tour.
+TOUR_STEPS = {"demos.tour.next_token", "demos.tour.attention", "demos.tour.lora", "demos.tour.prefix",
+              "demos.tour.pplm", "demos.tour.hybrid"}
 
 
 def project_modules() -> dict[str, Path]:
@@ -105,7 +109,8 @@ def test_imports_go_one_way():
     for name, deps in graph().items():
         if name.startswith("techniques") and name not in COMMANDS:
             minigpt_deps = {d for d in deps if d.startswith("minigpt")}
-            assert minigpt_deps <= {"minigpt"}, f"{name} reaches into {minigpt_deps - {'minigpt'}}; use minigpt's public names"
+            assert minigpt_deps <= {"minigpt"}, (f"{name} reaches into {minigpt_deps - {'minigpt'}}; "
+                                                 "use minigpt's public names")
         if name.startswith("minigpt") and name not in COMMANDS:
             assert not any(d.startswith("techniques") for d in deps), f"library module {name} imports techniques"
 
@@ -121,11 +126,21 @@ def test_projects_are_leaves():
                               "is a leaf: move what it shares into demos/kits (or demos/projects/common.py)")
 
 
+def test_tour_steps_are_leaves():
+    g = graph()
+    assert TOUR_STEPS <= set(g)
+    for name in sorted(TOUR_STEPS):
+        siblings = g[name] & TOUR_STEPS
+        assert not siblings, (f"tour step {name} imports the step(s) {', '.join(sorted(siblings))}; a step reads "
+                              "what an earlier one left on the TourContext, and what steps share lives in "
+                              "demos/tour/context.py or shared.py")
+
+
 def test_kits_import_no_project_and_not_the_tour():
     g = graph()
     kits = {m for m in g if m == "demos.kits" or m.startswith("demos.kits.")}
     assert {"demos.kits", "demos.kits.lora", "demos.kits.prefix", "demos.kits.pplm", "demos.kits.data",
             "demos.kits.measures"} <= kits
     for name in sorted(kits):
-        bad = {d for d in g[name] if d.startswith("demos.projects") or d == "demos.tour"}
+        bad = {d for d in g[name] if d.startswith(("demos.projects", "demos.tour.")) or d == "demos.tour"}
         assert not bad, f"kit {name} imports {', '.join(sorted(bad))}; kits sit below the projects and the tour"

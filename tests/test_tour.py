@@ -111,8 +111,24 @@ def test_summary_holds_this_runs_measurements(smoke_run):
     assert sum(s["step_seconds"].values()) <= s["seconds"]
 
 
+def test_a_step_that_reuses_an_earlier_ones_result_says_which_to_run_first(tmp_path):
+    """On a fresh context (no step run), the hybrid names the steps whose model and prefix it reuses, and
+    finish names setup, whose clock it reads: clear errors before any training or file."""
+    from minigpt import GPT, GPTConfig, get_tokenizer
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=16))
+    ctx = tour.TourContext(model=model, model_name="micro", tokenizer=get_tokenizer(), out=tmp_path, seed=0,
+                           sizes=tour.SIZES["smoke"], mode="smoke")
+    with pytest.raises(ValueError, match=r"missing: lora_model, prefix, e2e_held_out\); run step_lora\(ctx\) and "
+                                         r"step_prefix\(ctx\) first"):
+        tour.step_hybrid(ctx)
+    with pytest.raises(ValueError, match=r"setup\(\)"):
+        tour.finish(ctx, [])
+    assert not list(tmp_path.iterdir())
+
+
 def test_filtered_probs_match_the_samplers_support():
     import torch
+
     from minigpt import sample_next_token
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(200, generator=g) * 3
@@ -177,7 +193,8 @@ def test_bag_step_size_is_the_papers_from_width_512_a_third_of_ten_times_from_25
                                 for c in (32, 256, 512, 1024))
     assert bow_stepsize(wide, 0.03) == 0.03 and bow_stepsize(wider, 0.03) == 0.03
     assert bow_stepsize(mid, 0.03) == pytest.approx(0.1) and bow_stepsize(narrow, 0.03) == pytest.approx(0.3)
-    assert tour.pplm_knobs(narrow)["stepsize"] == pytest.approx(0.3) and tour.pplm_knobs(narrow, steer=False)["stepsize"] == 0
+    assert tour.pplm_knobs(narrow)["stepsize"] == pytest.approx(0.3)
+    assert tour.pplm_knobs(narrow, steer=False)["stepsize"] == 0
 
 
 @given(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=40), st.integers(1, 12))
