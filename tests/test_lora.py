@@ -266,7 +266,8 @@ def test_zero_B_adapted_model_is_the_base_model_exactly(base, targets, qkv, r, r
 def test_apply_lora_places_and_freezes(base):
     model = apply_lora(copy.deepcopy(base), r=4, targets=["c_proj"], verbose=False)
     names = [n for n, _ in lora_modules(model)]
-    assert names == [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]  # suffix match, as peft
+    # suffix match, as peft
+    assert names == [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.{ab}" for n in names for ab in ("A", "B")}
     assert lora_parameters(model) and all(p.requires_grad for p in lora_parameters(model))
@@ -598,7 +599,8 @@ def test_generate_cli_takes_our_adapter(full_folder, good_adapter, capsys):
     ("empty.txt", b"", "empty"),
     ("latin1.txt", "caf\xe9 au lait\n".encode("latin-1") * 3, "line 1: not UTF-8"),
     ("short.txt", b"just a few words", "shorter than one block"),
-    ("pairs.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n', "line 2: needs a string field 'completion'"),
+    ("pairs.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n',
+     "line 2: needs a string field 'completion'"),
     ("broken.jsonl", b'{"prompt": "a", "completion": "b"}\n{nope\n', "line 2: not valid JSON"),
 ])
 def test_cli_bad_data_files(full_folder, tmp_path, capsys, name, content, match):
@@ -710,7 +712,8 @@ def shared_training_options() -> dict[str, argparse.Action]:
 def test_cli_train_help_shows_every_shared_training_option(capsys):
     code, stdout, _ = run_cli(["train", "--help"], capsys)
     assert code == 0
-    train_parser = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    train_parser = subparsers.choices["train"]
     ours = {a.option_strings[0]: a for a in train_parser._actions if a.option_strings}
     for option, shared in shared_training_options().items():
         assert option in stdout, option

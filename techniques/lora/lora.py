@@ -341,7 +341,8 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16, dropout: floa
     if qkv is not None:
         _check_qkv(qkv)
         if not any(n.endswith("attn.c_attn") for n in names):
-            raise ValueError(f"qkv={qkv!r} adapts q/k/v inside c_attn, but the targets {targets!r} do not include c_attn")
+            raise ValueError(f"qkv={qkv!r} adapts q/k/v inside c_attn, but the targets {targets!r} do not include "
+                             "c_attn")
     model.requires_grad_(False)
     for name in names:
         parent_name, _, child = name.rpartition(".")
