@@ -241,7 +241,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if output_hidden_states:
             hidden.append(x)
-        logits = self._lm_head(x)  # (B, T, vocab)
+        logits = self._lm_head(x)  # (B, T, vocab): lm_head_reference(x), by the fastest form for the row count
         return GPTOutput(
             logits=logits,
             past_key_values=tuple(presents),
@@ -249,8 +249,17 @@ class GPT(nn.Module):
             attentions=tuple(attentions) if output_attentions else None,
         )
 
+    def lm_head_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The head as the math has it: logits = x · wteᵀ, with the weight tied to the token embedding.
+
+        This is `self.lm_head(x)`, the plain nn.Linear (no bias). `_lm_head`, which the forward pass
+        calls, is the fast path: it gives these logits (to float rounding) by whichever matmul form
+        reads wte fastest; tests/test_speed_paths.py holds the two equal."""
+        return self.lm_head(x)
+
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        """logits = x · wteᵀ, by the matmul form that reads wte fastest for the row count.
+        """Fast path of `lm_head_reference`: logits = x · wteᵀ, by the matmul form that reads wte
+        fastest for the row count.
 
         Without autograd (decoding), on CPU:
         - one row (a batch-1 step): through a cached contiguous copy of wteᵀ [C, V];
@@ -264,23 +273,26 @@ class GPT(nn.Module):
         through a cached copy of wte in the autocast dtype, the very values autocast
         would make by casting wte at every step (38.6M weights for GPT-2); wte itself
         stays fp32, since the embedding shares it.
-        Otherwise (training, prefill) the plain `lm_head`. The three forms sum the
-        same products in different orders: equal to float rounding (~1e-6 relative).
+        Otherwise (training, prefill) the reference itself, `lm_head_reference`. The
+        forms sum the same products in different orders: equal to float rounding (~1e-6
+        relative); the autocast copy gives autocast's own numbers bit for bit.
         """
         W = self.lm_head.weight
         rows = x.shape[0] * x.shape[1]
         low = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
         if low is not None and not W.requires_grad and isinstance(self.lm_head, nn.Linear):
+            # fast path: a cached copy of wte in the autocast dtype, instead of a cast at every step
             key = (W.data_ptr(), W._version, W.device, low)
             if self._head_low is None or self._head_low[0] != key:
                 self._head_low = (key, W.detach().to(low))  # (V, C) in bf16/fp16
             return F.linear(x.to(low), self._head_low[1])
         if torch.is_grad_enabled() or not isinstance(self.lm_head, nn.Linear) or rows > self.HEAD_LEFT_ROWS:
-            return self.lm_head(x)
-        if rows > 1:
+            return self.lm_head_reference(x)
+        if rows > 1:  # fast path: a few rows as (wte · xᵀ)ᵀ, one pass over wte for all rows
             return (W @ x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], -1).contiguous()  # (B, T, V)
         if not self.head_cache:
-            return self.lm_head(x)
+            return self.lm_head_reference(x)
+        # fast path: one row through a cached contiguous wteᵀ [C, V]
         key = (W.data_ptr(), W._version, W.device, W.dtype)
         if self._head_t is None or self._head_t[0] != key:
             self._head_t = (key, W.detach().t().contiguous())  # (C, V)

@@ -20,8 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minigpt import GPT, Example, TrainConfig, causal_lm_loss, collate_lm, lm_loss_fn, train
-from techniques.lora import (LoRALinear, LoRAQKV, apply_lora, load_adapter, lora_modules, lora_parameters,
-                             lora_summary, merge_lora, save_adapter)
+from techniques.lora import (LoRALinear, LoRAQKV, NF4Linear, apply_lora, load_adapter, lora_modules,
+                             lora_parameters, lora_summary, merge_lora, save_adapter)
 from techniques.lora.__main__ import build_parser, main
 
 peft = pytest.importorskip("peft")
@@ -176,6 +176,80 @@ def test_per_projection_changes_only_its_slices(parts, n_head, r, seed):
             assert torch.count_nonzero(delta[i]) == 0
 
 
+# ---- the fast forward against forward_reference (eq. 3 as written) --------------------------
+def adapted_layer(kind, C, r, alpha, dropout=0.0, rslora=False, nf4=False, seed=0):
+    """LoRA on a [3C, C] projection: LoRALinear for kind "whole", else LoRAQKV with those parts; B drawn
+    away from zero (std 0.5) so that the branch counts, the base optionally stored in 4-bit NF4."""
+    torch.manual_seed(seed)
+    base = nn.Linear(C, 3 * C)
+    base = NF4Linear.from_linear(base) if nf4 else base
+    layer = (LoRALinear(base, r=r, alpha=alpha, dropout=dropout, rslora=rslora) if kind == "whole"
+             else LoRAQKV(base, kind, r=r, alpha=alpha, dropout=dropout, rslora=rslora))
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.startswith("B"):
+                p.normal_(std=0.5)
+    return layer
+
+
+adapted = {"kind": st.sampled_from(["whole", "qv", "qkv"]), "C": st.sampled_from([4, 8, 16]), "r": st.integers(1, 6),
+           "alpha": st.floats(1, 16), "rslora": st.booleans(), "seed": st.integers(0, 2**16)}
+
+
+@given(**adapted, dropout=st.sampled_from([0.0, 0.5]), nf4=st.booleans(), lead=st.integers(1, 3))
+def test_fast_forward_is_the_reference(kind, C, r, alpha, rslora, seed, dropout, nf4, lead):
+    """forward (one in-place addmm_; LoRAQKV's parts packed into a block-diagonal B) gives forward_reference's
+    W0·x + b + s·B·A·dropout(x) to fp32 rounding: in eval mode, and in train mode from the same dropout mask."""
+    layer = adapted_layer(kind, C, r, alpha, dropout, rslora, nf4, seed).eval()
+    x = torch.randn(lead, 5, C)
+    with torch.no_grad():
+        ref = layer.forward_reference(x)
+        fast = layer(x)
+        scale = max(1.0, ref.abs().max().item())
+        assert max_diff(ref, layer.base(x)) > 1e-2  # the branch counts, so a fast path that lost it would fail
+        assert fast.shape == ref.shape == (lead, 5, 3 * C)
+        assert max_diff(fast, ref) <= 1e-5 * scale
+        if dropout:
+            layer.train()
+            torch.manual_seed(seed)
+            fast_d = layer(x)
+            torch.manual_seed(seed)
+            ref_d = layer.forward_reference(x)
+            assert max_diff(fast_d, ref) > 1e-3  # the mask dropped something
+            assert max_diff(fast_d, ref_d) <= 1e-5 * scale
+
+
+@given(**adapted, nf4=st.booleans(), lead=st.integers(1, 3))
+def test_fast_forward_gradients_are_the_references(kind, C, r, alpha, rslora, seed, nf4, lead):
+    """Train mode, dropout 0: the gradients of every A and B, and of the input, through the in-place addmm_
+    equal those through base(x) + lora_branch(x)."""
+    layer = adapted_layer(kind, C, r, alpha, 0.0, rslora, nf4, seed).train()
+    x = torch.randn(lead, 5, C, requires_grad=True)
+    w = torch.randn(lead, 5, 3 * C)  # a loss that weighs every output differently
+    params = [p for p in layer.parameters() if p.requires_grad]
+    assert len(params) == 2 * (1 if kind == "whole" else len(kind))  # an A and a B for each adapted part
+    fast = torch.autograd.grad((layer(x) * w).sum(), [x, *params])
+    ref = torch.autograd.grad((layer.forward_reference(x) * w).sum(), [x, *params])
+    for f, g in zip(fast, ref):
+        assert g.abs().max() > 0
+        assert max_diff(f, g) <= 1e-5 * max(1.0, g.abs().max().item())
+
+
+@given(**adapted)
+def test_fast_forward_under_bf16_autocast_is_the_reference_under_it(kind, C, r, alpha, rslora, seed):
+    """Under bf16 autocast on a CPU both paths come out in bf16. forward rounds W0·x + b and then its fused
+    multiply-add; the reference rounds W0·x + b, B·A·x, its scaling and the sum: a few bf16 roundings
+    (2^-8 relative each) of terms no larger than |W0·x + b| + |s·B·A·x|, so 2^-5 of that bounds them."""
+    layer = adapted_layer(kind, C, r, alpha, rslora=rslora, seed=seed).eval()
+    x = torch.randn(2, 5, C)
+    with torch.no_grad():
+        size = (layer.base(x).abs() + layer.lora_branch(x).abs()).max().item()  # fp32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast, ref = layer(x), layer.forward_reference(x)
+    assert fast.dtype == ref.dtype == torch.bfloat16
+    assert max_diff(fast, ref) <= 2**-5 * size
+
+
 @given(targets=st.sampled_from([("c_attn",), ("c_proj",), ("mlp.c_fc",), ("attn.c_proj", "mlp.c_proj"),
                                 ("c_attn", "c_proj", "c_fc")]),
        qkv=st.sampled_from([None, "qv", "k"]), r=st.integers(1, 8), rslora=st.booleans(), seed=st.integers(0, 99))
@@ -192,7 +266,8 @@ def test_zero_B_adapted_model_is_the_base_model_exactly(base, targets, qkv, r, r
 def test_apply_lora_places_and_freezes(base):
     model = apply_lora(copy.deepcopy(base), r=4, targets=["c_proj"], verbose=False)
     names = [n for n, _ in lora_modules(model)]
-    assert names == [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]  # suffix match, as peft
+    # suffix match, as peft
+    assert names == [f"transformer.h.{i}.{m}.c_proj" for i in range(2) for m in ("attn", "mlp")]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.{ab}" for n in names for ab in ("A", "B")}
     assert lora_parameters(model) and all(p.requires_grad for p in lora_parameters(model))
@@ -524,7 +599,8 @@ def test_generate_cli_takes_our_adapter(full_folder, good_adapter, capsys):
     ("empty.txt", b"", "empty"),
     ("latin1.txt", "caf\xe9 au lait\n".encode("latin-1") * 3, "line 1: not UTF-8"),
     ("short.txt", b"just a few words", "shorter than one block"),
-    ("pairs.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n', "line 2: needs a string field 'completion'"),
+    ("pairs.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n',
+     "line 2: needs a string field 'completion'"),
     ("broken.jsonl", b'{"prompt": "a", "completion": "b"}\n{nope\n', "line 2: not valid JSON"),
 ])
 def test_cli_bad_data_files(full_folder, tmp_path, capsys, name, content, match):
@@ -636,7 +712,8 @@ def shared_training_options() -> dict[str, argparse.Action]:
 def test_cli_train_help_shows_every_shared_training_option(capsys):
     code, stdout, _ = run_cli(["train", "--help"], capsys)
     assert code == 0
-    train_parser = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    train_parser = subparsers.choices["train"]
     ours = {a.option_strings[0]: a for a in train_parser._actions if a.option_strings}
     for option, shared in shared_training_options().items():
         assert option in stdout, option

@@ -1,6 +1,9 @@
 """The fast paths give the plain paths' numbers: the preallocated past (KVBuffer) against the
-growing (k, v) tuple, the no-grad head forms against lm_head, and the errors the buffer raises."""
+growing (k, v) tuple, the head's fast forms (`_lm_head`) against `lm_head_reference`, and the errors
+the buffer raises. The LoRA layer's fast forward against its reference is in test_lora.py."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -116,6 +119,40 @@ def test_no_grad_head_forms_equal_lm_head(tiny_hf, rows):
     plain = model(ids).logits.detach()  # autograd on: always the plain lm_head
     assert fast.shape == plain.shape and fast.is_contiguous()
     assert (fast - plain).abs().max() <= 1e-5
+
+
+HEAD_SHAPES = [(1, 1), (2, 1), (1, 8), (4, GPT.HEAD_LEFT_ROWS // 4), (3, 11), (4, 25)]  # rows 1 .. 100
+
+
+@pytest.mark.parametrize("head_cache", [True, False])
+@pytest.mark.parametrize("shape", HEAD_SHAPES)
+def test_fast_head_equals_lm_head_reference(tiny_hf, shape, head_cache):
+    """`_lm_head` on hidden states, without autograd: one row through the cached wteᵀ (or the reference when
+    head_cache is off), up to HEAD_LEFT_ROWS rows as (wte · xᵀ)ᵀ, more as the reference: each gives
+    lm_head_reference(x) = x · wteᵀ within 1e-5 of its largest logit, in its [B, T, V] layout, contiguous."""
+    model = tiny_hf[1]
+    x = torch.randn(*shape, model.config.n_embd, generator=torch.Generator().manual_seed(sum(shape)))
+    model.head_cache = head_cache
+    try:
+        with torch.no_grad():
+            fast, ref = model._lm_head(x), model.lm_head_reference(x)
+    finally:
+        model.head_cache = True
+    assert fast.shape == ref.shape == (*shape, model.config.vocab_size) and fast.is_contiguous()
+    assert (fast - ref).abs().max() <= 1e-5 * ref.abs().max()
+    torch.testing.assert_close(ref, x @ model.transformer.wte.weight.T, rtol=1e-5, atol=1e-5)  # tied to wte
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (4, 25)])
+def test_frozen_head_under_autocast_is_the_reference_under_it(tiny_hf, shape):
+    """With wte frozen, the head under bf16 autocast multiplies by a cached bf16 copy of wte: the reference's
+    logits under the same autocast, bit for bit, whatever the row count."""
+    model = copy.deepcopy(tiny_hf[1]).requires_grad_(False)
+    x = torch.randn(*shape, model.config.n_embd, generator=torch.Generator().manual_seed(sum(shape)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, ref = model._lm_head(x), model.lm_head_reference(x)
+    assert model._head_low is not None and fast.dtype == ref.dtype == torch.bfloat16
+    assert torch.equal(fast, ref)
 
 
 # ---- the buffer's errors -------------------------------------------------------------------

@@ -32,7 +32,9 @@ Reading order: the layer (`LoRALinear`), its per-projection variant for the fuse
 q|k|v `c_attn` (`LoRAQKV`), where it goes (`apply_lora`, `lora_parameters`,
 `lora_summary`) and how it leaves (`merge_lora`). The adapter files in peft's
 format are in `peft_files.py`; the command line is `python -m techniques.lora`
-(`__main__.py`).
+(`__main__.py`). In each layer, `forward_reference` is eq. (3) as written above;
+`forward`, the fast path the model runs, gives the same numbers with less memory
+(tests/test_lora.py holds the two equal, outputs and gradients).
 
 Where this differs from peft, and why:
 - peft keeps GPT-2's projections as `Conv1D` (weight [in, out]) and so needs
@@ -67,6 +69,7 @@ class LoRALinear(nn.Module):
 
     Wraps a frozen `nn.Linear` (kept as `self.base`, so W0 and b are untouched
     until `merge()`). A [r, in] and B [out, r] are the only trainable tensors.
+    Read `forward_reference` for the math; `forward` is its fast path.
     """
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, rslora: bool = False,
@@ -109,12 +112,26 @@ class LoRALinear(nn.Module):
         """s·B·A·dropout(x) for x (..., in) -> (..., out)."""
         return (self.dropout(x) @ self.A.T) @ self.B.T * self.scaling
 
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The math: h = W0·x + b + s·B·A·dropout(x) (Hu et al. 2021, eq. 3), written as it reads.
+
+        `forward` is the fast path and gives the same numbers (to float rounding); this one is
+        kept to be read, and for the tests to hold `forward` to. Merged, the layer is the base
+        layer alone; with DoRA it is `dora_forward`, which has no separate fast form."""
+        if self.merged:
+            return self.base(x)
+        if self.magnitude is not None:
+            return self.dora_forward(x)
+        return self.base(x) + self.lora_branch(x)
+
     def _low_rank_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) as one pair, [r, in] and [out, r]: what the forward pass multiplies by."""
+        """(A, B) as one pair, [r, in] and [out, r]: what the fast `forward` multiplies by."""
         return self.A, self.B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """W0·x + b, then + s·B·A·dropout(x) added in place: y.addmm_(h, Bᵀ, alpha=s) with
+        """Fast path of `forward_reference`: the same W0·x + b + s·B·A·dropout(x), in less memory.
+
+        W0·x + b, then + s·B·A·dropout(x) added in place: y.addmm_(h, Bᵀ, alpha=s) with
         h = dropout(x)·Aᵀ [N, r]. The sum of `base(x) + lora_branch(x)` (to float rounding:
         the scaling is applied inside the multiply-add), but no [N, out] tensor besides y is
         made, where the branch, its scaled copy and the sum were three, each as large as the
@@ -209,6 +226,9 @@ class LoRAQKV(LoRALinear):
 
     One dropout mask is shared by the parts, as in loralib's MergedLinear, which
     is also what makes the fused form saved for peft equal in training too.
+    `lora_branch` below is the plain form, part by part (what `forward_reference`
+    adds to W0·x + b); the fast `forward` packs the parts into one block-diagonal
+    pair (`_low_rank_pair`) instead.
     """
 
     def __init__(self, base: nn.Linear, parts: str = "qv", r: int = 8, alpha: float = 16, dropout: float = 0.0,
@@ -225,15 +245,14 @@ class LoRAQKV(LoRALinear):
 
     def lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         """s·[B_q·A_q·h ; 0 ; B_v·A_v·h] for h = dropout(x): (..., in) -> (..., 3C)."""
-        h, C = self.dropout(x), self.out_features // 3
-        pieces = [(h @ self.A[p].T) @ self.B[p].T * self.scaling if p in self.parts  # (..., C)
-                  else x.new_zeros(*x.shape[:-1], C)                                 # q, k or v left as W0's
-                  for p in QKV]
-        return torch.cat(pieces, dim=-1)
+        h = self.dropout(x)
+        adapted = {p: (h @ self.A[p].T) @ self.B[p].T * self.scaling for p in self.parts}  # each (..., C)
+        zero = torch.zeros_like(adapted[self.parts[0]])  # q, k or v left as W0's (in the matmuls' dtype: autocast)
+        return torch.cat([adapted.get(p, zero) for p in QKV], dim=-1)
 
     def _low_rank_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The parts as one low-rank pair: A = [A_q; A_v] [k·r, C] stacked, and B [3C, k·r]
-        block-diagonal in the parts' rows (k = number of parts),
+        """For the fast `forward`, the parts as one low-rank pair: A = [A_q; A_v] [k·r, C] stacked,
+        and B [3C, k·r] block-diagonal in the parts' rows (k = number of parts),
 
             B = [[B_q, 0], [0, 0], [0, B_v]]   so   B·A·h = [B_q·A_q·h ; 0 ; B_v·A_v·h].
 
@@ -322,7 +341,8 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16, dropout: floa
     if qkv is not None:
         _check_qkv(qkv)
         if not any(n.endswith("attn.c_attn") for n in names):
-            raise ValueError(f"qkv={qkv!r} adapts q/k/v inside c_attn, but the targets {targets!r} do not include c_attn")
+            raise ValueError(f"qkv={qkv!r} adapts q/k/v inside c_attn, but the targets {targets!r} do not include "
+                             "c_attn")
     model.requires_grad_(False)
     for name in names:
         parent_name, _, child = name.rpartition(".")
