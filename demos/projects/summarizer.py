@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 from minigpt import GPT, examples_from_pairs, get_tokenizer
 
-from ..kits import complete, fit_prefix, heldout_loss, load_prefix, save_prefix
+from ..kits import complete, fit_prefix, heldout_loss, load_prefix, mean, save_prefix
 from .common import (Finished, Project, ProjectResult, ProjectRun, Samples, add_prefix_args, loss_figure,
                      prefix_training, require)
 
@@ -116,10 +116,6 @@ def rouge_f1(scorer, reference: str, summary: str) -> dict[str, float]:
     return {k: 100.0 * scores[k].fmeasure for k in ROUGE_TYPES}
 
 
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs)
-
-
 # ---- the project -------------------------------------------------------------------------------
 def add_options(p: argparse.ArgumentParser) -> None:
     add_prefix_args(p, P=None, P_note=f"{P_PAPER}, the paper's for summarization, on models with 1024 positions or "
@@ -171,17 +167,17 @@ def run(run: ProjectRun) -> Finished:
     scorer = rouge.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     s_before = [rouge_f1(scorer, d.summary, s) for d, s in zip(test_docs, before)]
     s_after = [rouge_f1(scorer, d.summary, s) for d, s in zip(test_docs, after)]
-    mean = {f"{k}_{when}": round(_mean([s[k] for s in scores]), 3)
+    means = {f"{k}_{when}": round(mean([s[k] for s in scores]), 3)
             for when, scores in (("before", s_before), ("after", s_after)) for k in ROUGE_TYPES}
-    result = ProjectResult(NAME, "ROUGE-L F1", True, mean["rougeL_before"], mean["rougeL_after"], run.chosen.name,
+    result = ProjectResult(NAME, "ROUGE-L F1", True, means["rougeL_before"], means["rougeL_after"], run.chosen.name,
                            len(test_docs), run.clock.elapsed(),
-                           extra={**mean, "val_loss_before": round(loss_before, 4),
+                           extra={**means, "val_loss_before": round(loss_before, 4),
                                   "val_loss_after": round(loss_after, 4),
                                   "P": P, "abstract_budget_tokens": budget, "train_papers": len(train_ex),
                                   "decoding": "greedy, first sentence", "prefix": prefix_run.how,
                                   "rouge": "rouge_score F1 x100, use_stemmer=True, mean over test papers"})
 
-    table = " ".join(f"{k}: {mean[k + '_before']:.2f} -> {mean[k + '_after']:.2f};" for k in ROUGE_TYPES)
+    table = " ".join(f"{k}: {means[k + '_before']:.2f} -> {means[k + '_after']:.2f};" for k in ROUGE_TYPES)
     note = (f"ACLSum abstract -> one-sentence outcome summary. Prompt `{summary_prompt('{abstract}')}` "
             f"(abstract cut to its last sentences that fit {budget} tokens), greedy, the output's first sentence. "
             f"Before = zero-shot (no prefix), after = prefix ({prefix_run.how}). ROUGE F1 x100 on "
@@ -200,8 +196,8 @@ def run(run: ProjectRun) -> Finished:
         loss_figure(out, prefix_run.history, f"Prefix tuning on ACLSum outcome summaries (P={P}): loss on the summary")
         save_prefix(prefix_run, out / "adapter", run.chosen.name)
         files = ["loss.png", "adapter/"]
-    print(f"ROUGE-1 {mean['rouge1_before']:.2f} -> {mean['rouge1_after']:.2f}, ROUGE-2 {mean['rouge2_before']:.2f} -> "
-          f"{mean['rouge2_after']:.2f} on {len(test_docs)} test papers")
+    print(f"ROUGE-1 {means['rouge1_before']:.2f} -> {means['rouge1_after']:.2f}, ROUGE-2 "
+          f"{means['rouge2_before']:.2f} -> {means['rouge2_after']:.2f} on {len(test_docs)} test papers")
     return Finished(result, samples, labels=("zero-shot TL;DR", "prefix"), unit="F1 x100",
                     per_item=([s["rougeL"] for s in s_before], [s["rougeL"] for s in s_after]), files=files)
 
