@@ -12,9 +12,10 @@ The math is exactly OpenAI's GPT-2 (and transformers' `GPT2LMHeadModel`):
 Module names mirror Hugging Face's (`transformer.h.0.attn.c_attn`, ...), so
 loading the public weights is a one-to-one key mapping (see pretrained.py).
 One difference in storage: HF keeps the four projections as `Conv1D` with the
-weight stored [in, out]; here they are ordinary `nn.Linear` ([out, in]), which
-is what LoRA wraps. The loader hands nn.Linear a transposed view of the
-file's [in, out] tensor, so no weight is copied.
+weight stored [in, out]; here they are `nn.Linear` ([out, in]), which is what
+LoRA wraps. The loader hands nn.Linear a transposed view of the file's [in, out]
+tensor, so no weight is copied. (They are minigpt.linear.Linear, an nn.Linear
+whose bf16 decoding on CPU takes oneDNN's packed kernel; the math is F.linear.)
 
 The one seam for every technique is `GPT.forward(..., past_key_values=...)`:
 the past is a plain tuple over layers of `(k, v)` tensors, each
@@ -36,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
+from .linear import Linear
 from .past import KVBuffer, PastKeyValues
 from .pretrained import hf_to_minigpt_state_dict, read_checkpoint, write_checkpoint
 
@@ -59,8 +61,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q|k|v
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # fused q|k|v
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.attn_pdrop = config.attn_pdrop
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
@@ -118,8 +120,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_dim)
-        self.c_proj = nn.Linear(config.mlp_dim, config.n_embd)
+        self.c_fc = Linear(config.n_embd, config.mlp_dim)
+        self.c_proj = Linear(config.mlp_dim, config.n_embd)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x):
@@ -154,7 +156,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.head_cache, self._head_t, self._head_low = True, None, None  # see _lm_head
         self.apply(self._init_weights)
@@ -252,9 +254,11 @@ class GPT(nn.Module):
     def lm_head_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The head as the math has it: logits = x · wteᵀ, with the weight tied to the token embedding.
 
-        This is `self.lm_head(x)`, the plain nn.Linear (no bias). `_lm_head`, which the forward pass
+        This is F.linear(x, W), the plain linear (no bias) of the `lm_head` module. `_lm_head`, which the forward pass
         calls, is the fast path: it gives these logits (to float rounding) by whichever matmul form
         reads wte fastest; tests/test_speed_paths.py holds the two equal."""
+        if isinstance(self.lm_head, Linear):
+            return self.lm_head.reference(x)
         return self.lm_head(x)
 
     def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
@@ -262,6 +266,8 @@ class GPT(nn.Module):
         fastest for the row count.
 
         Without autograd (decoding), on CPU:
+        - bf16 weights: `lm_head`'s own fast path, oneDNN's packed bf16 kernel
+          (minigpt/linear.py), for any row count;
         - one row (a batch-1 step): through a cached contiguous copy of wteᵀ [C, V];
           a one-row matmul reads that layout faster, and the head is ~30% of such a
           step. It costs one more copy of wte (154 MB for gpt2); `head_cache = False`
@@ -286,6 +292,8 @@ class GPT(nn.Module):
             if self._head_low is None or self._head_low[0] != key:
                 self._head_low = (key, W.detach().to(low))  # (V, C) in bf16/fp16
             return F.linear(x.to(low), self._head_low[1])
+        if isinstance(self.lm_head, Linear) and self.lm_head.takes_fast_path(x):
+            return self.lm_head(x)  # fast path: oneDNN's packed bf16 kernel (minigpt/linear.py)
         if torch.is_grad_enabled() or not isinstance(self.lm_head, nn.Linear) or rows > self.HEAD_LEFT_ROWS:
             return self.lm_head_reference(x)
         if rows > 1:  # fast path: a few rows as (wte · xᵀ)ᵀ, one pass over wte for all rows

@@ -1,16 +1,19 @@
 """The fast paths give the plain paths' numbers: the preallocated past (KVBuffer) against the
-growing (k, v) tuple, the head's fast forms (`_lm_head`) against `lm_head_reference`, and the errors
-the buffer raises. The LoRA layer's fast forward against its reference is in test_lora.py."""
+growing (k, v) tuple, the head's fast forms (`_lm_head`) against `lm_head_reference`, the projections'
+packed bf16 kernel (minigpt.linear) against F.linear, and the errors the buffer raises. The LoRA layer's fast forward against its reference is in test_lora.py."""
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
 from minigpt import GPT, generate, stream
+from minigpt.linear import Linear, packed_linear_available
 from minigpt.past import KVBuffer, left_pad, past_length
 
 
@@ -153,6 +156,62 @@ def test_frozen_head_under_autocast_is_the_reference_under_it(tiny_hf, shape):
         fast, ref = model._lm_head(x), model.lm_head_reference(x)
     assert model._head_low is not None and fast.dtype == ref.dtype == torch.bfloat16
     assert torch.equal(fast, ref)
+
+
+# ---- the projections: oneDNN's packed bf16 kernel against F.linear -----------------------------
+needs_packed = pytest.mark.skipif(not packed_linear_available(), reason="this PyTorch has no oneDNN packed linear")
+
+
+@needs_packed
+@given(n_in=st.integers(1, 300), n_out=st.integers(1, 300), rows=st.integers(1, 40), bias=st.booleans(),
+       batched=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_packed_bf16_linear_is_f_linear_bit_for_bit(n_in, n_out, rows, bias, batched, seed):
+    """Without autograd, a bf16 Linear on CPU takes oneDNN's kernel on its packed weight: the very numbers
+    of F.linear(x, W, b), for any shape, with or without bias, 2-D or 3-D input."""
+    g = torch.Generator().manual_seed(seed)
+    lin = Linear(n_in, n_out, bias=bias).to(torch.bfloat16)
+    x = torch.randn((2, rows, n_in) if batched else (rows, n_in), generator=g).bfloat16()
+    with torch.no_grad():
+        assert lin.takes_fast_path(x)
+        fast = lin(x)
+    assert lin._packed is not None and torch.equal(fast, F.linear(x, lin.weight, lin.bias))
+
+
+@needs_packed
+def test_packed_weight_follows_the_weight():
+    """An in-place update (a LoRA merge, an optimizer step) or a new weight tensor re-packs; autograd,
+    fp32 and fast_cpu = False take F.linear itself."""
+    lin = Linear(16, 24).to(torch.bfloat16)
+    x = torch.randn(3, 16).bfloat16()
+    with torch.no_grad():
+        lin(x)
+        lin.weight.add_(1.0)                       # in place: _version moves
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+        lin.weight = nn.Parameter(torch.randn(24, 16).bfloat16())   # a new tensor
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    assert not lin.takes_fast_path(x)              # autograd on
+    with torch.no_grad():
+        assert not lin.takes_fast_path(x.float())  # fp32 input
+        lin.fast_cpu = False
+        assert not lin.takes_fast_path(x)
+
+
+@needs_packed
+def test_bf16_model_decodes_as_with_plain_linears(tiny_hf):
+    """A whole bf16 model: the packed projections and head give the logits and greedy tokens of the same
+    model with every fast path off (F.linear everywhere), bit for bit."""
+    model = copy.deepcopy(tiny_hf[1]).to(torch.bfloat16)
+    ids, mask = prompts([5, 3, 7], seed=1)
+    with torch.no_grad():
+        fast_logits = model(ids, attention_mask=mask).logits
+        fast_tokens = generate(model, ids, attention_mask=mask, max_new_tokens=8)
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.fast_cpu = False
+        model.head_cache = False
+        plain_logits = model(ids, attention_mask=mask).logits
+        plain_tokens = generate(model, ids, attention_mask=mask, max_new_tokens=8)
+    assert torch.equal(fast_logits, plain_logits) and torch.equal(fast_tokens, plain_tokens)
 
 
 # ---- the buffer's errors -------------------------------------------------------------------
