@@ -122,7 +122,8 @@ def main(argv=None):
          f"{t_full / t_plain:.2f} x a cached plain step"),
     ]
     if t_hf is not None:
-        rows.insert(1, ("plain decoding, transformers (ms/token)", t_hf * 1e3, f"minigpt {t_hf / t_plain:.2f} x faster"))
+        rows.insert(1, ("plain decoding, transformers (ms/token)", t_hf * 1e3,
+                        f"minigpt {t_hf / t_plain:.2f} x faster"))
     w = max(len(r[0]) for r in rows)
     for name, value, note in rows:
         print(f"{name:<{w}}  {value:10.2f}  {note}")

@@ -186,7 +186,7 @@ def main(argv=None):
 
         steps = {f"{side}:{p}": make(p) for p in precisions for side, make in (
             ("minigpt", lambda p: ours_step(ours, prefix, ids, mask, loss_mask, p)),
-            ("peft", lambda p: peft_step(pm, ids, mask, loss_mask, p)))}
+            ("peft", lambda p, pm=pm: peft_step(pm, ids, mask, loss_mask, p)))}
 
         # same numbers first (one step's gradients, before any update)
         prefix.zero_grad(), pm.zero_grad()

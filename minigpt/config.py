@@ -48,6 +48,7 @@ class GPTConfig:
         """The four public GPT-2 sizes: gpt2, gpt2-medium, gpt2-large, gpt2-xl."""
         key = name.split("/")[-1]
         if key not in GPT2_SIZES:
-            raise ValueError(f"unknown GPT-2 size {name!r}; choose one of {', '.join(GPT2_SIZES)}, or build GPTConfig(...) yourself")
+            raise ValueError(f"unknown GPT-2 size {name!r}; choose one of {', '.join(GPT2_SIZES)}, "
+                             "or build GPTConfig(...) yourself")
         n_layer, n_head, n_embd = GPT2_SIZES[key]
         return cls(n_layer=n_layer, n_head=n_head, n_embd=n_embd, name_or_path=name, **overrides)

@@ -63,7 +63,8 @@ def read_json(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                 metadata: dict[str, str] | None = None) -> None:
     """safetensors needs contiguous tensors that share no memory: give it copies."""
     save_file({k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
 

@@ -37,9 +37,9 @@ from .train_state import TrainState, load_train_state, save_train_state
 
 IGNORE = -100  # cross_entropy's ignore_index: positions that are not targets
 
-__all__ = ["TrainConfig", "train", "plan_steps", "evaluate", "Example", "causal_lm_loss", "collate_lm", "examples_from_text",
-           "examples_from_pairs", "load_lm_data", "split_examples", "save_history", "lm_loss_fn", "PRECISIONS",
-           "resolve_precision", "autocast", "cast_frozen_linears", "count_terms", "TrainingInterrupted"]
+__all__ = ["TrainConfig", "train", "plan_steps", "evaluate", "Example", "causal_lm_loss", "collate_lm",
+           "examples_from_text", "examples_from_pairs", "load_lm_data", "split_examples", "save_history", "lm_loss_fn",
+           "PRECISIONS", "resolve_precision", "autocast", "cast_frozen_linears", "count_terms", "TrainingInterrupted"]
 
 
 # ---- the loss --------------------------------------------------------------------------
@@ -81,7 +81,8 @@ class _CrossEntropy(torch.autograd.Function):
 class _LowPrecisionCrossEntropy(torch.autograd.Function):
     """The same loss and gradient for bf16/fp16 logits, computed in fp32 a chunk of rows at a time:
 
-        forward:   lse_i = m_i + log Σ_v exp(z_iv - m_i),  m_i = max_v z_iv   (fp32);   loss = (1/n) Σ_i (lse_i - z_i[t_i])
+        forward:   lse_i = m_i + log Σ_v exp(z_iv - m_i),  m_i = max_v z_iv   (fp32);
+                   loss = (1/n) Σ_i (lse_i - z_i[t_i])
         backward:  dloss/dz_i = (exp(z_i - lse_i) - onehot(t_i)) · g/n,  in fp32, stored in z's dtype
 
     Why chunks, in one reused buffer: an fp32 copy of all the logits (196 MiB at 8 x 128 tokens) is a fresh
@@ -127,7 +128,8 @@ class _LowPrecisionCrossEntropy(torch.autograd.Function):
         return grad, None
 
 
-def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor,
+                   loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean cross-entropy of predicting token t+1 from positions <= t.
 
     logits [B, T, V], input_ids [B, T]; loss_mask [B, T] marks the tokens that

@@ -321,7 +321,8 @@ def test_merge_lora_gives_a_plain_model(folder, base):
     assert max_diff(after, before) < 1e-5
     assert not list(lora_modules(model))
     assert set(model.state_dict()) == set(base.state_dict())
-    assert type(model.transformer.h[0].attn.c_attn) is type(base.transformer.h[0].attn.c_attn)   # the model's own Linear
+    # the model's own Linear
+    assert type(model.transformer.h[0].attn.c_attn) is type(base.transformer.h[0].attn.c_attn)
 
 
 # ---- against peft ----------------------------------------------------------------------

@@ -54,8 +54,8 @@ def test_explicit_attention_path_equals_sdpa(tiny_hf):
     assert probs[1, :, 4:, :4].abs().max() == 0  # real tokens never look at padding
 
 
-@given(B=st.integers(1, 3), T=st.integers(1, 7), T_past=st.integers(0, 5), form=st.sampled_from(["none", "bool", "add"]),
-       seed=st.integers(0, 2 ** 16))
+@given(B=st.integers(1, 3), T=st.integers(1, 7), T_past=st.integers(0, 5),
+       form=st.sampled_from(["none", "bool", "add"]), seed=st.integers(0, 2 ** 16))
 def test_plain_attention_equals_sdpa_for_every_mask_form(tiny_hf, B, T, T_past, form, seed):
     """The plain path (output_attentions, and bf16/fp16 training on a CPU) takes the masks the fast path takes:
     None (causal for T > 1, with or without a past), boolean, or additive; in fp32 it gives SDPA's output."""

@@ -67,8 +67,9 @@ def peft_logits(pm, ids, mask):
 token = st.integers(0, 50256)
 
 
-@given(x=st.lists(token, min_size=1, max_size=8), y=st.lists(st.lists(token, min_size=1, max_size=6),
-                                                             min_size=1, max_size=2).filter(lambda r: len({len(t) for t in r}) == 1))
+@given(x=st.lists(token, min_size=1, max_size=8),
+       y=st.lists(st.lists(token, min_size=1, max_size=6),
+                  min_size=1, max_size=2).filter(lambda r: len({len(t) for t in r}) == 1))
 def test_prefix_of_own_keys_values_is_reading_x_first(tiny_hf, x, y):
     """A prefix made of the model's own K/V for x gives exactly the logits of [x, y]."""
     model = tiny_hf[1]
@@ -152,7 +153,8 @@ def test_logits_match_peft(twins):
     pm, prefix, ours, _ = twins
     past, mask = prefix.inputs_for(IDS, MASK)
     with torch.no_grad():
-        diff = max_diff_real(ours(IDS, past_key_values=past, attention_mask=mask).logits, peft_logits(pm, IDS, MASK), MASK)
+        diff = max_diff_real(ours(IDS, past_key_values=past, attention_mask=mask).logits, peft_logits(pm, IDS, MASK),
+                             MASK)
     assert diff < TOL
 
 

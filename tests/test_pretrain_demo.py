@@ -30,8 +30,8 @@ def smoke_run(tmp_path_factory):
     equals the training loop's last eval loss only when training ran in fp32 too."""
     out = tmp_path_factory.mktemp("pretrain") / "run"
     proc = subprocess.run([sys.executable, "-m", "demos.pretrain", "--smoke", "--out", str(out),
-                           "--no-progress", "--precision", "fp32"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           "--no-progress", "--precision", "fp32"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     return out, proc.stdout
 

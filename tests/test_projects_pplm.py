@@ -79,7 +79,8 @@ def test_each_project_writes_its_own_numbers(smoke_runs):
     assert h["metric"] == "feminine- minus masculine-coded words per 100 words" and h["higher_is_better"] is True
     assert sum(h["extra"]["verdicts_before"].values()) == h["n"] == sum(h["extra"]["verdicts_after"].values())
     for when in ("before", "after"):   # the headline is the balance of the two reported rates
-        assert h[when] == pytest.approx(h["extra"][f"feminine_per_100_{when}"] - h["extra"][f"masculine_per_100_{when}"])
+        assert h[when] == pytest.approx(h["extra"][f"feminine_per_100_{when}"]
+                                        - h["extra"][f"masculine_per_100_{when}"])
     assert h["extra"]["mode"] == "avoid masculine-coded + attract feminine-coded"
     assert set(h["extra"]["top_words"]) == {"masculine_before", "masculine_after", "feminine_before", "feminine_after"}
     assert 0 < h["extra"]["bag_mass_per_step_before"] < 1 and 0 < h["extra"]["bag_mass_per_step_after"] < 1

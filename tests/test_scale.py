@@ -50,7 +50,8 @@ def pattern_run(precision: str, steps: int = 40):
 
 def test_bf16_tracks_the_fp32_loss_curve_and_keeps_fp32_weights():
     """40 steps of pre-training a small model: the bf16 autocast loss stays within 0.05 nats + 2% of the fp32 one
-    at every step (measured: 0.013 at most; fp16 0.004), the loss falls the same way, and the weights AdamW updates stay fp32."""
+    at every step (measured: 0.013 at most; fp16 0.004), the loss falls the same way, and the weights AdamW updates
+    stay fp32."""
     model32, fp32, _ = pattern_run("fp32")
     model16, bf16, history = pattern_run("bf16")
     assert all(p.dtype == torch.float32 for p in model16.parameters())

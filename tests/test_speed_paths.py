@@ -1,6 +1,7 @@
 """The fast paths give the plain paths' numbers: the preallocated past (KVBuffer) against the
 growing (k, v) tuple, the head's fast forms (`_lm_head`) against `lm_head_reference`, the projections'
-packed bf16 kernel (minigpt.linear) against F.linear, and the errors the buffer raises. The LoRA layer's fast forward against its reference is in test_lora.py."""
+packed bf16 kernel (minigpt.linear) against F.linear, and the errors the buffer raises. The LoRA layer's fast
+forward against its reference is in test_lora.py."""
 from __future__ import annotations
 
 import copy

@@ -167,7 +167,8 @@ def test_pairs_mask_the_prompt(tokenizer):
     ("latin1.txt", b"ok\nna\xefve", "line 2: not UTF-8"),
     ("short.txt", b"just a few words", "shorter than one block"),
     ("bad.jsonl", b'{"prompt": "a", "completion": "b"}\nnot json\n', "line 2: not valid JSON"),
-    ("field.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', "line 2: needs a string field 'completion'"),
+    ("field.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n',
+     "line 2: needs a string field 'completion'"),
 ])
 def test_bad_data_files_name_file_and_line(tokenizer, tmp_path, name, content, match):
     path = tmp_path / name

@@ -117,7 +117,8 @@ def train_command(args) -> None:
 
 
 def run_info(args) -> dict:
-    """What a resumed run must share with the checkpoint, besides the training options: the model, the data, LoRA's shape."""
+    """What a resumed run must share with the checkpoint, besides the training options: the model, the data,
+    LoRA's shape."""
     return {"command": "techniques.lora train", "model": args.weights or args.model, "data": str(args.data),
             "block_size": args.block_size, "eval_fraction": args.eval_fraction, "r": args.r, "alpha": args.alpha,
             "dropout": args.dropout, "targets": args.targets, "qkv": args.qkv, "rslora": args.rslora,

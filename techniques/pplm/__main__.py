@@ -232,8 +232,8 @@ def generate_command(args) -> None:
     if args.num_samples > 1 and not args.do_sample:
         print("note: greedy decoding makes every sample the same; add --sample for different ones", file=sys.stderr)
     ids = torch.tensor([prompt], device=model.device)
-    run = dict(bow=bags or None, avoid_bow=avoid or None, discriminator=head, class_label=args.class_label, max_new_tokens=args.length,
-               progress=args.progress, num_samples=args.num_samples)
+    run = dict(bow=bags or None, avoid_bow=avoid or None, discriminator=head, class_label=args.class_label,
+               max_new_tokens=args.length, progress=args.progress, num_samples=args.num_samples)
     plain = generate(model, ids, **run, generator=torch.Generator(model.device).manual_seed(args.seed),
                      **{**knobs, "stepsize": 0.0})
     pert = generate(model, ids, **run, generator=torch.Generator(model.device).manual_seed(args.seed), **knobs)

@@ -86,8 +86,9 @@ from minigpt import (GPT, PastKeyValues, check_left_padded, extend_mask, get_tok
 from .attributes import BagOfWords, Discriminator, load_bag
 
 __all__ = ["PPLMConfig", "Context", "Objective", "prompt_context", "unperturbed_step", "bow_loss", "kl_divergence",
-           "avoid_loss", "perturbed_loss", "window_weights", "layer_grad_norms", "descent_step", "perturb_past", "perturbed_step",
-           "fuse", "repetition_penalty", "Step", "PPLMOutput", "check_fits", "generate", "SMALL_CONST"]
+           "avoid_loss", "perturbed_loss", "window_weights", "layer_grad_norms", "descent_step", "perturb_past",
+           "perturbed_step", "fuse", "repetition_penalty", "Step", "PPLMOutput", "check_fits", "generate",
+           "SMALL_CONST"]
 
 SMALL_CONST = 1e-15  # the reference's guard against log(0) and division by a zero norm
 

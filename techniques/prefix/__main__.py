@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT/checkpoint for --init-from, and OUT/history.json.")
     add_model_args(t)
     t.add_argument("--data", required=True, metavar="FILE",
-                   help=".txt (cut into blocks) or .jsonl with {\"prompt\", \"completion\"} per line (loss on the completion)")
+                   help=".txt (cut into blocks) or .jsonl with {\"prompt\", \"completion\"} per line "
+                        "(loss on the completion)")
     t.add_argument("--out", required=True, metavar="DIR", help="where to write the adapter")
     t.add_argument("--num-virtual-tokens", type=positive_int, default=None, help="P, the prefix length (default: 10)")
     t.add_argument("--init-text", metavar="TEXT",
