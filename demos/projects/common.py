@@ -44,7 +44,7 @@ from minigpt.cli import positive_int, run_command
 from ..common import (ChosenModel, Stopwatch, add_demo_args, choose_model, format_seconds, new_figure, run_mode,
                       save_figure)
 
-__all__ = ["Project", "ProjectRun", "Finished", "Samples", "run_project", "ProjectResult", "project_parser", "run_mode",
+__all__ = ["Project", "ProjectRun", "Finished", "Samples", "run_project", "ProjectResult", "project_parser",
            "progress", "add_lora_args", "lora_training",
            "add_prefix_args", "prefix_training", "require", "write_metrics", "write_samples", "metric_figure",
            "loss_figure", "bars_figure", "DEMOS_EXTRA", "REPO"]
@@ -117,10 +117,6 @@ class ProjectRun:
     @property
     def model(self) -> GPT:
         return self.chosen.model
-
-    @property
-    def seed(self) -> int:
-        return self.args.seed
 
     def folder(self) -> Path:
         """--out, created now: a project calls this when it has something to write, so a run that fails
