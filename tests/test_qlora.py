@@ -104,8 +104,11 @@ def test_error_is_within_the_blockwise_bound(out, inp, exponent, outliers, doubl
     if double_quant:
         centred = c - c.mean()
         c2 = torch.nn.functional.pad(centred, (0, -(-n_blocks // 256) * 256 - n_blocks)).view(-1, 256).abs().amax(1)
+        c2 = c2.repeat_interleave(256)[:n_blocks]
         c_err = (dequantize_absmax(t).double() - c).abs()
-        assert (c_err <= HALF_GAP_8BIT * c2.repeat_interleave(256)[:n_blocks] + 1e-6 * c).all()
+        # fp32 rounds code·c2 + mean relative to c2 and the mean, not to the (possibly far smaller) block absmax;
+        # -1 has no code (the map's ends are -0.993 and 1), so a centred absmax of -c2 is off by the half step
+        assert (c_err <= HALF_GAP_8BIT * c2 + 1e-6 * (c + c2 + c.mean().abs())).all()
     bound = (HALF_GAP * c + c_err + 1e-6 * c).repeat_interleave(64)[:w.numel()].view(out, inp)
     assert ((got - w.double()).abs() <= bound).all()
 
