@@ -3,6 +3,7 @@ from .config import GPT2_SIZES, GPTConfig
 from .device import resolve_device
 from .generation import (BeamOutput, StopStrings, beam_search, check_sampling, cut_at_stop, generate, penalize,
                          sample_next_token, stream)
+from .linear import Linear, packed_linear_available
 from .io import atomic_save_dir, load_tensors, read_json, save_tensors, write_json
 from .model import GPT, GPTOutput, load_pretrained, save_pretrained
 from .past import (KVBuffer, PastKeyValues, check_left_padded, extend_mask, left_pad, mask_with_past, past_length,
@@ -17,6 +18,7 @@ from .training import (PRECISIONS, Example, TrainConfig, TrainingInterrupted, au
 
 __all__ = [
     "GPT", "GPTConfig", "GPT2_SIZES", "GPTOutput", "load_pretrained", "save_pretrained",
+    "Linear", "packed_linear_available",
     "PastKeyValues", "KVBuffer", "stack_past", "unstack_past", "past_length", "extend_mask", "mask_with_past",
     "check_left_padded", "left_pad",
     "generate", "stream", "sample_next_token", "check_sampling", "beam_search", "BeamOutput", "penalize",

@@ -14,7 +14,9 @@ The reference is `F.linear(x, W, b)`; `Linear.forward` takes the fast path only 
 
 The packed copy costs one more copy of W in memory (bf16: 2 bytes a weight) and is made on first use.
 It is made again whenever W changes: a new tensor (loading, `.to()`) or an in-place update (a LoRA
-merge, an optimizer step), which PyTorch counts in W._version. The module is an nn.Linear in every
+merge, an optimizer step), which PyTorch counts in W._version. Edits through `W.data` are the exception:
+PyTorch gives `.data` a counter of its own, so after one call `drop_packed()` (or edit W under
+`torch.no_grad()` instead, which is counted). The module is an nn.Linear in every
 other respect (state dict, LoRA's wrapping, isinstance checks), so nothing else needs to know.
 """
 from __future__ import annotations
@@ -63,6 +65,11 @@ class Linear(nn.Linear):
         # fast path: oneDNN's bf16 kernel on W packed into its blocked layout (same values as reference)
         bias = None if self.bias is None else self.bias.detach()
         return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), bias, "none", [], "")
+
+    def drop_packed(self) -> None:
+        """Forget the packed copy; the next fast-path call makes it again from W. Needed only after an edit
+        PyTorch does not count in W._version, i.e. one through `W.data`."""
+        self._packed = None
 
     def _packed_weight(self) -> torch.Tensor:
         W = self.weight

@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
 from helpers import make_hf_model
-from minigpt import GPT, GPTConfig, Example, TrainConfig, cast_frozen_linears, collate_lm, lm_loss_fn, train
+from minigpt import (GPT, Example, GPTConfig, Linear, TrainConfig, cast_frozen_linears, collate_lm, lm_loss_fn,
+                     packed_linear_available, train)
 from techniques.lora import (NF4Linear, apply_lora, load_adapter, lora_modules, lora_parameters,
                              lora_summary, merge_lora, quantize_base)
 from techniques.lora.__main__ import build_parser, main, run_info
@@ -292,8 +292,14 @@ def test_merge_dequantises_and_single_layer_merge_is_refused(folder):
         want = model(ids).logits
         merged = merge_lora(model)
         assert not nf4_layers(merged) and not list(lora_modules(merged))
-        assert all(type(m) is nn.Linear for n, m in merged.named_modules() if n.endswith(("c_attn", "c_proj", "c_fc")))
+        # the model's own projection class, so the merged model keeps the bf16 CPU decoding path
+        assert all(type(m) is Linear for n, m in merged.named_modules() if n.endswith(("c_attn", "c_proj", "c_fc")))
         assert (merged(ids).logits - want).abs().max() < 1e-5
+        if packed_linear_available():
+            merged.to(torch.bfloat16)
+            layer = merged.transformer.h[0].attn.c_attn
+            x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+            assert layer.takes_fast_path(x) and torch.equal(layer(x), layer.reference(x))
 
 
 def test_quantize_base_refuses_a_model_with_lora(folder):

@@ -190,6 +190,9 @@ def test_packed_weight_follows_the_weight():
         assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
         lin.weight = nn.Parameter(torch.randn(24, 16).bfloat16())   # a new tensor
         assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+        lin.weight.data.mul_(2.0)                  # through .data: not counted, so drop_packed() is the way
+        lin.drop_packed()
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
     assert not lin.takes_fast_path(x)              # autograd on
     with torch.no_grad():
         assert not lin.takes_fast_path(x.float())  # fp32 input

@@ -53,6 +53,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minigpt.linear import Linear
+
 __all__ = ["NF4_CODE", "dynamic_map", "quantize_nf4", "dequantize_nf4", "NF4Linear", "quantize_base", "dequantize_base",
            "nf4_memory"]
 
@@ -215,10 +217,11 @@ class NF4Linear(nn.Module):
         """Bytes of the stored weight (codes and absmaxes; not the bias)."""
         return sum(b.numel() * b.element_size() for b in self._stored().values())
 
-    def to_linear(self) -> nn.Linear:
-        """A plain frozen nn.Linear holding W0' = dequant(W_NF4) (the original W0 is not kept)."""
+    def to_linear(self) -> Linear:
+        """A plain frozen Linear holding W0' = dequant(W_NF4) (the original W0 is not kept): the model's own
+        projection class (an nn.Linear), so the merged model keeps its bf16 decoding path on CPU."""
         b = self.bias
-        linear = nn.Linear(self.in_features, self.out_features, bias=b is not None,
+        linear = Linear(self.in_features, self.out_features, bias=b is not None,
                            device=self.codes.device, dtype=self.weight_dtype)
         with torch.no_grad():
             linear.weight.copy_(self.weight)
@@ -258,8 +261,8 @@ def quantize_base(model: nn.Module, double_quant: bool = True, device: Optional[
 
 
 def dequantize_base(model: nn.Module) -> int:
-    """Put a plain frozen nn.Linear holding W0' = dequant(W_NF4) back in place of every NF4Linear of
-    `model` (what `merge_lora` does at the end). Returns how many layers were replaced."""
+    """Put a plain frozen Linear (minigpt.Linear, an nn.Linear) holding W0' = dequant(W_NF4) back in place of
+    every NF4Linear of `model` (what `merge_lora` does at the end). Returns how many layers were replaced."""
     names = [n for n, m in model.named_modules() if isinstance(m, NF4Linear)]
     for name in names:
         parent, _, child = name.rpartition(".")
