@@ -170,6 +170,7 @@ def test_packed_bf16_linear_is_f_linear_bit_for_bit(n_in, n_out, rows, bias, bat
     """Without autograd, a bf16 Linear on CPU takes oneDNN's kernel on its packed weight: the very numbers
     of F.linear(x, W, b), for any shape, with or without bias, 2-D or 3-D input."""
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the layer's initial weights too, so a failing example replays exactly
     lin = Linear(n_in, n_out, bias=bias).to(torch.bfloat16)
     x = torch.randn((2, rows, n_in) if batched else (rows, n_in), generator=g).bfloat16()
     with torch.no_grad():
