@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigpt.linear import Linear
+from minigpt import Linear
 
 __all__ = ["NF4_CODE", "dynamic_map", "quantize_nf4", "dequantize_nf4", "NF4Linear", "quantize_base", "dequantize_base",
            "nf4_memory"]
