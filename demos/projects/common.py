@@ -46,7 +46,8 @@ from ..common import (ChosenModel, Stopwatch, add_demo_args, choose_model, forma
 
 __all__ = ["Project", "ProjectRun", "Finished", "Samples", "run_project", "ProjectResult", "project_parser",
            "progress", "add_lora_args", "lora_training",
-           "add_prefix_args", "prefix_training", "require", "write_metrics", "write_samples", "metric_figure",
+           "add_prefix_args", "prefix_training", "require", "vader_analyzer", "write_metrics", "write_samples",
+           "metric_figure",
            "loss_figure", "bars_figure", "DEMOS_EXTRA", "REPO"]
 
 REPO = Path(__file__).resolve().parents[2]     # the repository root: data/ lives there
@@ -254,6 +255,12 @@ def require(module: str, package: Optional[str] = None):
     except ImportError:
         raise ValueError(f"this project measures with {package or module}, which is not installed; "
                          f"install the demos extra: {DEMOS_EXTRA}") from None
+
+
+def vader_analyzer():
+    """VADER's sentiment analyzer (Hutto & Gilbert 2014; the sentiment projects' yardstick), or one line
+    naming the demos extra."""
+    return require("vaderSentiment.vaderSentiment", "vaderSentiment").SentimentIntensityAnalyzer()
 
 
 def write_metrics(result: ProjectResult, out: str | Path) -> Path:

@@ -52,7 +52,7 @@ from techniques.prefix import PrefixTuning, load_adapter as load_prefix_adapter,
 from ..common import Stopwatch, bow_stepsize, finite_or_none, format_seconds, new_figure, save_figure
 from ..kits import (EOT, PREFIX_HIDDEN, Perplexity, fit_prefix, load_lora, lora_train_config, read_verses,
                     text_perplexity, train_poem_lora, verse_examples)
-from .common import Finished, Project, ProjectResult, ProjectRun, Samples, loss_figure, progress, require
+from .common import Finished, Project, ProjectResult, ProjectRun, Samples, loss_figure, progress, vader_analyzer
 
 NAME = "hybrid"
 TITLE = "Hybrid sentiment system"
@@ -276,10 +276,6 @@ def add_options(p: argparse.ArgumentParser) -> None:
                                                  "lora of an earlier run) instead of training the poetry adapter")
     g.add_argument("--prefix", metavar="DIR", help="load this prefix adapter (OUT/adapter/prefix of an earlier run) "
                                                    "instead of training one")
-
-
-def vader_analyzer():
-    return require("vaderSentiment.vaderSentiment", "vaderSentiment").SentimentIntensityAnalyzer()
 
 
 def preflight(args: argparse.Namespace, sizes: Sizes) -> object:

@@ -52,7 +52,7 @@ from techniques import pplm
 
 from ..common import bow_stepsize, new_figure, save_figure
 from ..kits import continuations, mean
-from .common import REPO, Finished, Project, ProjectResult, ProjectRun, Samples, loss_figure, require
+from .common import REPO, Finished, Project, ProjectResult, ProjectRun, Samples, loss_figure, vader_analyzer
 
 NAME = "sentiment_story"
 TITLE = "Sentiment story"
@@ -167,11 +167,6 @@ def sentiment_head(model: GPT, args, sizes: Sizes) -> Head:
 
 
 # ---- the yardstick -----------------------------------------------------------------------------------
-def vader_analyzer():
-    """VADER's analyzer, or a one-line error naming the demos extra."""
-    return require("vaderSentiment.vaderSentiment", "vaderSentiment").SentimentIntensityAnalyzer()
-
-
 def vader_scores(analyzer, texts: Sequence[str]) -> list[float]:
     return [analyzer.polarity_scores(t)["compound"] for t in texts]
 
