@@ -50,6 +50,7 @@ from minigpt import (GPT, GPTConfig, TrainConfig, atomic_save_dir, autocast, col
                      resolve_precision, save_history, train, write_json)
 from minigpt.cli import CHECKPOINT_DIR, add_scale_args, describe_plan, positive_int, run_command
 from minigpt.pretrained import bundled_dir, write_checkpoint
+from minigpt.train_state import read_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2_DEV = ROOT / "data" / "sst2" / "dev.tsv"  # never trained on: a stricter held-out loss
@@ -179,6 +180,22 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min ({seconds:.0f} s)" if seconds >= 60 else f"{seconds:.0f} s"
 
 
+def wall_time(s: dict) -> str:
+    """This command's wall time and its training's; for a resumed run, also the time of the steps before the
+    checkpoint, as the checkpoint recorded it."""
+    t = s["training"]
+    here = (f"{minutes(s['seconds'])} for the whole command; training {minutes(t['seconds'])}, "
+            f"{t['seconds_per_step']:.2f} s/step, {t['tokens_per_second']:.0f} tokens/s")
+    at, before = t.get("resumed_at_step", 0), t.get("seconds_before_resume")
+    if not at:
+        return here
+    if before is None:
+        return (f"{here}, from step {at} on: the command resumed there, from a checkpoint that does not record "
+                "how long the steps before took")
+    return (f"{here}, from step {at} on: the command resumed there, and the {at} steps before took "
+            f"{minutes(before)} by the checkpoint's record, so {minutes(before + t['seconds'])} of training in all")
+
+
 def bundle_readme(s: dict, size: int) -> str:
     """The bundled model's README, every number from this run's summary `s`."""
     c, t, d = s["config"], s["training"], s["data"]
@@ -229,8 +246,7 @@ vocab_size {c['vocab_size']}, dropout {c['resid_pdrop']:g} |
 training |
 | steps | {t['steps']} of {effective} x {c['n_positions']} tokens ({t['tokens']:,} tokens, \
 {t['epochs']:.2f} weighted passes), {precision} |
-| wall time | {minutes(s['seconds'])} for the whole command; training {minutes(t['seconds'])}, \
-{t['seconds_per_step']:.2f} s/step, {t['tokens_per_second']:.0f} tokens/s |
+| wall time | {wall_time(s)} |
 | machine | {t['device']}, {t['torch_threads']} torch thread{'s' if t['torch_threads'] != 1 else ''}, \
 {t['cpu_count']} CPU cores, torch {t['torch']}, Python {t['python']} |
 
@@ -423,6 +439,7 @@ def body(args) -> None:
     print(f"held-out loss before training: {loss_before:.3f} (SST-2 dev sentences: {dev_before:.3f})")
     show("before", samples_before)
 
+    resumed = read_meta(args.resume) if args.resume else {"step": 0, "seconds": 0.0}  # read before saves replace it
     load_start = os.getloadavg()[0]
     cpu0, t0 = time.process_time(), time.perf_counter()
     model.train()
@@ -440,10 +457,11 @@ def body(args) -> None:
     samples_after = samples(model, tokenizer, args.seed)
     show("after", samples_after)
     tokens = steps * batch_size * config.grad_accum * procs.world_size * block
+    tokens_here = (steps - resumed["step"]) * batch_size * config.grad_accum * procs.world_size * block
     for part in parts:
         print(f"  held-out {part.source.name:16s} {before[part.source.name]:.3f} -> {after[part.source.name]:.3f}")
     print(f"held-out loss after {steps} steps: {loss:.3f} (perplexity {math.exp(loss):.1f}; SST-2 dev sentences: "
-          f"{dev_loss:.3f}); training took {minutes(train_seconds)}, {tokens / train_seconds:.0f} tokens/s")
+          f"{dev_loss:.3f}); training took {minutes(train_seconds)}, {tokens_here / train_seconds:.0f} tokens/s")
 
     summary = {
         "command": shlex.join(["python", "-m", "demos.pretrain", *args.argv]),
@@ -458,11 +476,13 @@ def body(args) -> None:
                  "eval_fraction": EVAL_FRACTION, "eval_cap": EVAL_CAP, "sst2_dev_blocks": len(dev_ex)},
         "training": {"steps": steps, "batch_size": batch_size, "grad_accum": config.grad_accum,
                      "processes": procs.world_size, "precision": config.precision, "tokens": tokens,
-                     "resumed_from": args.resume,
+                     "resumed_from": args.resume, "resumed_at_step": resumed["step"],
+                     "seconds_before_resume": resumed.get("seconds"),
                      "epochs": tokens / block / len(train_ex), "lr": config.lr, "betas": list(config.betas),
                      "weight_decay": config.weight_decay, "warmup_steps": config.warmup_steps,
-                     "seconds": train_seconds, "cpu_seconds": cpu_seconds, "seconds_per_step": train_seconds / steps,
-                     "tokens_per_second": tokens / train_seconds, "device": str(device),
+                     "seconds": train_seconds, "cpu_seconds": cpu_seconds,
+                     "seconds_per_step": train_seconds / max(1, steps - resumed["step"]),
+                     "tokens_per_second": tokens_here / train_seconds, "device": str(device),
                      "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                      "load_average": {"start": load_start, "end": load_end},
                      "torch": torch.__version__, "python": platform.python_version()},

@@ -5,7 +5,8 @@ restart exactly as an uninterrupted run would, the checkpoint holds:
 
     trainer_state.json       the position (step, epoch, offset into the epoch's shuffled order), the settings
                              that define the run (compared on resume), the loss history so far, the fp16 loss
-                             scale, and the caller's `run` description (e.g. the LoRA rank, the data file)
+                             scale, the caller's `run` description (e.g. the LoRA rank, the data file), and the
+                             wall time the steps so far took, summed over resumes (not compared: a report)
     trainable.safetensors    the trainable parameters, in the order `train` was given them
     optimizer.safetensors    AdamW's moments (exp_avg, exp_avg_sq) and step count for each of them
     rng.safetensors          the random generators: the data order's, and torch's of every process (dropout)
@@ -28,7 +29,7 @@ import torch
 from .distributed import Processes, all_gather, comm_device
 from .io import atomic_save_dir, load_tensors, read_json, save_tensors, write_json
 
-__all__ = ["TrainState", "save_train_state", "load_train_state", "STATE_FILE", "FORMAT"]
+__all__ = ["TrainState", "save_train_state", "load_train_state", "read_meta", "STATE_FILE", "FORMAT"]
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE = "trainable.safetensors", "optimizer.safetensors", "rng.safetensors"
@@ -49,6 +50,7 @@ class TrainState:
     offset: int = 0
     data_rng: Optional[torch.Tensor] = None
     history: list = field(default_factory=list)
+    seconds: Optional[float] = 0.0  # wall time of the steps so far, over every resume (None: not recorded)
 
 
 def _rng_states(device: torch.device, procs: Processes) -> dict[str, torch.Tensor]:
@@ -76,7 +78,7 @@ def save_train_state(directory: str | os.PathLike, state: TrainState, *, params:
         for key, value in optimizer.state.get(p, {}).items():
             adam[f"{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(float(value))
     meta = {"format": FORMAT, "step": state.step, "epoch": state.epoch, "offset": state.offset,
-            "settings": settings, "run": run, "history": state.history,
+            "settings": settings, "run": run, "history": state.history, "seconds": state.seconds,
             "shapes": [list(p.shape) for p in params],
             "grad_scaler": scaler.state_dict() if scaler is not None else None}
     with atomic_save_dir(directory) as tmp:
@@ -142,4 +144,4 @@ def load_train_state(directory: str | os.PathLike, *, params: Sequence[torch.Ten
     if device.type == "cuda" and f"cuda.rank{procs.rank}" in rng:
         torch.cuda.set_rng_state(rng[f"cuda.rank{procs.rank}"], device)
     return TrainState(step=meta["step"], epoch=meta["epoch"], offset=meta["offset"], data_rng=rng["data"],
-                      history=list(meta["history"]))
+                      history=list(meta["history"]), seconds=meta.get("seconds"))

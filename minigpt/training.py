@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -474,6 +475,8 @@ def train(params, loss_fn: Callable, train_examples: Sequence, *, eval_examples:
     the whole state is checkpointed into `config.checkpoint_dir` (train_state.py);
     `config.resume_from` continues such a checkpoint exactly, and `run_info` (a
     JSON-able description of the caller's set-up) must then equal the saved one.
+    A checkpoint also records the wall time its steps took, summed over resumes
+    (`read_meta(dir)["seconds"]`), so a resumed run can report the whole run's time.
 
     Returns the history: one dict per step {step, epoch, loss, lr, grad_norm},
     with eval_loss added every `eval_every` steps and at the end.
@@ -500,6 +503,7 @@ def train(params, loss_fn: Callable, train_examples: Sequence, *, eval_examples:
     if config.resume_from:
         state = load_train_state(config.resume_from, **saving)
         g.set_state(state.data_rng)
+    clock, seconds_before = time.perf_counter(), state.seconds  # the checkpoint's time, carried into the next one
     stepper = distributed.wrap(distributed.LossModule(params, loss_fn), device, procs)
     comm = distributed.comm_device(device)
     saved = None
@@ -548,6 +552,8 @@ def train(params, loss_fn: Callable, train_examples: Sequence, *, eval_examples:
                                                device, eval_modules, precision=config.precision, procs=procs)
             state.history.append(record)
             state.epoch, state.offset, state.data_rng = epoch, offset + per_step, at_start
+            if seconds_before is not None:
+                state.seconds = seconds_before + time.perf_counter() - clock
             if config.save_every and (state.step % config.save_every == 0):
                 saved = (save_train_state(config.checkpoint_dir, state, **saving), state.step)
             bar.update(1)

@@ -22,7 +22,9 @@ from safetensors.torch import load_file
 import ddp_worker
 from minigpt import (GPT, GPTConfig, TrainConfig, TrainingInterrupted, examples_from_text, lm_loss_fn,
                      train)
+from demos.pretrain import wall_time
 from minigpt.cli import describe_plan
+from minigpt.train_state import read_meta
 from techniques.lora import apply_lora, lora_parameters
 from techniques.prefix import PrefixTuning
 
@@ -279,6 +281,39 @@ def test_pretraining_command_resumes_exactly(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert b.returncode == 0, b.stderr
     assert max_diff(*(load_file(str(tmp_path / d / "model.safetensors")) for d in "ab")) == 0.0
+    # b's report counts its one step here and the checkpoint's record of the three before it
+    checkpoint = read_meta(tmp_path / "a" / "train_state")
+    t = json.loads((tmp_path / "b" / "summary.json").read_text())["training"]
+    assert checkpoint["step"] == t["resumed_at_step"] == 3 and t["seconds_before_resume"] == checkpoint["seconds"] > 0
+    assert t["seconds_per_step"] == t["seconds"] and "from step 3 on" in wall_time(json.loads(
+        (tmp_path / "b" / "summary.json").read_text()))
+
+
+def test_a_checkpoint_carries_the_wall_time_of_its_steps_over_resumes(tmp_path):
+    """Each save records the time of every step so far: the resumed run's checkpoint adds its own steps to the
+    one it resumed from. A checkpoint written before the record existed resumes, and reports None."""
+    data = ddp_worker.examples()
+    cfg = dict(max_steps=4, batch_size=4, lr=3e-3, progress=False, save_every=2)
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    first, second = tmp_path / "first", tmp_path / "second"
+    with pytest.raises(TrainingInterrupted):  # Ctrl-C during step 3: the checkpoint of step 2 stays
+        train(model.parameters(), StopAt(lm_loss_fn(model), 3), data,
+              config=TrainConfig(checkpoint_dir=str(first), **cfg))
+    meta = read_meta(first)
+    assert meta["step"] == 2 and meta["seconds"] > 0
+    meta["seconds"] = 1000.0  # as if the first two steps had taken that long: the resumed record must add to it
+    (first / "trainer_state.json").write_text(json.dumps(meta))
+    t0 = time.perf_counter()
+    train(model.parameters(), lm_loss_fn(model), data,
+          config=TrainConfig(checkpoint_dir=str(second), resume_from=str(first), **cfg))
+    spent = time.perf_counter() - t0
+    assert read_meta(second)["step"] == 4 and 1000.0 < read_meta(second)["seconds"] <= 1000.0 + spent
+    del meta["seconds"]  # as a checkpoint from before the record existed
+    (first / "trainer_state.json").write_text(json.dumps(meta))
+    train(model.parameters(), lm_loss_fn(model), data,
+          config=TrainConfig(checkpoint_dir=str(second), resume_from=str(first), **cfg))
+    assert read_meta(second)["seconds"] is None
 
 
 def test_ctrl_c_keeps_the_last_checkpoint_and_says_where(tiny_hf, text_file, tmp_path):
