@@ -5,7 +5,9 @@ on CPU runs at about fp32's speed, 0.4 ms for GPT-2's 768 x 3072 projection on o
 widens each weight to fp32 as it goes; bf16 was then slower than fp32 for decoding (0.62x at batch 1).
 oneDNN, which PyTorch ships, has a bf16 kernel that uses the CPU's bf16 dot-product instructions on a
 copy of W reordered once into its blocked layout: about 5x faster on the same projection, with the
-same values (the tests hold the two equal, bit for bit where oneDNN's kernel sums in the same order).
+same values: both sum the same products in fp32, so the outputs are equal bit for bit except, rarely, where
+the exact result sits on a bf16 rounding boundary and the two summation orders round to neighbours (one
+bf16 step apart; the tests hold both).
 
 The reference is `F.linear(x, W, b)`; `Linear.forward` takes the fast path only when all of these hold:
 - autograd is off (decoding; training and anything that needs gradients take the reference);
@@ -62,7 +64,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.takes_fast_path(x):
             return self.reference(x)
-        # fast path: oneDNN's bf16 kernel on W packed into its blocked layout (same values as reference)
+        # fast path: oneDNN's bf16 kernel on W packed into its blocked layout (reference's values, see above)
         bias = None if self.bias is None else self.bias.detach()
         return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), bias, "none", [], "")
 
