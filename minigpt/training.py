@@ -552,9 +552,8 @@ def train(params, loss_fn: Callable, train_examples: Sequence, *, eval_examples:
                                                device, eval_modules, precision=config.precision, procs=procs)
             state.history.append(record)
             state.epoch, state.offset, state.data_rng = epoch, offset + per_step, at_start
-            if seconds_before is not None:
-                state.seconds = seconds_before + time.perf_counter() - clock
             if config.save_every and (state.step % config.save_every == 0):
+                state.seconds = None if seconds_before is None else seconds_before + time.perf_counter() - clock
                 saved = (save_train_state(config.checkpoint_dir, state, **saving), state.step)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}",

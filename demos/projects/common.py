@@ -47,8 +47,7 @@ from ..common import (ChosenModel, Stopwatch, add_demo_args, choose_model, forma
 __all__ = ["Project", "ProjectRun", "Finished", "Samples", "run_project", "ProjectResult", "project_parser",
            "progress", "add_lora_args", "lora_training",
            "add_prefix_args", "prefix_training", "require", "vader_analyzer", "write_metrics", "write_samples",
-           "metric_figure",
-           "loss_figure", "bars_figure", "DEMOS_EXTRA", "REPO"]
+           "metric_figure", "loss_figure", "bars_figure", "DEMOS_EXTRA", "REPO"]
 
 REPO = Path(__file__).resolve().parents[2]     # the repository root: data/ lives there
 DEMOS_EXTRA = 'pip install -e ".[demos]"'

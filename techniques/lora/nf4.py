@@ -222,7 +222,7 @@ class NF4Linear(nn.Module):
         projection class (an nn.Linear), so the merged model keeps its bf16 decoding path on CPU."""
         b = self.bias
         linear = Linear(self.in_features, self.out_features, bias=b is not None,
-                           device=self.codes.device, dtype=self.weight_dtype)
+                        device=self.codes.device, dtype=self.weight_dtype)
         with torch.no_grad():
             linear.weight.copy_(self.weight)
             if b is not None:
