@@ -11,7 +11,7 @@ from minigpt.tokenizer import data_file
 @pytest.fixture(scope="module")
 def hf_tok():
     from transformers import GPT2Tokenizer
-    return GPT2Tokenizer(vocab=data_file("encoder.json"), merges=data_file("vocab.bpe"))
+    return GPT2Tokenizer(data_file("encoder.json"), data_file("vocab.bpe"))  # positional: 4.x and 5.x name them differently
 
 
 @given(text=st.text(max_size=200))
