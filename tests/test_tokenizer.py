@@ -11,7 +11,8 @@ from minigpt.tokenizer import data_file
 @pytest.fixture(scope="module")
 def hf_tok():
     from transformers import GPT2Tokenizer
-    return GPT2Tokenizer(data_file("encoder.json"), data_file("vocab.bpe"))  # positional: 4.x and 5.x name them differently
+    # positional: transformers 4.x and 5.x name these two arguments differently
+    return GPT2Tokenizer(data_file("encoder.json"), data_file("vocab.bpe"))
 
 
 @given(text=st.text(max_size=200))
