@@ -67,7 +67,7 @@ def add_demo_args(parser: argparse.ArgumentParser, *, out: str, quick: bool = Tr
     for a demo that trains."""
     add_model_args(parser, default_model=AUTO)
     if trains:
-        add_precision_arg(parser, default="fp32", note="the README's numbers are fp32 runs")
+        add_precision_arg(parser, default="fp32", note="the numbers in docs/projects.md are fp32 runs")
     for action in parser._actions:  # the shared --model help, plus what "auto" means for a demo
         if action.dest == "model":
             action.help = (f"{FALLBACK} (the small model bundled with the package, offline), or a GPT-2 size from "
