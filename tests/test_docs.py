@@ -198,3 +198,13 @@ def test_slugs_follow_githubs_rule():
         "training-at-scale-bf16-accumulation-checkpoints-several-processes"
     assert slug("The tour: `python -m demos.tour`") == "the-tour-python--m-demostour"
     assert slug("Benchmark (`benchmarks/bench_prefix.py`)") == "benchmark-benchmarksbench_prefixpy"
+
+
+def test_the_notebook_links_each_technique_to_its_docs_page():
+    import nbformat
+    nb = nbformat.read(ROOT / "demos" / "tour.ipynb", as_version=4)
+    page = ROOT / "demos" / "tour.ipynb"
+    targets = [t for c in nb.cells if c.cell_type == "markdown" for t in LINK.findall(CODE_SPAN.sub("code", c.source))]
+    assert {"../docs/lora.md", "../docs/prefix.md", "../docs/pplm.md"} <= set(targets)
+    bad = [p for t in targets if (p := link_problem(page, t))]
+    assert not bad, bad
