@@ -67,7 +67,7 @@ def add_demo_args(parser: argparse.ArgumentParser, *, out: str, quick: bool = Tr
     for a demo that trains."""
     add_model_args(parser, default_model=AUTO)
     if trains:
-        add_precision_arg(parser, default="fp32", note="the README's numbers are fp32 runs")
+        add_precision_arg(parser, default="fp32", note="the numbers in docs/projects.md are fp32 runs")
     for action in parser._actions:  # the shared --model help, plus what "auto" means for a demo
         if action.dest == "model":
             action.help = (f"{FALLBACK} (the small model bundled with the package, offline), or a GPT-2 size from "
@@ -180,7 +180,7 @@ class Report:
 
     Items: heading, text (a plain paragraph), table (header + rows of cells),
     image (a PNG: embedded in HTML, linked in Markdown), code (preformatted),
-    pair (two marked-up texts side by side: spans of (text, marked)).
+    pair (two marked-up texts side by side: spans of (text, marked)), link (a line that points to a page).
     """
 
     def __init__(self, title: str):
@@ -206,6 +206,10 @@ class Report:
              ) -> None:
         """Two texts side by side, each a list of (span, marked); marked spans are bold (and coloured in HTML)."""
         self.items.append(("pair", titles, list(left), list(right)))
+
+    def link(self, text: str, href: str) -> None:
+        """A paragraph that is one link, e.g. to the docs page that explains a step."""
+        self.items.append(("link", text, href))
 
     def extend(self, items: Sequence[tuple]) -> None:
         self.items.extend(items)
@@ -281,6 +285,8 @@ def markdown_item(item: tuple) -> str:
         return f"![{caption or path.stem}]({path.name})\n" + (f"\n*{caption}*\n" if caption else "")
     if kind == "code":
         return f"```\n{item[1]}\n```\n"
+    if kind == "link":
+        return f"[{item[1]}]({item[2]})\n"
     if kind == "pair":
         titles, left, right = item[1], item[2], item[3]
         return (f"| {_md_cell(titles[0])} | {_md_cell(titles[1])} |\n|---|---|\n"
@@ -306,6 +312,8 @@ def html_item(item: tuple) -> str:
                 f"{cap}</figure>")
     if kind == "code":
         return f"<pre>{html.escape(item[1])}</pre>"
+    if kind == "link":
+        return f"<p><a href=\"{html.escape(item[2])}\">{html.escape(item[1])}</a></p>"
     if kind == "pair":
         titles, left, right = item[1], item[2], item[3]
         return (f"<table class=\"pair\"><thead><tr><th>{html.escape(titles[0])}</th><th>{html.escape(titles[1])}"

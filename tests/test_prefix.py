@@ -214,7 +214,7 @@ def test_greedy_generation_matches_peft_left_padded(twins):
 
 
 def test_peft_generate_on_transformers5_drops_the_prefix(twins):
-    """Documents a peft 0.21 + transformers 5 bug (see the README, section "Prefix tuning").
+    """Documents a peft 0.21 + transformers 5 bug (see docs/prefix.md).
 
     peft injects the prefix as `past_key_values`, but transformers 5 calls the
     argument `cache` and, given both, keeps `cache` (generation's own, empty

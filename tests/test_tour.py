@@ -50,6 +50,8 @@ def _check_outputs(out: Path, model_name: str) -> dict:
     embedded = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
     assert len(embedded) == len(FIGURES) == html.count("<img ")  # every image embedded, none linked
     assert all(base64.b64decode(b).startswith(PNG_MAGIC) for b in embedded)
+    links = re.findall(r'<a href="([^"]+)"', html)  # each step points to the docs page that explains it
+    assert any(h.endswith("docs/lora.md") for h in links) and all((out / h).is_file() for h in links), links
     md = (out / "report.md").read_text(encoding="utf-8")
     for name in FIGURES:
         assert f"]({name})" in md, name

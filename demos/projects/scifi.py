@@ -89,7 +89,7 @@ def snippet_examples(snippets: Sequence[str], max_len: int) -> list[Example]:
 
 # ---- the lexical yardstick -------------------------------------------------------------------------------
 def words(text: str) -> list[str]:
-    """Lower-cased alphabetic words (the README's count)."""
+    """Lower-cased alphabetic words (the count docs/projects.md reports)."""
     return WORD.findall(text.lower())
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,11 @@ from .lora import step_lora
 from .next_token import step_next_token
 from .pplm import step_pplm
 from .prefix import step_prefix
+
+# The docs page that explains each step (the README's "Where to read next" lists them all).
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+STEP_DOCS = {"next_token": "decoding.md", "attention": "model.md", "lora": "lora.md", "prefix": "prefix.md",
+             "pplm": "pplm.md", "hybrid": "projects.md"}
 
 STEPS: tuple[Callable[[TourContext], StepResult], ...] = (step_next_token, step_attention, step_lora, step_prefix,
                                                           step_pplm, step_hybrid)
@@ -133,6 +139,9 @@ def build_report(ctx: TourContext, results: Sequence[StepResult], summary: dict,
         report.heading(f"{i}. {r.title}")
         report.extend(r.report)
         report.text(f"({format_seconds(r.seconds)})")
+        if r.key in STEP_DOCS:
+            page = DOCS / STEP_DOCS[r.key]
+            report.link(f"Read more: docs/{page.name}", Path(os.path.relpath(page, ctx.out)).as_posix())
     report.heading("summary.json")
     keys = ("model", "lora", "prefix", "pplm", "seconds")
     brief = {k: summary[k] for k in keys if k in summary}
