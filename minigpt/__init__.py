@@ -4,7 +4,8 @@ from .device import resolve_device
 from .generation import (BeamOutput, StopStrings, beam_search, check_sampling, cut_at_stop, generate, penalize,
                          sample_next_token, stream)
 from .linear import Linear, packed_linear_available
-from .io import atomic_save_dir, load_tensors, read_json, save_tensors, write_json
+from .io import (atomic_save_dir, load_tensors, read_json, recover_dir, save_tensors, tensor_metadata,
+                 write_json)
 from .model import GPT, GPTOutput, load_pretrained, save_pretrained
 from .past import (KVBuffer, PastKeyValues, check_left_padded, extend_mask, left_pad, mask_with_past, past_length,
                    stack_past, unstack_past)
@@ -24,7 +25,8 @@ __all__ = [
     "generate", "stream", "sample_next_token", "check_sampling", "beam_search", "BeamOutput", "penalize",
     "StopStrings", "cut_at_stop",
     "get_tokenizer", "Tokenizer", "EOT_ID",
-    "atomic_save_dir", "save_tensors", "load_tensors", "read_json", "write_json", "resolve_device",
+    "atomic_save_dir", "recover_dir", "save_tensors", "load_tensors", "tensor_metadata", "read_json", "write_json",
+    "resolve_device",
     "train", "TrainConfig", "plan_steps", "evaluate", "Example", "causal_lm_loss", "collate_lm",
     "examples_from_text", "examples_from_pairs", "load_lm_data", "lm_loss_fn", "save_history", "split_examples",
     "PRECISIONS", "resolve_precision", "autocast", "cast_frozen_linears", "count_terms", "TrainingInterrupted",

@@ -7,8 +7,8 @@ library, and print. They all fail the same way, through `run_command`:
 - a user's mistake (a bad option, a missing or damaged file, a prompt that does
   not fit, a loss that diverges) is one line on stderr, `error: ...`, naming
   the file or option and the fix, and exit code 2, never a traceback;
-- Ctrl-C is one line and exit code 130; every save is atomic, so nothing is
-  left half-written;
+- Ctrl-C is one line and exit code 130; every save replaces its folder as a
+  whole (minigpt/io.py), so even a kill leaves the old folder or the new one;
 - anything else is a bug in the project and keeps its traceback.
 
 Library functions signal a user's mistake with ValueError (bad values),

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .config import GPT2_SIZES, GPTConfig
-from .io import atomic_save_dir, load_tensors, read_json, save_tensors, write_json
+from .io import atomic_save_dir, load_tensors, read_json, recover_dir, save_tensors, write_json
 
 __all__ = ["resolve_weights_dir", "read_checkpoint", "write_checkpoint", "config_from_hf", "config_to_hf",
            "hf_to_minigpt_state_dict", "minigpt_to_hf_state_dict", "BUNDLED"]
@@ -137,7 +137,7 @@ def resolve_weights_dir(name_or_path: str | os.PathLike) -> Path:
                                     "re-create it with `python -m demos.pretrain_data` then "
                                     "`python -m demos.pretrain --bundle`")
         return d
-    path = Path(name_or_path).expanduser()
+    path = recover_dir(Path(name_or_path).expanduser(), tidy=False)  # a save killed mid-swap: its whole copy
     if path.is_dir():
         _check_model_dir(path)
         return path

@@ -12,14 +12,19 @@ restart exactly as an uninterrupted run would, the checkpoint holds:
     rng.safetensors          the random generators: the data order's, and torch's of every process (dropout)
 
 The learning-rate schedule is a function of the step alone, so the step is its
-whole state. Everything is safetensors or JSON (nothing is unpickled), and the
-folder is written atomically: an interruption during a save leaves the previous
-checkpoint whole. Only rank 0 writes; every process reads, so with several
-machines the folder must be on a file system they share.
+whole state. Everything is safetensors or JSON (nothing is unpickled). The folder
+is replaced as a whole by `io.atomic_save_dir`, so a process killed at any moment
+of a save leaves the previous checkpoint or the new one, complete. As a second
+guard, every file carries the step and a random token of the save that wrote it
+(safetensors metadata, and trainer_state.json's "save"): `load_train_state` refuses
+a folder whose files come from different saves, or that lacks one, instead of
+resuming from a state that never existed. Only rank 0 writes; every process reads,
+so with several machines the folder must be on a file system they share.
 """
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,9 +32,11 @@ from typing import Optional, Sequence
 import torch
 
 from .distributed import Processes, all_gather, comm_device
-from .io import atomic_save_dir, load_tensors, read_json, save_tensors, write_json
+from .io import (atomic_save_dir, load_tensors, read_json, recover_dir, save_tensors, tensor_metadata,
+                 write_json)
 
-__all__ = ["TrainState", "save_train_state", "load_train_state", "read_meta", "STATE_FILE", "FORMAT"]
+__all__ = ["TrainState", "save_train_state", "load_train_state", "read_meta", "check_consistent", "STATE_FILE",
+           "FORMAT"]
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE = "trainable.safetensors", "optimizer.safetensors", "rng.safetensors"
@@ -80,13 +87,38 @@ def save_train_state(directory: str | os.PathLike, state: TrainState, *, params:
     meta = {"format": FORMAT, "step": state.step, "epoch": state.epoch, "offset": state.offset,
             "settings": settings, "run": run, "history": state.history, "seconds": state.seconds,
             "shapes": [list(p.shape) for p in params],
-            "grad_scaler": scaler.state_dict() if scaler is not None else None}
+            "grad_scaler": scaler.state_dict() if scaler is not None else None,
+            "save": secrets.token_hex(8)}
+    stamp = {"step": str(state.step), "save": meta["save"]}  # which save wrote each file: see check_consistent
     with atomic_save_dir(directory) as tmp:
-        save_tensors({str(i): p for i, p in enumerate(params)}, tmp / WEIGHTS_FILE)
-        save_tensors(adam, tmp / OPTIMIZER_FILE)
-        save_tensors({"data": state.data_rng, **rng}, tmp / RNG_FILE)
-        write_json(meta, tmp / STATE_FILE)  # the last file moved into place, so its presence means complete
+        save_tensors({str(i): p for i, p in enumerate(params)}, tmp / WEIGHTS_FILE, metadata=stamp)
+        save_tensors(adam, tmp / OPTIMIZER_FILE, metadata=stamp)
+        save_tensors({"data": state.data_rng, **rng}, tmp / RNG_FILE, metadata=stamp)
+        write_json(meta, tmp / STATE_FILE)
     return Path(directory)
+
+
+def check_consistent(directory: str | os.PathLike, meta: dict) -> None:
+    """Refuse a checkpoint whose files were not all written by the same save, or that lacks one.
+
+    atomic_save_dir makes this impossible for folders it writes; the check catches folders
+    put together by hand, copied half-way, or written by an older minigpt.
+    """
+    d = Path(directory)
+    missing = [f for f in (WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE) if not (d / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"incomplete checkpoint: {', '.join(missing)} missing from {d}; resume from a "
+                                "complete checkpoint, or start the run again without --resume")
+    if "save" not in meta:  # written before the files were stamped: nothing to compare
+        return
+    stamps = {f: tensor_metadata(d / f) for f in (WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE)}
+    if any(s.get("save") != meta["save"] for s in stamps.values()):
+        parts = [f"{STATE_FILE} step {meta['step']}"] + [
+            f"{f} step {s.get('step', '?')}" + ("" if s.get("save") == meta["save"] else f" (save {s.get('save')})")
+            for f, s in stamps.items()]
+        raise ValueError(f"checkpoint {d} mixes files of different saves: " + "; ".join(parts) + ". Resuming "
+                         "would continue from a state that never existed: resume from a complete checkpoint, "
+                         "or start the run again without --resume")
 
 
 def _differences(saved: dict, now: dict) -> list[str]:
@@ -96,7 +128,7 @@ def _differences(saved: dict, now: dict) -> list[str]:
 
 def read_meta(directory: str | os.PathLike) -> dict:
     """trainer_state.json, with a clear error for a folder that is not a training checkpoint."""
-    d = Path(directory)
+    d = recover_dir(directory, tidy=False)  # after a save killed mid-swap, its complete copy
     if not (d / STATE_FILE).is_file():
         nested = [c for c in ("train_state",) if (d / c / STATE_FILE).is_file()]
         hint = f"; the checkpoint of that run is {d / nested[0]}" if nested else \
@@ -118,8 +150,9 @@ def load_train_state(directory: str | os.PathLike, *, params: Sequence[torch.Ten
     of examples) and the caller's `run` description are compared, and any difference
     is named in a ValueError instead of continuing a different run.
     """
-    d = Path(directory)
+    d = recover_dir(directory, tidy=False)
     meta = read_meta(d)
+    check_consistent(d, meta)
     diff = _differences(meta["settings"], settings) + _differences(meta.get("run") or {}, run or {})
     if diff:
         raise ValueError(f"{d} is a checkpoint of a different run, so resuming would not continue it exactly: "

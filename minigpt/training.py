@@ -554,7 +554,7 @@ def train(params, loss_fn: Callable, train_examples: Sequence, *, eval_examples:
             state.epoch, state.offset, state.data_rng = epoch, offset + per_step, at_start
             if config.save_every and (state.step % config.save_every == 0):
                 state.seconds = None if seconds_before is None else seconds_before + time.perf_counter() - clock
-                saved = (save_train_state(config.checkpoint_dir, state, **saving), state.step)
+                saved = (_save_checkpoint(config, state, saving, saved), state.step)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}",
                             **({"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}))
@@ -567,6 +567,22 @@ def train(params, loss_fn: Callable, train_examples: Sequence, *, eval_examples:
     finally:
         bar.close()
     return state.history
+
+
+def _save_checkpoint(config: TrainConfig, state: TrainState, saving: dict, saved) -> Path:
+    """save_train_state, with an error that says which checkpoint is still whole when the save fails."""
+    try:
+        return save_train_state(config.checkpoint_dir, state, **saving)
+    except OSError as e:
+        if saved is not None:
+            intact = (f"the checkpoint of step {saved[1]} in {saved[0]} is intact: once fixed, --resume {saved[0]} "
+                      "continues from it")
+        elif config.resume_from:
+            intact = f"the checkpoint this run resumed from ({config.resume_from}) is intact"
+        else:
+            intact = "no checkpoint of this run was written before"
+        raise OSError(e.errno, f"the checkpoint of step {state.step} could not be saved ({e.strerror or e}); "
+                               f"{intact}") from None
 
 
 def save_history(history: list[dict], directory: str | os.PathLike, name: str = "history.json") -> Path:

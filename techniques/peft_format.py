@@ -12,7 +12,7 @@ from typing import Union
 
 import torch
 
-from minigpt import load_tensors, read_json
+from minigpt import load_tensors, read_json, recover_dir
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "read_adapter_config", "read_adapter_weights", "is_adapter_dir"]
 
@@ -33,6 +33,10 @@ def read_adapter_config(directory: Union[str, Path], peft_type: str) -> dict:
     """
     d = Path(directory)
     if not d.is_dir():
+        whole = recover_dir(d, tidy=False)
+        if whole != d:
+            raise FileNotFoundError(f"adapter folder {d} does not exist: a save into it was interrupted, and its "
+                                    f"complete copy is {whole}; load that, or save the adapter again")
         raise FileNotFoundError(f"adapter folder {d} does not exist")
     if not (d / ADAPTER_WEIGHTS).is_file() and (d / "adapter_model.bin").is_file():
         raise ValueError(f"{d} holds a pickled adapter_model.bin, which is never unpickled here; "

@@ -172,7 +172,7 @@ def test_save_is_atomic(hf_and_ids, tmp_path, monkeypatch):
     monkeypatch.setattr(pretrained, "save_tensors", crash)
     with pytest.raises(KeyboardInterrupt):
         model.save_pretrained(tmp_path / "out")
-    assert list((tmp_path / "out").iterdir()) == []  # no config.json without its weights
+    assert list(tmp_path.iterdir()) == []  # no config.json without its weights, and no leftovers
 
 
 def _run(code: str, env: dict) -> subprocess.CompletedProcess:
