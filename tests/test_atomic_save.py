@@ -8,6 +8,7 @@ kills a real training command with SIGKILL at random moments and resumes it to t
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import shutil
@@ -264,7 +265,7 @@ def test_an_adapter_overwrite_killed_at_any_operation_loads_the_old_or_the_new_a
 
 
 def test_sigkill_during_training_then_resume_ends_where_the_uninterrupted_run_ends(tmp_path):
-    """A real LoRA run, --save-every 1, SIGKILLed twice at random moments and resumed each time: its final
+    """A real LoRA run, --save-every 1, SIGKILLed up to four times at random moments and resumed each time: its final
     adapter is bit for bit the uninterrupted run's."""
     from safetensors.torch import load_file
     _, folder = make_hf_model(tmp_path / "hf")
@@ -281,7 +282,7 @@ def test_sigkill_during_training_then_resume_ends_where_the_uninterrupted_run_en
     subprocess.run(cmd(tmp_path / "whole"), check=True, env=env, capture_output=True)
     out, rng, kills = tmp_path / "killed", random.Random(0), 0
     state = out / "train_state"
-    for _ in range(2):
+    for _ in range(4):
         extra = ["--resume", str(state)] if (state / "trainer_state.json").is_file() else []
         proc = subprocess.Popen(cmd(out, *extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         start = time.time()
@@ -296,3 +297,65 @@ def test_sigkill_during_training_then_resume_ends_where_the_uninterrupted_run_en
     a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "whole", out))
     assert kills >= 1 and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# ---- a training run killed inside its second checkpoint save, then resumed --------------------------------------
+def _lora_run(ckpt: Path, steps: int, resume: bool = False):
+    import ddp_worker
+    from test_scale import lora_model, lora_state
+    from minigpt import TrainConfig, lm_loss_fn, train
+    from techniques.lora import lora_parameters
+    model = lora_model(dropout=0.3)
+    model.train()
+    cfg = dict(max_steps=steps, batch_size=4, lr=3e-3, progress=False, save_every=1, checkpoint_dir=str(ckpt))
+    if resume:
+        cfg["resume_from"] = str(ckpt)
+    history = train(lora_parameters(model), lm_loss_fn(model), ddp_worker.examples(), config=TrainConfig(**cfg))
+    return lora_state(model), history
+
+
+def _ops_of(ckpt: Path, steps: int) -> int:
+    log = []
+    with death_at(10**9, log):
+        _lora_run(ckpt, steps)
+    shutil.rmtree(ckpt)
+    return len(log)
+
+
+@pytest.mark.filterwarnings("ignore:an earlier save")
+def test_a_run_killed_at_each_operation_of_a_save_resumes_to_the_uninterrupted_run(tmp_path):
+    """LoRA with dropout, a checkpoint every step, killed after each file operation of the second save in turn,
+    then resumed to step 4: the weights and history equal the uninterrupted run's, to the bit (fp32)."""
+    ckpt = tmp_path / "train_state"
+    want, want_history = _lora_run(tmp_path / "whole", 4)
+    first, second = _ops_of(ckpt, 1), _ops_of(ckpt, 2)
+    assert second - first >= 10  # every operation of one whole save is swept
+    for k in range(first, second):
+        shutil.rmtree(ckpt, ignore_errors=True)
+        for p in tmp_path.glob(".*-save-*"):
+            shutil.rmtree(p)
+        with pytest.raises(Died):
+            with death_at(k, []):
+                _lora_run(ckpt, 4)
+        got, history = _lora_run(ckpt, 4, resume=True)
+        assert all(torch.equal(got[n], want[n]) for n in want), f"killed after op {k}: the resumed run differs"
+        assert history == want_history
+
+
+def test_a_full_disk_at_a_checkpoint_stops_the_run_and_names_the_intact_one(tmp_path, monkeypatch):
+    ckpt = tmp_path / "train_state"
+    calls, real = [0], mio.save_file
+
+    def fills_up(*a, **k):
+        calls[0] += 1
+        if calls[0] > 3:  # the second checkpoint's first file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+    monkeypatch.setattr(mio, "save_file", fills_up)
+    with pytest.raises(OSError, match=r"the checkpoint of step 2 could not be saved \(no space left on the device "
+                                      r"while saving .*\); the checkpoint of step 1 in .*train_state is intact: "
+                                      r"once fixed, --resume .* continues from it"):
+        _lora_run(ckpt, 4)
+    monkeypatch.setattr(mio, "save_file", real)
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_state"]
