@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from demos.projects import hiring_ad, hypothesis, sentiment_story, steering
+from demos.projects import hiring_ad, hypothesis, poetry, sentiment_story, steering
 from helpers import PNG_MAGIC, check_project_contract
 from techniques import pplm
 
@@ -73,7 +73,7 @@ def test_reranking_is_at_least_its_first_candidate(smoke):
 def test_own_prompts_reach_every_project_that_takes_openings(tmp_path):
     f = tmp_path / "mine.txt"
     f.write_text("# my openings\nThe lighthouse keeper counted the ships\n\nA parcel came for my aunt\n")
-    for project in (steering.PROJECT, sentiment_story.PROJECT, hiring_ad.PROJECT, hypothesis.PROJECT):
+    for project in (steering.PROJECT, sentiment_story.PROJECT, hiring_ad.PROJECT, hypothesis.PROJECT, poetry.PROJECT):
         out = tmp_path / project.name
         args = ["--smoke", "--out", str(out), "--seed", "1", "--no-progress", "--prompts", str(f)]
         assert project.main(args) == 0, project.name
