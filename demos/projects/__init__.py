@@ -10,9 +10,10 @@ import importlib
 
 __all__ = ["PROJECT_NAMES", "load", "load_all"]
 
-# The order of the tutorial: PPLM's projects, prefix tuning's, LoRA's, then the system that composes them.
+# The order of the tutorial: PPLM's projects, prefix tuning's, LoRA's, the system that composes them, then the
+# comparison of the steering methods.
 PROJECT_NAMES = ("sentiment_story", "hiring_ad", "hypothesis", "summarizer", "explainer", "table_to_text",
-                 "squad_qa", "poetry", "scifi", "chemistry", "hybrid")
+                 "squad_qa", "poetry", "scifi", "chemistry", "hybrid", "steering")
 
 
 def load(name: str):

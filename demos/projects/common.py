@@ -46,7 +46,8 @@ from ..common import (ChosenModel, Stopwatch, add_demo_args, choose_model, forma
 
 __all__ = ["Project", "ProjectRun", "Finished", "Samples", "run_project", "ProjectResult", "project_parser",
            "progress", "add_lora_args", "lora_training",
-           "add_prefix_args", "prefix_training", "require", "vader_analyzer", "write_metrics", "write_samples",
+           "add_prefix_args", "prefix_training", "add_prompts_arg", "read_prompts_file",
+           "require", "vader_analyzer", "write_metrics", "write_samples",
            "metric_figure", "loss_figure", "bars_figure", "DEMOS_EXTRA", "REPO"]
 
 REPO = Path(__file__).resolve().parents[2]     # the repository root: data/ lives there
@@ -245,6 +246,25 @@ def prefix_training(args, steps: int) -> dict:
     run's --seed and --precision."""
     return dict(steps=args.max_steps or steps, batch_size=args.batch_size or 8, lr=args.lr, seed=args.seed,
                 precision=args.precision, progress=not args.no_progress)
+
+
+def add_prompts_arg(group, what: str = "openings") -> None:
+    """--prompts FILE: the user's own inputs, one a line, in place of the project's (the same seeds apply)."""
+    group.add_argument("--prompts", metavar="FILE",
+                       help=f"your own {what}, one a line (blank lines and lines starting with # are skipped), "
+                            "instead of the project's; before and after use the same seeds")
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """The non-blank, non-comment lines of a --prompts file, or one-line errors naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file; give a text file with one opening a line")
+    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no openings: write one a line (lines starting with # are skipped)")
+    return prompts
 
 
 def require(module: str, package: Optional[str] = None):

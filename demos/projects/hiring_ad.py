@@ -50,7 +50,8 @@ from techniques import pplm
 
 from ..common import bow_stepsize, new_figure, save_figure
 from ..kits import continuations, mean
-from .common import REPO, Finished, Project, ProjectResult, ProjectRun, Samples, require
+from .common import (REPO, Finished, Project, ProjectResult, ProjectRun, Samples, add_prompts_arg, read_prompts_file,
+                     require)
 
 NAME = "hiring_ad"
 TITLE = "Ethical hiring tool"
@@ -156,6 +157,7 @@ def verdict_counts(items: Sequence[Assessment]) -> dict[str, int]:
 # ---- options and the run -------------------------------------------------------------------------------
 def add_options(p) -> None:
     g = p.add_argument_group("this project")
+    add_prompts_arg(g, "advert openings")
     g.add_argument("--avoid-only", action="store_true",
                    help="only avoid the masculine-coded words (avoid_bow=); by default PPLM also steers towards "
                         "the feminine-coded ones (bow=)")
@@ -166,7 +168,9 @@ def add_options(p) -> None:
 
 def preflight(args, sizes: Sizes) -> tuple[object, list[tuple[str, str]]]:
     """Before the model loads: the yardstick, then the prompts file; both go on to run."""
-    return genderdecoder(), read_prompts()
+    if args.prompts:   # the user's openings, each its own "role"; all of them are run
+        return genderdecoder(), [(f"prompt {i}", p) for i, p in enumerate(read_prompts_file(args.prompts), 1)]
+    return genderdecoder(), read_prompts()[:sizes.roles]
 
 
 def run(run: ProjectRun) -> Finished:
@@ -174,7 +178,7 @@ def run(run: ProjectRun) -> Finished:
     args, sizes = run.args, run.sizes
     gd, prompts_file = run.prepared
     samples, tokens = args.samples or sizes.samples, args.tokens or sizes.tokens
-    rows = prompts_file[:sizes.roles]
+    rows = prompts_file
     avoid, avoid_missing = stem_bag(gd.masculine_coded_words, "masculine-coded")
     attract, attract_missing = stem_bag(gd.feminine_coded_words, "feminine-coded")
     print(f"avoid bag: {len(avoid.token_ids)} GPT-2 tokens from {len(gd.masculine_coded_words)} masculine-coded "

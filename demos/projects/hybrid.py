@@ -52,7 +52,8 @@ from techniques.prefix import PrefixTuning, load_adapter as load_prefix_adapter,
 from ..common import Stopwatch, bow_stepsize, finite_or_none, format_seconds, new_figure, save_figure
 from ..kits import (EOT, PREFIX_HIDDEN, Perplexity, fit_prefix, load_lora, lora_train_config, read_verses,
                     text_perplexity, train_poem_lora, verse_examples)
-from .common import Finished, Project, ProjectResult, ProjectRun, Samples, loss_figure, progress, vader_analyzer
+from .common import (Finished, Project, ProjectResult, ProjectRun, Samples, add_prompts_arg, loss_figure, progress,
+                     read_prompts_file, vader_analyzer)
 
 NAME = "hybrid"
 TITLE = "Hybrid sentiment system"
@@ -276,6 +277,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
                                                  "lora of an earlier run) instead of training the poetry adapter")
     g.add_argument("--prefix", metavar="DIR", help="load this prefix adapter (OUT/adapter/prefix of an earlier run) "
                                                    "instead of training one")
+    add_prompts_arg(p.add_argument_group("this project"), "openings")
 
 
 def preflight(args: argparse.Namespace, sizes: Sizes) -> object:
@@ -285,15 +287,15 @@ def preflight(args: argparse.Namespace, sizes: Sizes) -> object:
     for folder, kind in ((args.lora, "LORA"), (args.prefix, "PREFIX_TUNING")):
         if folder:
             read_adapter_config(folder, kind)
-    return vader
+    return vader, (read_prompts_file(args.prompts) if args.prompts else None)
 
 
 def run(run: ProjectRun) -> Finished:
     """The ablation: none, each technique alone, each pair and all three, on the same prompts and seeds."""
     args, sizes, base = run.args, run.sizes, run.model
-    vader = run.prepared   # the analyzer preflight made
+    vader, own = run.prepared   # the analyzer and the --prompts openings (None: the project's) preflight made
     bag = pplm.load_bag(BAG, get_tokenizer())
-    openings = neutral_openings(vader, sizes.prompts)
+    openings = own or neutral_openings(vader, sizes.prompts)
     prompts = [o for o in openings for _ in range(sizes.samples_per_prompt)]   # sample i draws from seed + i
     held = held_out(sizes.test_verses)
 

@@ -41,7 +41,7 @@ from techniques import pplm
 
 from ..common import new_figure, save_figure
 from ..kits import continuations, mean, prompt_ids
-from .common import Finished, Project, ProjectResult, ProjectRun, Samples, require
+from .common import Finished, Project, ProjectResult, ProjectRun, Samples, add_prompts_arg, read_prompts_file, require
 
 NAME = "hypothesis"
 TITLE = "Scientific hypothesis"
@@ -113,6 +113,7 @@ def perplexity(model: GPT, prompts: Sequence[str], conts: Sequence[Sequence[int]
 # ---- options and the run -------------------------------------------------------------------------------
 def add_options(p) -> None:
     g = p.add_argument_group("this project")
+    add_prompts_arg(g, "prompts (instead of ACLSum's)")
     g.add_argument("--papers", type=positive_int, help="ACLSum test papers to prompt with (default: all 100; "
                                                        "--quick 30)")
     g.add_argument("--samples", type=positive_int, help="continuations per prompt (default 1)")
@@ -121,7 +122,9 @@ def add_options(p) -> None:
 
 
 def preflight(args, sizes: Sizes) -> list[str]:
-    """Before the model loads: the prompts (ACLSum, the package that holds them)."""
+    """Before the model loads: the prompts (--prompts FILE, or ACLSum, the package that holds them)."""
+    if args.prompts:
+        return read_prompts_file(args.prompts)
     return challenge_prompts(SPLIT, args.papers or sizes.papers)
 
 

@@ -27,7 +27,8 @@ from techniques.lora import save_adapter
 from ..common import finite_or_none
 from ..kits import (EOT, LORA, load_lora, lora_train_config, read_verses, sample_continuations, text_perplexity,
                     train_poem_lora)
-from .common import Finished, Project, ProjectResult, ProjectRun, Samples, add_lora_args, lora_training, loss_figure
+from .common import (Finished, Project, ProjectResult, ProjectRun, Samples, add_lora_args, add_prompts_arg,
+                     lora_training, loss_figure, read_prompts_file)
 
 NAME = "poetry"
 TITLE = "Poetry generator"
@@ -81,7 +82,7 @@ def run(run: ProjectRun) -> Finished:
     """Held-out perplexity and samples of the same verse openings, before and after LoRA."""
     args, sizes, base = run.args, run.sizes, run.model
     test = _first(read_verses("test"), sizes.test_verses)
-    prompts = verse_openings(sizes.samples)
+    prompts = run.prepared or verse_openings(sizes.samples)   # --prompts FILE, or the project's openings
     contexts = [EOT + " " + p for p in prompts]
 
     model, history, info = poetry_lora(base, args, sizes)   # a LoRA copy: `base` is untouched
@@ -130,7 +131,9 @@ PROJECT = Project(
     description="LoRA (r=8, alpha=16 on q and v) on poem verses: held-out perplexity and samples from the same "
                 "seeds, before and after.",
     needs=(),   # perplexity is computed here by its definition; no package needed
-    options=lambda parser: add_lora_args(parser, SIZES))
+    options=lambda parser: (add_lora_args(parser, SIZES),
+                            add_prompts_arg(parser.add_argument_group("this project"), "verse openings")),
+    preflight=lambda args, sizes: read_prompts_file(args.prompts) if args.prompts else None)
 
 
 if __name__ == "__main__":

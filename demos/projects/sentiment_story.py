@@ -52,7 +52,8 @@ from techniques import pplm
 
 from ..common import bow_stepsize, new_figure, save_figure
 from ..kits import continuations, mean
-from .common import REPO, Finished, Project, ProjectResult, ProjectRun, Samples, loss_figure, vader_analyzer
+from .common import (REPO, Finished, Project, ProjectResult, ProjectRun, Samples, add_prompts_arg, loss_figure,
+                     read_prompts_file, vader_analyzer)
 
 NAME = "sentiment_story"
 TITLE = "Sentiment story"
@@ -185,6 +186,7 @@ def positive_share(scores: Sequence[float]) -> float:
 # ---- options and the run -------------------------------------------------------------------------------
 def add_options(p) -> None:
     g = p.add_argument_group("this project")
+    add_prompts_arg(g, "story openings")
     g.add_argument("--discrim", metavar="NAME|DIR",
                    help="use this discriminator instead of training one: a paper head (sentiment: needs "
                         "--model gpt2-medium; class very_positive) or a folder saved by an earlier run "
@@ -199,10 +201,12 @@ def add_options(p) -> None:
 
 
 def preflight(args, sizes: Sizes) -> object:
-    """Before the model loads: the options, and the yardstick (a missing yardstick fails at once)."""
+    """Before the model loads: the options, the yardstick (a missing yardstick fails at once) and the openings
+    (--prompts FILE, or the project's own)."""
     if args.train_rows is not None and args.train_rows < 0:
         raise ValueError(f"--train-rows must be >= 0 (0 = all rows), got {args.train_rows}")
-    return vader_analyzer()
+    analyzer = vader_analyzer()
+    return analyzer, (read_prompts_file(args.prompts) if args.prompts else list(PROMPTS[:sizes.prompts]))
 
 
 def headline_setting(args) -> str:
@@ -217,8 +221,8 @@ def run(run: ProjectRun) -> Finished:
     """Both PPLM settings and the unperturbed text on the same seeds, scored by VADER."""
     args, sizes = run.args, run.sizes
     samples, tokens = args.samples or sizes.samples, args.tokens or sizes.tokens
-    analyzer = run.prepared   # the analyzer preflight made
-    model, prompts = run.model, list(PROMPTS[:sizes.prompts])
+    analyzer, prompts = run.prepared   # the analyzer and the openings preflight made
+    model = run.model
     bow_knobs = {**BOW_KNOBS, "stepsize": bow_stepsize(model, BOW_KNOBS["stepsize"])}
     head = sentiment_head(model, args, sizes)
     tok = get_tokenizer()

@@ -125,6 +125,8 @@ def step_pplm(ctx: TourContext) -> StepResult:
           f"-> {100 * numbers['bag_share_perturbed']:.1f}%")
     for t in numbers["texts"]:
         print(f"  unperturbed: {PPLM_PROMPT + t['unperturbed']!r}\n  perturbed:   {PPLM_PROMPT + t['perturbed']!r}")
+    print("  PPLM beside six other ways to steer, on the same seeds: python -m demos.projects.steering (its table.md "
+          "and steering.png; docs/steering.md)")
     figs = [_attribute_figure(a_plain, a_before, a_after, ctx.out / "pplm_attribute.png"),
             _pca_figure(plain.stacked("hidden_before")[:, 0], steered.stacked("hidden_before")[:, 0],
                         steered.stacked("hidden_after")[:, 0], ctx.out / "pplm_hidden_pca.png")]
