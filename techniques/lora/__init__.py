@@ -1,8 +1,10 @@
 """LoRA (Hu et al. 2021), by hand: the layer math in `lora.py`, QLoRA's 4-bit NF4 base in `nf4.py`, peft's
 adapter files in `peft_files.py`, and the command `python -m techniques.lora train|merge` in `__main__.py`."""
 from .lora import LoRALinear, LoRAQKV, apply_lora, lora_modules, lora_parameters, lora_summary, merge_lora
+from .lora import lora_disabled
 from .nf4 import NF4Linear, dequantize_base, nf4_memory, quantize_base
 from .peft_files import load_adapter, save_adapter
 
 __all__ = ["LoRALinear", "LoRAQKV", "apply_lora", "merge_lora", "lora_modules", "lora_parameters", "lora_summary",
-           "NF4Linear", "quantize_base", "dequantize_base", "nf4_memory", "save_adapter", "load_adapter"]
+           "NF4Linear", "quantize_base", "dequantize_base", "nf4_memory", "save_adapter", "load_adapter",
+           "lora_disabled"]

@@ -47,6 +47,7 @@ Where this differs from peft, and why:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from typing import Iterator, Optional, Sequence, Union
@@ -409,3 +410,21 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if hasattr(model, "lora_targets"):
         del model.lora_targets
     return model
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` as its frozen base W0 (every LoRA/DoRA branch switched off), then switch them back on.
+
+    GRPO's reference policy π_ref is the base model: with LoRA it costs no second copy in memory.
+    A merged layer cannot be switched off (its W0 already holds the update): that is an error."""
+    layers = [layer for _, layer in lora_modules(model)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("lora_disabled: the model has merged LoRA layers; unmerge them (or keep them unmerged)")
+    for layer in layers:
+        layer.merged = True  # a merged layer's forward is base(x) alone
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.merged = False
