@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from minigpt.generation import generate
+from minigpt import generate
 from techniques.lora import lora_disabled, lora_parameters
 
 __all__ = ["GRPOConfig", "LOSS_TYPES", "SCALES", "group_advantages", "kl_k3", "per_token_loss", "aggregate",
