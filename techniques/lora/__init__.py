@@ -1,10 +1,15 @@
 """LoRA (Hu et al. 2021), by hand: the layer math in `lora.py`, QLoRA's 4-bit NF4 base in `nf4.py`, peft's
-adapter files in `peft_files.py`, and the command `python -m techniques.lora train|merge` in `__main__.py`."""
+adapter files in `peft_files.py`, several named adapters and weighted merging in `named.py`, and the command
+`python -m techniques.lora train|merge` in `__main__.py`."""
 from .lora import LoRALinear, LoRAQKV, apply_lora, lora_modules, lora_parameters, lora_summary, merge_lora
 from .lora import lora_disabled
+from .named import (COMBINATIONS, active_adapter, add_adapter, add_weighted_adapter, adapter_names,
+                    delete_adapter, disable_adapters, load_adapters, load_named_adapter, save_adapters, set_adapter)
 from .nf4 import NF4Linear, dequantize_base, nf4_memory, quantize_base
 from .peft_files import load_adapter, save_adapter
 
 __all__ = ["LoRALinear", "LoRAQKV", "apply_lora", "merge_lora", "lora_modules", "lora_parameters", "lora_summary",
            "NF4Linear", "quantize_base", "dequantize_base", "nf4_memory", "save_adapter", "load_adapter",
-           "lora_disabled"]
+           "lora_disabled",
+           "add_adapter", "load_named_adapter", "load_adapters", "save_adapters", "set_adapter", "disable_adapters",
+           "delete_adapter", "adapter_names", "active_adapter", "add_weighted_adapter", "COMBINATIONS"]

@@ -398,7 +398,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
     A 4-bit NF4 base (QLoRA) is dequantised first: the merged weight is W0' + Δ with
     W0' = dequant(W_NF4), the weight the adapter was trained on, stored in full precision;
     the NF4 layers without an adapter become plain nn.Linears holding their W0' too.
+    With named adapters (`named.py`) the active one is merged and the others are forgotten (their shared
+    base weights have just changed under them).
     """
+    for attr in ("lora_adapters", "lora_adapter_targets", "lora_active"):
+        model.__dict__.pop(attr, None)
     for name, layer in list(lora_modules(model)):
         if isinstance(layer.base, NF4Linear):
             layer.base = layer.base.to_linear()
