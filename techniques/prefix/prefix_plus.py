@@ -1,0 +1,126 @@
+"""Prefix-Tuning+ (Wang et al. 2025, arXiv 2506.13674): the prefix moved out of the attention head.
+
+Prefix tuning puts P trainable vectors s_j in front of the keys and values of every head, so one head's output is
+
+    o_i = Σ_j sim(q_i, W_K s_j) W_V s_j + Σ_t sim(q_i, k_t) v_t        (one softmax over prefix and input)
+          ------------------------------------------------------------
+          Σ_j sim(q_i, W_K s_j)           + Σ_t sim(q_i, k_t)
+
+The derivation, in three steps (each one a function below):
+  1. split:      o_i = (1 - λ_i) · Attn(q_i, K, V) + λ_i · (prefix part, normalised on its own)
+  2. linearise:  sim(q, k) ≈ φ(q)ᵀ φ(k), so the prefix part is  φ(q_i)ᵀ Σ_j φ(W_K s_j)(W_V s_j)ᵀ  / normaliser
+  3. free M:     replace the sum by a trainable M ∈ R^{d_φ × hs} and drop the normaliser and the weight λ_i:
+
+    o_i = Attn(q_i, K, V) + φ(q_i)ᵀ M                                   (per layer, per head)
+
+The module wraps each block's attention the way LoRA wraps a Linear (no monkeypatching, no model internals
+touched): it runs the frozen attention unchanged, recomputes q with the frozen c_attn, and adds the term through
+the frozen output projection. c_proj is linear, so c_proj(o + φ(q)ᵀM) = c_proj(o) + W_proj · (φ(q)ᵀM): the bias
+is added once, by the frozen attention.
+
+Choices (ours, where the paper was not checked line by line in this session; see docs):
+  - φ: "elu" is elu(x) + 1 (positive, as a similarity kernel must be, the linear-attention form of Katharopoulos
+    et al. 2020); "gelu" is GELU(x). d_φ = hs (no projection).
+  - M = 0 at init, so the wrapped model is exactly the frozen model at step 0.
+  - Dropout: the term goes through the block's resid_dropout on its own; in eval mode (all tests) this is exact.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FEATURE_MAPS = ("elu", "gelu")
+
+
+def phi(x: torch.Tensor, feature_map: str = "elu") -> torch.Tensor:
+    """The feature map of step 2: elu(x) + 1 (positive) or GELU(x)."""
+    if feature_map == "elu":
+        return F.elu(x) + 1.0
+    if feature_map == "gelu":
+        return F.gelu(x)
+    raise ValueError(f"unknown feature map {feature_map!r}: choose one of {FEATURE_MAPS}")
+
+
+def prefix_memory(k: torch.Tensor, v: torch.Tensor, feature_map: str = "elu") -> torch.Tensor:
+    """Step 2's sum for real prefix keys/values: Σ_j φ(W_K s_j)(W_V s_j)ᵀ. k, v: (nh, P, hs) -> M: (nh, hs, hs)."""
+    return phi(k, feature_map).transpose(-2, -1) @ v
+
+
+def linear_prefix_output(q: torch.Tensor, M: torch.Tensor, feature_map: str = "elu") -> torch.Tensor:
+    """Step 3: φ(q)ᵀ M per head. q: (B, nh, T, hs), M: (nh, d_φ, hs) -> (B, nh, T, hs)."""
+    return phi(q, feature_map) @ M.unsqueeze(0)
+
+
+class PrefixPlusAttention(nn.Module):
+    """One block's attention, frozen, plus W_proj · φ(q)ᵀM; same call and return signature as the wrapped one."""
+
+    def __init__(self, attn: nn.Module, feature_map: str = "elu"):
+        super().__init__()
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"unknown feature map {feature_map!r}: choose one of {FEATURE_MAPS}")
+        self.attn, self.feature_map = attn, feature_map
+        nh, hs = attn.n_head, attn.head_dim
+        self.M = nn.Parameter(torch.zeros(nh, hs, hs, device=attn.c_proj.weight.device))  # (nh, d_φ, hs)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """q_i of the frozen model, recomputed with the frozen c_attn: (B, nh, T, hs)."""
+        q = self.attn.c_attn(x).split(x.size(-1), dim=2)[0]
+        return self.attn.split_heads(q)
+
+    def forward(self, x, past=None, mask=None, output_attentions=False, store=None):
+        out, present, probs = self.attn(x, past, mask, output_attentions, store)   # c_proj(Attn(q, K, V))
+        term = linear_prefix_output(self.query(x), self.M.to(x.dtype), self.feature_map)  # (B, nh, T, hs)
+        term = term.transpose(1, 2).reshape(x.shape)                                # (B, T, C)
+        return out + self.attn.resid_dropout(F.linear(term, self.attn.c_proj.weight)), present, probs
+
+
+class PrefixTuningPlus(nn.Module):
+    """Wraps the attention of the chosen layers of a GPT in place; model.wrapped_layers lists them.
+
+    The base model's parameters are frozen; only each layer's M trains. unwrap() restores the plain model."""
+
+    def __init__(self, model: nn.Module, layers=None, feature_map: str = "elu"):
+        super().__init__()
+        n_layer = len(model.transformer.h)
+        layers = list(range(n_layer)) if layers is None else sorted(set(int(i) for i in layers))
+        bad = [i for i in layers if not 0 <= i < n_layer]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: the model has {n_layer} layers (0..{n_layer - 1})")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model, self.layers, self.feature_map = model, layers, feature_map
+        self.wrappers = nn.ModuleDict()
+        for i in layers:
+            block = model.transformer.h[i]
+            if isinstance(block.attn, PrefixPlusAttention):
+                raise ValueError(f"layer {i} already has Prefix-Tuning+: unwrap() it first")
+            block.attn = PrefixPlusAttention(block.attn, feature_map)
+            self.wrappers[str(i)] = block.attn
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def trainable_parameters(self):
+        return [w.M for w in self.wrappers.values()]
+
+    def state_dict_M(self) -> dict:
+        return {f"layers.{i}.M": w.M.detach().clone() for i, w in self.wrappers.items()}
+
+    def load_state_dict_M(self, state: dict) -> None:
+        want = set(self.state_dict_M())
+        if set(state) != want:
+            raise ValueError(f"Prefix-Tuning+ weights name layers {sorted(state)}, this model has {sorted(want)}")
+        for i, w in self.wrappers.items():
+            t = state[f"layers.{i}.M"]
+            if t.shape != w.M.shape:
+                raise ValueError(f"layer {i}: M is {tuple(t.shape)}, this model needs {tuple(w.M.shape)} "
+                                 "(an adapter for another model size?)")
+            with torch.no_grad():
+                w.M.copy_(t)
+
+    def unwrap(self) -> nn.Module:
+        for i, w in self.wrappers.items():
+            self.model.transformer.h[int(i)].attn = w.attn
+        self.wrappers = nn.ModuleDict()
+        return self.model
