@@ -1,0 +1,138 @@
+"""MTL-LoRA: multi-task LoRA (Yang et al., AAAI 2025, arXiv:2410.09437), the layer math by hand.
+
+One frozen weight W0 [out, in], one shared down-projection A [r, in], a task-specific transform
+Λ_t [r, r] (or its diagonal, [r]) for each task t, n shared up-projections B^i [out, r], and per-task
+mixing weights w_t [n] with a temperature τ:
+
+    h = W0·x + b + s · Σ_i softmax(w_t / τ)_i · B^i · Λ_t · A · x          s = alpha / r
+
+Initialisation (as the issue states the paper's official code does; NOT yet checked line by line
+against that code in this branch): A Kaiming-uniform (a = sqrt(5), as `LoRALinear`), Λ_t = I,
+B^i = 0 (so at step 0 the layer is exactly the base), w_t ~ N(0, 1) (the paper says "random"; the
+distribution is our choice).
+
+Task ids. Every example carries its own task id, so a batch may mix tasks. The ids reach the layers
+without monkeypatching: each `MTLLoRALinear` has a documented attribute `task_ids` (a LongTensor (B,)),
+set for all layers of a model by `set_task_ids(model, ids)` or, scoped, `with task_ids(model, ids): ...`,
+once per batch before the forward pass. A forward with no ids set, or with an id out of range,
+is refused with an error naming the fix.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["MTLLoRALinear", "apply_mtl_lora", "mtl_modules", "mtl_parameters", "set_task_ids", "task_ids"]
+
+
+class MTLLoRALinear(nn.Module):
+    """h = W0·x + b + s·Σ_i softmax(w_t/τ)_i·B^i·Λ_t·A·x, t the task id of x's example (row of the batch)."""
+
+    def __init__(self, base: nn.Linear, n_tasks: int, r: int = 8, alpha: float = 16, n_up: int = 1,
+                 tau: float = 1.0, full_lambda: bool = False):
+        super().__init__()
+        if n_tasks < 1 or r < 1 or n_up < 1:
+            raise ValueError(f"MTL-LoRA needs n_tasks, r and n_up >= 1 (got {n_tasks}, {r}, {n_up})")
+        if not tau > 0:
+            raise ValueError(f"MTL-LoRA's temperature tau must be > 0 (got {tau})")
+        self.base = base.requires_grad_(False)
+        self.n_tasks, self.r, self.alpha, self.n_up, self.tau = int(n_tasks), int(r), alpha, int(n_up), float(tau)
+        self.full_lambda = bool(full_lambda)
+        self.scaling = alpha / r
+        w0 = base.weight
+        kw = dict(device=w0.device, dtype=w0.dtype)
+        A = torch.empty(self.r, base.in_features, **kw)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.A = nn.Parameter(A)                                                     # (r, in), shared
+        if self.full_lambda:
+            lam = torch.eye(self.r, **kw).expand(self.n_tasks, self.r, self.r).clone()  # (T, r, r) = I
+        else:
+            lam = torch.ones(self.n_tasks, self.r, **kw)                             # (T, r): diag(Λ_t) = 1
+        self.Lambda = nn.Parameter(lam)
+        self.B = nn.Parameter(torch.zeros(self.n_up, base.out_features, self.r, **kw))  # (n, out, r) = 0
+        self.w = nn.Parameter(torch.randn(self.n_tasks, self.n_up, **kw))            # (T, n)
+        self.task_ids: torch.Tensor | None = None   # (batch,) long, set per batch by `set_task_ids`
+
+    def lambda_matrix(self) -> torch.Tensor:
+        """Λ as full matrices (T, r, r), whichever way it is stored."""
+        return self.Lambda if self.full_lambda else torch.diag_embed(self.Lambda)
+
+    def _ids(self, batch: int, device) -> torch.Tensor:
+        t = self.task_ids
+        if t is None:
+            raise RuntimeError("MTL-LoRA layer has no task ids: call set_task_ids(model, ids) (one id per example) "
+                               "or use `with task_ids(model, ids):` before the forward pass")
+        t = torch.as_tensor(t, dtype=torch.long, device=device).reshape(-1)
+        if t.numel() == 1 and batch != 1:
+            t = t.expand(batch)
+        if t.numel() != batch:
+            raise ValueError(f"MTL-LoRA got {t.numel()} task ids for a batch of {batch}: give one id per example")
+        return t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, in) or (B, in) -> (B, T, out) or (B, out); row b uses task t = task_ids[b]."""
+        squeeze = x.dim() == 2
+        xb = x.unsqueeze(1) if squeeze else x                          # (B, T, in)
+        t = self._ids(xb.shape[0], x.device)                           # (B,)
+        h = xb @ self.A.T                                              # (B, T, r)   A·x
+        lam = self.lambda_matrix()[t]                                  # (B, r, r)   Λ_t
+        h = h @ lam.transpose(1, 2)                                    # (B, T, r)   Λ_t·A·x
+        up = torch.einsum("btr,nor->btno", h, self.B)                  # (B, T, n, out)  B^i·Λ_t·A·x
+        mix = torch.softmax(self.w[t] / self.tau, dim=-1)              # (B, n)      softmax(w_t/τ)
+        delta = torch.einsum("btno,bn->bto", up, mix)                  # (B, T, out) Σ_i mix_i·B^i·Λ_t·A·x
+        y = self.base(xb) + self.scaling * delta
+        return y.squeeze(1) if squeeze else y
+
+
+def _check_ids(model: nn.Module, ids: torch.Tensor) -> None:
+    for m in mtl_modules(model):
+        bad = (ids < 0) | (ids >= m.n_tasks)
+        if bool(bad.any()):
+            raise ValueError(f"task id {int(ids[bad][0])} is out of range: this MTL-LoRA has {m.n_tasks} tasks "
+                             f"(ids 0..{m.n_tasks - 1})")
+        return
+
+
+def set_task_ids(model: nn.Module, ids) -> None:
+    """Give every MTL-LoRA layer of `model` the task id of each example of the next batch (B,); None clears."""
+    if ids is not None:
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        _check_ids(model, ids)
+    for m in mtl_modules(model):
+        m.task_ids = ids
+
+
+@contextlib.contextmanager
+def task_ids(model: nn.Module, ids) -> Iterator[None]:
+    """`with task_ids(model, ids): model(x)`: the ids for the batch inside the block, cleared after."""
+    set_task_ids(model, ids)
+    try:
+        yield
+    finally:
+        set_task_ids(model, None)
+
+
+def apply_mtl_lora(model: nn.Module, n_tasks: int, targets: Sequence[str] = ("c_attn", "c_proj"), **kw) -> nn.Module:
+    """Freeze `model` and wrap each nn.Linear whose name ends in one of `targets` with MTLLoRALinear (in place)."""
+    model.requires_grad_(False)
+    found = [(name, mod) for name, mod in model.named_modules()
+             if isinstance(mod, nn.Linear) and any(name.endswith(s) for s in targets)]
+    if not found:
+        raise ValueError(f"no nn.Linear module ends in any of {list(targets)}: check the target names")
+    for name, mod in found:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, MTLLoRALinear(mod, n_tasks, **kw))
+    return model
+
+
+def mtl_modules(model: nn.Module) -> list[MTLLoRALinear]:
+    return [m for m in model.modules() if isinstance(m, MTLLoRALinear)]
+
+
+def mtl_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in mtl_modules(model) for p in (m.A, m.Lambda, m.B, m.w)]
