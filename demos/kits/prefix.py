@@ -19,7 +19,7 @@ from minigpt.cli import describe_plan
 from techniques.prefix import PrefixTuning, load_adapter, save_adapter, train_prefix
 
 __all__ = ["PREFIX_HIDDEN", "prefix_lr", "PrefixRun", "load_prefix", "fit_prefix", "save_prefix", "complete",
-           "heldout_loss"]
+           "heldout_loss", "prefix_attention_share"]
 
 PREFIX_HIDDEN = 512   # the reparametrisation MLP's hidden width (Li & Liang 2021, section 4.3 and appendix A)
 
@@ -114,3 +114,18 @@ def heldout_loss(model: GPT, examples: Sequence[Example], prefix: Optional[Prefi
     """Mean cross-entropy (nats/token) on the examples' target tokens, with or without the prefix."""
     past_fn = None if prefix is None else (lambda B: (prefix.past_key_values(B), prefix.num_virtual_tokens))
     return evaluate(lm_loss_fn(model, past_fn=past_fn), list(examples), batch_size, collate_lm, model.device, [model])
+
+
+@torch.no_grad()
+def prefix_attention_share(model: GPT, prefix: PrefixTuning, input_ids: torch.Tensor) -> float:
+    """The prefix's share of attention (the trade-off of Prefix-Tuning+, arXiv 2506.13674, section 3):
+    the softmax mass on the P prefix positions, sum_{j<P} softmax(q_i k_j^T / sqrt(hs)), averaged over
+    layers, heads, batch rows and query positions i. It falls as the input grows and rises with P.
+
+    input_ids: [B, T], no padding (every token real).
+    """
+    past, mask = prefix.inputs_for(input_ids)
+    out = model(input_ids, past_key_values=past, attention_mask=mask, output_attentions=True)
+    P = prefix.num_virtual_tokens
+    shares = [a[..., :P].sum(-1).mean() for a in out.attentions]   # each a: (B, nh, T, P + T)
+    return float(torch.stack(shares).mean())
