@@ -59,6 +59,17 @@ def test_smoke_writes_the_whole_table(smoke):
     assert "# Every method, the same samples" in (out / "samples.md").read_text()
 
 
+
+def test_index_page_shows_the_whole_table(smoke, tmp_path):
+    from demos.projects.__main__ import write_index
+    code, out = smoke
+    metrics = json.loads((out / "metrics.json").read_text())
+    write_index(tmp_path, [metrics])
+    page = (tmp_path / "index.html").read_text()
+    for r in metrics["extra"]["table"]:                    # every method's row and its VADER mean, as measured
+        assert r["method"] in page and f"{r['vader_mean']:.4g}" in page
+    assert "head_is_steering_signal" in page and "dist_3" in page
+
 def test_reranking_is_at_least_its_first_candidate(smoke):
     """BR's candidate 0 is B's own sample and BCR's is BC (bag)'s, and reranking keeps the candidate the head rates
     highest: per sample the head's p(positive) can only rise, so its accuracy (p >= 0.5) can only rise too."""

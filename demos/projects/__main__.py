@@ -112,12 +112,23 @@ def write_index(out: Path, results: list[dict]) -> None:
             copy = out / f"{r['project']}-metric.png"
             copy.write_bytes(figure.read_bytes())
             report.image(copy, f"{r['project']}: {r['metric']} before and after")
+        table = r.get("extra", {}).get("table")
+        if table:  # a project that compares several methods (steering) shows its whole table, not only before/after
+            keys = [k for k in table[0] if k not in ("key", "note")]
+            report.table(keys, [[_cell(row.get(k)) for k in keys] for row in table])
     report.write(out)
     (out / "summary.json").write_text(json.dumps({"projects": results}, indent=2) + "\n", encoding="utf-8")
 
 
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4g}"
+
+
+def _cell(x) -> str:
+    """One cell of a project's own table: numbers to 4 significant digits, flags as yes/no."""
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    return _fmt(x) if isinstance(x, (int, float)) or x is None else str(x)
 
 
 def main(argv=None) -> int:
