@@ -48,7 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="divide a positive score (multiply a negative one) of every token already in the text by "
                         "this (CTRL's rule; 1.2 is the paper's choice; default 1.0, off)")
-    g.add_argument("--lora", metavar="DIR", help="a LoRA adapter folder (peft format) to apply first")
+    g.add_argument("--lora", metavar="DIR", action="append",
+                   help="a LoRA adapter folder (peft format) to apply first; repeat it to combine several adapters "
+                        "(see --lora-weights, --combine)")
+    g.add_argument("--lora-weights", metavar="W1,W2,...", default=None,
+                   help="one weight per --lora folder, comma-separated (default: 1 each)")
+    g.add_argument("--combine", choices=("linear", "cat", "svd"), default="linear",
+                   help="how several --lora adapters become one, as peft's add_weighted_adapter: linear (same rank: "
+                        "A, B summed with sqrt(w s) each), cat (exact sum of w_i s_i B_i A_i at rank sum r_i), svd "
+                        "(best rank-max r_i approximation of that sum); default linear")
     g.add_argument("--prefix", metavar="DIR", help="a prefix-tuning adapter folder (peft format) to run with")
     c = sub.add_parser("check", help="compare this GPT-2 (and adapters) with transformers and peft, number for number",
                        description="Load the same files here and in transformers/peft and print a table of the "
@@ -62,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"{option} must be comma-separated numbers such as 0.5,0.5, got {text!r}") from None
+
+
 def _load(args):
     """The model (with --lora merged in) and the prefix's past, if any, in --dtype.
 
@@ -69,8 +84,10 @@ def _load(args):
     model = model_from_args(args)
     past = None
     if args.lora:
-        from techniques.lora import load_adapter as load_lora, merge_lora
-        model = merge_lora(load_lora(model, args.lora))  # merged: decoding costs what the base model costs
+        from techniques.lora import load_combined, merge_lora
+        weights = None if args.lora_weights is None else _floats(args.lora_weights, "--lora-weights")
+        # merged: decoding costs what the base model costs
+        model = merge_lora(load_combined(model, args.lora, weights, args.combine))
     if args.prefix:
         from techniques.prefix import load_adapter as load_prefix
         prefix = load_prefix(model, args.prefix).to(model.device)

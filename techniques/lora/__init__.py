@@ -4,7 +4,8 @@ adapter files in `peft_files.py`, several named adapters and weighted merging in
 from .lora import LoRALinear, LoRAQKV, apply_lora, lora_modules, lora_parameters, lora_summary, merge_lora
 from .lora import lora_disabled
 from .named import (COMBINATIONS, active_adapter, add_adapter, add_weighted_adapter, adapter_names,
-                    delete_adapter, disable_adapters, load_adapters, load_named_adapter, save_adapters, set_adapter)
+                    delete_adapter, disable_adapters, load_adapters, load_combined, load_named_adapter, save_adapters,
+                    set_adapter)
 from .mtl import MTLLoRALinear, apply_mtl_lora, mtl_modules, mtl_parameters, set_task_ids, task_ids
 from .nf4 import NF4Linear, dequantize_base, nf4_memory, quantize_base
 from .peft_files import load_adapter, save_adapter
@@ -13,5 +14,6 @@ __all__ = ["LoRALinear", "LoRAQKV", "apply_lora", "merge_lora", "lora_modules", 
            "NF4Linear", "quantize_base", "dequantize_base", "nf4_memory", "save_adapter", "load_adapter",
            "lora_disabled",
            "add_adapter", "load_named_adapter", "load_adapters", "save_adapters", "set_adapter", "disable_adapters",
-           "delete_adapter", "adapter_names", "active_adapter", "add_weighted_adapter", "COMBINATIONS",
+           "delete_adapter", "adapter_names", "active_adapter", "add_weighted_adapter",
+           "load_combined", "COMBINATIONS",
            "MTLLoRALinear", "apply_mtl_lora", "mtl_modules", "mtl_parameters", "set_task_ids", "task_ids"]

@@ -283,3 +283,24 @@ def add_weighted_adapter(model: nn.Module, names: Sequence[str], weights: Sequen
     model.lora_adapter_targets[new_name] = (sorted({t for ts in targets for t in ts})
                                             if all(isinstance(t, list) for t in targets) else None)
     return model
+
+
+def load_combined(model: nn.Module, directories: Sequence[Union[str, Path]], weights: Optional[Sequence[float]] = None,
+                  combination_type: str = "linear", svd_rank: Optional[int] = None) -> nn.Module:
+    """The command line's `--lora A --lora B --lora-weights wA,wB --combine TYPE`: load each folder as adapter
+    "lora0", "lora1", ..., combine them with add_weighted_adapter into "combined" and make that active.
+    One folder and no weights: that adapter alone, active (weight 1)."""
+    directories = list(directories)
+    if not directories:
+        raise ValueError("give at least one --lora folder")
+    weights = [1.0] * len(directories) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(directories):
+        raise ValueError(f"--lora-weights has {len(weights)} weight(s) for {len(directories)} --lora folder(s); "
+                         "give one weight per folder, comma-separated")
+    names = [f"lora{i}" for i in range(len(directories))]
+    for d, n in zip(directories, names):
+        load_named_adapter(model, d, n)
+    if len(names) == 1 and weights == [1.0]:
+        return set_adapter(model, names[0])
+    add_weighted_adapter(model, names, weights, "combined", combination_type, svd_rank)
+    return set_adapter(model, "combined")
