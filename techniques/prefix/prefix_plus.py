@@ -18,9 +18,16 @@ touched): it runs the frozen attention unchanged, recomputes q with the frozen c
 the frozen output projection. c_proj is linear, so c_proj(o + φ(q)ᵀM) = c_proj(o) + W_proj · (φ(q)ᵀM): the bias
 is added once, by the frozen attention.
 
-Choices (ours, where the paper was not checked line by line in this session; see docs):
-  - φ: "elu" is elu(x) + 1 (positive, as a similarity kernel must be, the linear-attention form of Katharopoulos
-    et al. 2020); "gelu" is GELU(x). d_φ = hs (no projection).
+Checked against the paper (2026-12-07): the stored copies of arXiv 2506.13674 (v1, v2 HTML; v3 "PrefixMemory-Tuning")
+reachable from this session show the abstract and the derivation's start, o_pt = Σ_j sim(q_i, k_j) v_j / Σ_j sim(...)
+over prefix and input (the equation above), and a query-dependent term from a trainable external module added to the
+attention output; they did NOT show the method section's exact φ, d_φ or M's init. So these stay our choices, open
+until someone reads the method section itself:
+  - φ: "elu" is elu(x) + 1 (positive, as a similarity kernel must be for step 2; the linear-attention form of
+    Katharopoulos et al. 2020, which the paper's linearisation step follows); "gelu" is GELU(x), the paper's other
+    reported map. If the paper's elu is plain elu(x), only the constant +1 differs: φ(q)ᵀM = elu(q)ᵀM + 1ᵀM, i.e. a
+    trainable per-head bias 1ᵀM on top of elu(q)ᵀM.
+  - d_φ = head_dim, no projection (the issue's default; a projection is not implemented).
   - M = 0 at init, so the wrapped model is exactly the frozen model at step 0.
   - Dropout: the term goes through the block's resid_dropout on its own; in eval mode (all tests) this is exact.
 """
