@@ -144,3 +144,35 @@ def test_training_only_M_lowers_the_loss():
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
+
+
+def test_save_load_round_trip(tmp_path):
+    from minigpt.io import read_json
+    from techniques.prefix import load_prefix_plus, save_prefix_plus
+    model = micro()
+    pt = PrefixTuningPlus(model, layers=[1], feature_map="gelu")
+    _random_M(pt, seed=6)
+    idx = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = pt(idx).logits
+    save_prefix_plus(pt, tmp_path / "a")
+    save_prefix_plus(model, tmp_path / "b")  # from the wrapped GPT too
+    conf = read_json(tmp_path / "a" / "prefix_plus_config.json")
+    assert conf["adapter_type"] == "PREFIX_TUNING_PLUS" and conf["layers"] == [1] and conf["feature_map"] == "gelu"
+    for d in ("a", "b"):
+        back = load_prefix_plus(micro(), tmp_path / d)
+        assert back.layers == [1] and back.feature_map == "gelu"
+        with torch.no_grad():
+            assert torch.equal(back(idx).logits, want)
+
+
+def test_load_into_another_model_size_is_a_clear_error(tmp_path):
+    import pytest
+
+    from techniques.prefix import load_prefix_plus, save_prefix_plus
+    save_prefix_plus(PrefixTuningPlus(micro()), tmp_path / "a")
+    other = GPT(GPTConfig(vocab_size=128, n_positions=32, n_embd=48, n_layer=2, n_head=4))
+    with pytest.raises(ValueError, match="another model size.*n_embd=32"):
+        load_prefix_plus(other, tmp_path / "a")
+    with pytest.raises(FileNotFoundError):
+        load_prefix_plus(micro(), tmp_path / "missing")
