@@ -5,8 +5,10 @@
 from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .prefix import (PrefixTuning, init_from_text, load_adapter, load_checkpoint, past_to_table, save_adapter,
                      save_checkpoint, train_prefix)
-from .prefix_plus import FEATURE_MAPS, PrefixPlusAttention, PrefixTuningPlus, linear_prefix_output, phi, prefix_memory
+from .prefix_plus import (FEATURE_MAPS, PrefixPlusAttention, PrefixTuningPlus, linear_prefix_output,
+                          load_prefix_plus, phi, prefix_memory, save_prefix_plus)
 
 __all__ = ["PrefixTuning", "init_from_text", "train_prefix", "save_adapter", "load_adapter", "save_checkpoint",
            "load_checkpoint", "past_to_table", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS",
-           "PrefixTuningPlus", "PrefixPlusAttention", "phi", "prefix_memory", "linear_prefix_output", "FEATURE_MAPS"]
+           "PrefixTuningPlus", "PrefixPlusAttention", "phi", "prefix_memory", "linear_prefix_output", "FEATURE_MAPS",
+           "save_prefix_plus", "load_prefix_plus"]

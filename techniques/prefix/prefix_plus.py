@@ -18,17 +18,28 @@ touched): it runs the frozen attention unchanged, recomputes q with the frozen c
 the frozen output projection. c_proj is linear, so c_proj(o + φ(q)ᵀM) = c_proj(o) + W_proj · (φ(q)ᵀM): the bias
 is added once, by the frozen attention.
 
-Choices (ours, where the paper was not checked line by line in this session; see docs):
-  - φ: "elu" is elu(x) + 1 (positive, as a similarity kernel must be, the linear-attention form of Katharopoulos
-    et al. 2020); "gelu" is GELU(x). d_φ = hs (no projection).
+Checked against the paper (2026-12-07): the stored copies of arXiv 2506.13674 (v1, v2 HTML; v3 "PrefixMemory-Tuning")
+reachable from this session show the abstract and the derivation's start, o_pt = Σ_j sim(q_i, k_j) v_j / Σ_j sim(...)
+over prefix and input (the equation above), and a query-dependent term from a trainable external module added to the
+attention output; they did NOT show the method section's exact φ, d_φ or M's init. So these stay our choices, open
+until someone reads the method section itself:
+  - φ: "elu" is elu(x) + 1 (positive, as a similarity kernel must be for step 2; the linear-attention form of
+    Katharopoulos et al. 2020, which the paper's linearisation step follows); "gelu" is GELU(x), the paper's other
+    reported map. If the paper's elu is plain elu(x), only the constant +1 differs: φ(q)ᵀM = elu(q)ᵀM + 1ᵀM, i.e. a
+    trainable per-head bias 1ᵀM on top of elu(q)ᵀM.
+  - d_φ = head_dim, no projection (the issue's default; a projection is not implemented).
   - M = 0 at init, so the wrapped model is exactly the frozen model at step 0.
   - Dropout: the term goes through the block's resid_dropout on its own; in eval mode (all tests) this is exact.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from minigpt.io import atomic_save_dir, load_tensors, read_json, save_tensors, write_json
 
 FEATURE_MAPS = ("elu", "gelu")
 
@@ -124,3 +135,59 @@ class PrefixTuningPlus(nn.Module):
             self.model.transformer.h[int(i)].attn = w.attn
         self.wrappers = nn.ModuleDict()
         return self.model
+
+
+# ---- save / load: our own format (peft has no Prefix-Tuning+ adapter type, so no peft folder can hold it) -------
+PLUS_CONFIG = "prefix_plus_config.json"
+PLUS_WEIGHTS = "prefix_plus_model.safetensors"
+PLUS_TYPE = "PREFIX_TUNING_PLUS"
+
+
+def _shape_of(model: nn.Module) -> dict:
+    cfg = model.config
+    return {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "head_dim": cfg.n_embd // cfg.n_head}
+
+
+def save_prefix_plus(model_or_pp, directory) -> Path:
+    """Write prefix_plus_config.json + prefix_plus_model.safetensors ({"layers.<i>.M": (nh, d_φ, hs)}), atomically
+    (minigpt.io.atomic_save_dir). Takes the PrefixTuningPlus, or the GPT it wraps."""
+    pp = model_or_pp if isinstance(model_or_pp, PrefixTuningPlus) else _plus_of(model_or_pp)
+    conf = {"adapter_type": PLUS_TYPE, "feature_map": pp.feature_map, "layers": list(pp.layers),
+            "d_phi": _shape_of(pp.model)["head_dim"], **_shape_of(pp.model)}
+    with atomic_save_dir(directory) as tmp:
+        write_json(conf, tmp / PLUS_CONFIG)
+        save_tensors({k: v.float() for k, v in pp.state_dict_M().items()}, tmp / PLUS_WEIGHTS,
+                     metadata={"format": "pt"})
+    return Path(directory)
+
+
+def _plus_of(model: nn.Module) -> PrefixTuningPlus:
+    """Rebuild a PrefixTuningPlus view over a GPT whose blocks are already wrapped (for save_prefix_plus(model))."""
+    wrapped = {i: b.attn for i, b in enumerate(model.transformer.h) if isinstance(b.attn, PrefixPlusAttention)}
+    if not wrapped:
+        raise ValueError("this model has no Prefix-Tuning+ layers: wrap it with PrefixTuningPlus first")
+    pp = PrefixTuningPlus.__new__(PrefixTuningPlus)
+    nn.Module.__init__(pp)
+    pp.model, pp.layers = model, sorted(wrapped)
+    pp.feature_map = next(iter(wrapped.values())).feature_map
+    pp.wrappers = nn.ModuleDict({str(i): w for i, w in wrapped.items()})
+    return pp
+
+
+def load_prefix_plus(model: nn.Module, directory) -> PrefixTuningPlus:
+    """Wrap `model` (a plain GPT) with the saved Prefix-Tuning+ and load its M's. Another model size, another
+    adapter type, missing or damaged files: a ValueError / FileNotFoundError that names the file and the problem."""
+    d = Path(directory)
+    conf = read_json(d / PLUS_CONFIG)
+    if conf.get("adapter_type") != PLUS_TYPE:
+        raise ValueError(f"{d / PLUS_CONFIG}: adapter_type is {conf.get('adapter_type')!r}, not {PLUS_TYPE!r}")
+    ours = _shape_of(model)
+    bad = [f"{k}={conf.get(k)} (this model has {v})" for k, v in ours.items() if conf.get(k) != v]
+    if bad:
+        raise ValueError(f"{d / PLUS_CONFIG} was made for another model size: {', '.join(bad)}; load it on the "
+                         "model it was trained for")
+    tensors = load_tensors(d / PLUS_WEIGHTS)
+    pp = PrefixTuningPlus(model, layers=conf["layers"], feature_map=conf.get("feature_map", "elu"))
+    dev = next(model.parameters()).device
+    pp.load_state_dict_M({k: v.to(dev) for k, v in tensors.items()})
+    return pp
