@@ -19,7 +19,7 @@ from techniques import pplm
 COLUMNS = {"method", "key", "vader_mean", "vader_positive_share", "head_accuracy", "head_is_steering_signal",
            "perplexity_unsteered", "perplexity_judge", "dist_1", "dist_2", "dist_3", "seconds_per_sample",
            "train_seconds", "extra_parameters", "note"}
-ROWS = ["B", "BR", "BC_bag", "BC_discrim", "BCR", "WD", "JAM"]
+ROWS = ["B", "BR", "BC_bag", "BC_discrim", "BCR", "WD", "JAM", "LoRA_GRPO"]
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,10 @@ def test_smoke_writes_the_whole_table(smoke):
         assert r["perplexity_judge"] is None                  # --smoke: no larger model
     by = {r["key"]: r for r in table}
     assert metrics["before"] == by["B"]["vader_mean"] and metrics["after"] == by["JAM"]["vader_mean"]
-    assert {k for k, r in by.items() if r["head_is_steering_signal"]} == {"BR", "BC_discrim", "BCR", "JAM"}
+    assert {k for k, r in by.items() if r["head_is_steering_signal"]} == {"BR", "BC_discrim", "BCR", "JAM", "LoRA_GRPO"}
     assert by["B"]["extra_parameters"] == 0 and by["JAM"]["extra_parameters"] == 2 * 32 + 2
-    assert "not available" in (out / "table.md").read_text() or "techniques.grpo" in metrics["extra"]["lora_grpo"]
+    assert by["LoRA_GRPO"]["extra_parameters"] > 0 and by["LoRA_GRPO"]["train_seconds"] > 0
+    assert "not available" not in (out / "table.md").read_text() and "GRPO reward" in metrics["extra"]["lora_grpo"]
     assert (out / "steering.png").read_bytes().startswith(PNG_MAGIC)
     assert "# Every method, the same samples" in (out / "samples.md").read_text()
 

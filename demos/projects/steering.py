@@ -16,8 +16,10 @@ this project and used by no other: nothing here was tuned on them), each continu
   which cost a fifth of that, and say so in the row's label;
 - WD: weighted decoding, p'(x) ∝ p(x)·exp(λ·1[x in positive_words]) (techniques.pplm.weighted_decoding, λ = 2);
 - JAM: the last hidden state moved across the SST-2 head's boundary to log-odds μ = 2 (techniques.pplm.jam);
-- LoRA-GRPO: LoRA trained by GRPO with the head as reward, where techniques.grpo is installed; otherwise its
-  row says "not available" and holds no numbers.
+- LoRA-GRPO: LoRA (r 4) on a copy of the model, trained by techniques.grpo (grpo_train) with the SST-2 head as
+  reward (AttributeReward on the saved head folder) on GRPO_OPENINGS, openings distinct from the held-out ones, then
+  sampled on the held-out openings with the same seeds; cost = seconds of GRPO training and the LoRA parameters.
+  Where techniques.grpo is not installed its row says "not available" and holds no numbers.
 
 The attribute model ("the SST-2 head") is a linear head on the model's mean last hidden state
 (pplm.train_discriminator on SST-2 rows, the reference's settings). It is the steering signal of BR, BC
@@ -35,6 +37,7 @@ attribute against fluency, one point per method.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import random
 import time
@@ -87,11 +90,23 @@ class Sizes:
     train_rows: int
     dev_rows: int
     epochs: int
+    grpo_steps: int
+    grpo_group: int
+    grpo_tokens: int
 
 
-SIZES = {"full": Sizes(5, 6, 30, 4, 6000, 0, 10),
-         "quick": Sizes(5, 6, 20, 2, 2000, 300, 10),
-         "smoke": Sizes(2, 1, 4, 2, 64, 32, 1)}
+SIZES = {"full": Sizes(5, 6, 30, 4, 6000, 0, 10, 30, 4, 20),
+         "quick": Sizes(5, 6, 20, 2, 2000, 300, 10, 15, 4, 16),
+         "smoke": Sizes(2, 1, 4, 2, 64, 32, 1, 2, 2, 3)}
+GRPO_OPENINGS = (  # LoRA-GRPO's training openings: distinct from PROMPTS (the held-out ones every row samples on)
+    "The old man opened the door of the shop and",
+    "When the bus finally arrived, my brother",
+    "The letter on the kitchen table said",
+    "At the end of the long road there was a farm, and",
+    "Every Sunday the neighbours met in the square",
+    "The doctor looked at the results and",
+)
+GRPO_RANK = 4
 
 
 # ---- the measures ---------------------------------------------------------------------------------------
@@ -182,10 +197,35 @@ def grpo_available() -> Optional[str]:
     """None when techniques.grpo can be imported, else why not (its row then says so, with no numbers)."""
     if importlib.util.find_spec("techniques.grpo") is None:
         return "techniques.grpo is not installed in this checkout (the GRPO issue has not landed): no row"
-    return "techniques.grpo is present, but this project's LoRA-GRPO row is not wired to it yet: no row"
+    return None
 
 
-def run_rows(run: ProjectRun, prompts, head, head_seconds: float) -> list[Row]:
+def grpo_row(run: ProjectRun, prompts, head_dir: Path, samples: int, tokens: int, show: bool) -> Row:
+    """LoRA (r = GRPO_RANK) on a copy of the model, trained by GRPO with the SST-2 head (saved at head_dir) as
+    reward on GRPO_OPENINGS, then sampled on the held-out openings with the same seeds as the other rows."""
+    from techniques.grpo import grpo as grpo_mod
+    from techniques.grpo.rewards import AttributeReward
+    from techniques.lora import apply_lora, lora_parameters
+    args, sizes = run.args, run.sizes
+    policy = apply_lora(copy.deepcopy(run.model), r=GRPO_RANK, alpha=2 * GRPO_RANK, verbose=False)
+    reward = AttributeReward(policy, head_dir, TARGET)
+    cfg = grpo_mod.GRPOConfig(num_generations=sizes.grpo_group, max_completion_length=sizes.grpo_tokens,
+                              steps=sizes.grpo_steps, seed=args.seed, top_k=SAMPLING["top_k"])
+    start = time.perf_counter()
+    history = grpo_mod.grpo_train(policy, get_tokenizer(), list(GRPO_OPENINGS), reward, cfg, progress=show)
+    train_seconds = time.perf_counter() - start
+    params = sum(p.numel() for p in lora_parameters(policy))
+    start = time.perf_counter()
+    rows = sample_rows(policy, prompts, samples, args.seed, tokens, None, "LoRA-GRPO", show)
+    per = (time.perf_counter() - start) / (len(prompts) * samples)
+    first, last = history[0]["reward_mean"], history[-1]["reward_mean"]
+    return Row("LoRA_GRPO", f"LoRA-GRPO (r {GRPO_RANK}, {cfg.steps} steps, G {cfg.num_generations})", rows, per,
+               train_seconds, params, True,
+               f"GRPO reward (head p(positive)) {first:.3f} at step 1, {last:.3f} at step {len(history)}; "
+               f"trained on {len(GRPO_OPENINGS)} openings distinct from the held-out ones")
+
+
+def run_rows(run: ProjectRun, prompts, head, head_seconds: float, head_dir: Optional[Path] = None) -> list[Row]:
     args, sizes = run.args, run.sizes
     model = run.model
     samples, tokens, k = args.samples or sizes.samples, args.tokens or sizes.tokens, args.rerank or sizes.rerank
@@ -229,6 +269,8 @@ def run_rows(run: ProjectRun, prompts, head, head_seconds: float) -> list[Row]:
     jam_rows = clock("JAM", lambda: sample_rows(model, prompts, samples, args.seed, tokens, jam, "JAM", show))
     rows.append(Row("JAM", f"JAM (margin {args.jam_margin:g})", jam_rows, timed["JAM"] / n, head_seconds,
                     head_params, True))
+    if head_dir is not None:
+        rows.append(grpo_row(run, prompts, head_dir, samples, tokens, show))
     return rows
 
 
@@ -283,7 +325,7 @@ def markdown_table(rows: Sequence[dict], judge_name: str, missing: Sequence[tupl
                      f"{r['train_seconds']:.1f} | {r['extra_parameters']:,} |")
     lines += [f"| {label} | not available: {why} |" + " |" * 10 for label, why in missing]
     return "\n".join(lines) + "\n\n\\* the SST-2 head is this method's own steering signal (BR/BCR rerank by it, " \
-                              "BC and JAM steer by it): its accuracy there is not an outside measure.\n"
+                              "BC, JAM and LoRA-GRPO steer by it): its accuracy there is not an outside measure.\n"
 
 
 def figure(out: Path, rows: Sequence[dict]) -> Path:
@@ -335,13 +377,19 @@ def run(run: ProjectRun) -> Finished:
     samples = args.samples or sizes.samples
     head, dev_acc, head_seconds = sentiment_head(run.model, args, sizes)
     print(f"{len(prompts)} openings x {samples} samples, the same seeds in every row")
-    rows = run_rows(run, prompts, head, head_seconds)
+    grpo_note = grpo_available()
+    head_dir = None
+    if grpo_note is None:             # AttributeReward reads a head folder: --discrim, else the one saved now
+        head_dir = Path(args.discrim) if args.discrim else run.folder() / "discriminator"
+        if not args.discrim:
+            head.save(head_dir)
+    rows = run_rows(run, prompts, head, head_seconds, head_dir)
     judge, judge_name = judge_model(args, run.model)
     print(f"second perplexity: {judge_name}")
     measured = table(run, rows, prompts, samples, head, analyzer, judge)
-    grpo_note = grpo_available()
-    text = markdown_table(measured, args.judge, [("LoRA-GRPO", grpo_note)])
+    text = markdown_table(measured, args.judge, [("LoRA-GRPO", grpo_note)] if grpo_note else [])
     print(text)
+    grpo_note = grpo_note or next(r["note"] for r in measured if r["key"] == "LoRA_GRPO")
     print(f"LoRA-GRPO: {grpo_note}")
     out = run.folder()
     if dev_acc is not None:
