@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigpt.io import atomic_save_dir, load_tensors, read_json, save_tensors, write_json
+from minigpt import atomic_save_dir, load_tensors, read_json, save_tensors, write_json
 
 FEATURE_MAPS = ("elu", "gelu")
 
