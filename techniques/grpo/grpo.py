@@ -230,6 +230,7 @@ def grpo_train(model, tokenizer, prompts: Sequence[str], reward: Reward, cfg: GR
                "clip_frac": float((clipped * m).sum() / m.sum()), "completion_length": float(m.sum(1).mean())}
         history.append(rec)
         if progress:
-            steps.set_postfix(r=f"{rec['reward_mean']:.3f}", kl=rec["kl"], clip=f"{rec['clip_frac']:.2f}")
+            steps.set_postfix(r=f"{rec['reward_mean']:.3f}±{rec['reward_std']:.3f}", kl=rec["kl"],
+                              clip=f"{rec['clip_frac']:.2f}", len=f"{rec['completion_length']:.1f}")
     model.eval()
     return history
