@@ -53,7 +53,7 @@ def test_grpo_on_lora_raises_the_held_out_reward(tmp_path, tokenizer):
     assert after > before + 0.1, (before, after)
 
 
-BETA = 5.0  # Â has unit std per group, so β·∇KL_k3 only balances the policy gradient when β is of order 1/|ρ − 1|
+BETA = 20.0  # Â has unit std per group: β·∇KL_k3 balances the policy gradient only for β of order 1/|1 − π_ref/π|
 
 
 def test_beta_keeps_the_policy_near_the_base(tmp_path, tokenizer):
@@ -64,4 +64,4 @@ def test_beta_keeps_the_policy_near_the_base(tmp_path, tokenizer):
         model, reward = _model(tmp_path), _reward(tokenizer)   # make_hf_model seeds torch: the same LoRA A each time
         grpo_train(model, tokenizer, TRAIN, reward, _cfg(beta), batch_prompts=2)
         kl[beta] = _evaluate(model, tokenizer, reward, _cfg(beta))[1]
-    assert kl[BETA] < 0.5 * kl[0.0], kl
+    assert kl[BETA] < 0.25 * kl[0.0], kl   # measured: 0.0007 vs 0.018
