@@ -198,5 +198,7 @@ def test_bad_settings_are_named():
         grpo_train(m, grpo_worker.get_tokenizer(), PROMPTS, reward, GRPOConfig(grad_accum=3), batch_prompts=2)
     with pytest.raises(ValueError, match="precision must be"):
         GRPOConfig(precision="int8").check()
+    with pytest.raises(ValueError, match="fp16 needs loss scaling.*use bf16"):
+        GRPOConfig(precision="fp16").check()
     with pytest.raises(ValueError, match="save_every needs a checkpoint_dir"):
         GRPOConfig(save_every=2).check()

@@ -90,6 +90,9 @@ class GRPOConfig:
             raise ValueError("num_iterations (μ) must be >= 1")
         if self.precision != "auto" and self.precision not in PRECISIONS:
             raise ValueError(f"precision must be auto or one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision == "fp16":
+            raise ValueError("precision fp16 needs loss scaling, which grpo_train does not do; use bf16 (same "
+                             "autocast, the fp32 exponent range) or fp32")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1 micro-batch per step, got {self.grad_accum}")
         if self.save_every is not None and (self.save_every < 1 or not self.checkpoint_dir):
