@@ -1,6 +1,6 @@
 """GRPO: one step of minigpt's GRPO against TRL's GRPOTrainer + peft LoRA, on the same random GPT-2 124M weights.
 
-    python benchmarks/bench_grpo.py [--quick] [--device cpu] [--threads N] [--precisions fp32,bf16]
+    python benchmarks/bench_grpo.py [--quick] [--device cpu] [--threads N] [--precisions fp32,bf16] [--profile]
 
 Both sides get the same step: `--prompts` prompts (default 2), G = `--num-generations` completions each (default 4),
 exactly `--completion-len` new tokens (default 32; a random model almost never samples eos), LoRA r=8, alpha=16 on
@@ -48,7 +48,7 @@ from minigpt import GPT, PRECISIONS, autocast, cast_frozen_linears, get_tokenize
 from techniques.grpo import GRPOConfig, completion_logps, group_advantages, grpo_loss, sample_group  # noqa: E402
 from techniques.grpo.grpo import check_rewards  # noqa: E402
 from techniques.lora import apply_lora, lora_disabled, lora_parameters  # noqa: E402
-from timing import peak_memory  # noqa: E402
+from timing import peak_memory, print_profile_split, profile_split  # noqa: E402
 
 PROMPTS = ["The movie was", "I think that the food", "Yesterday my friend said", "The weather today",
            "Once upon a time", "The best thing about", "My favourite book is", "After the game we"]
@@ -190,11 +190,14 @@ def step_times(args, device, precision) -> dict[str, list[dict]]:
             order = ("ours", "trl") if i % 2 == 0 else ("trl", "ours")
             for side in order:
                 if side == "ours":
-                    samples["ours"] += [ours_step() for _ in range(args.steps)]
+                    new = [ours_step() for _ in range(args.steps)]
                 else:
                     trainer, records = trl_trainer(args, device, precision, args.steps + 1, out)
                     trainer.train()
-                    samples["trl"] += trl_parts(records)[1:]   # its first step is the warm-up
+                    new = trl_parts(records)[1:]   # its first step is the warm-up
+                samples[side] += new
+                for s in new:   # as they come, so a run cut short still shows what it measured
+                    print(f"[{precision} {side}] " + ", ".join(f"{k} {s[k]:.3f}" for k in PARTS), flush=True)
     return samples
 
 
@@ -228,6 +231,13 @@ def run_memory_worker(side: str, args) -> dict:
     if out.returncode:
         raise SystemExit(f"{side} memory worker failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def profiles(args, device, precision) -> dict:
+    """torch.profiler's split of one step of each side (after a warm-up step): matrix multiplies against the rest."""
+    ours_step, _ = ours_side(args, device, precision)
+    trainer, _ = trl_trainer(args, device, precision, 1, tempfile.mkdtemp())
+    return profile_split({"ours": ours_step, "trl": trainer.train}, top=8)
 
 
 def make_weights(folder: Path, tiny: bool = False):
@@ -277,6 +287,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (default: both)")
+    p.add_argument("--profile", action="store_true", help="also profile one step per side (torch.profiler, CPU)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
@@ -303,10 +314,16 @@ def main(argv=None):
         results = {prec: step_times(args, device, prec) for prec in args.precisions}
         peaks = {} if args.no_memory else {f"{s}:{prec}": run_memory_worker(f"{s}:{prec}", args)
                                            for prec in args.precisions for s in ("ours", "trl")}
+        split = {prec: profiles(args, device, prec) for prec in args.precisions} if args.profile else {}
     print()
     print(table(results, peaks))
     print("\n(generate: sampling the group; scoring: reward, advantages, the π_old/π_ref passes; update: the "
           "forward with grad, loss, backward, AdamW. allocated: torch's allocator, exact; RSS: sampled every ms)")
+    for prec, sp in split.items():
+        print(f"\n{prec}:", end="")
+        print_profile_split(sp, target=1.0)
+        for side, s in sp.items():
+            print(f"  {side} rest: " + ", ".join(f"{k.replace('aten::', '')} {v:.2f}" for k, v in s["top_rest"]))
     return results, peaks
 
 
