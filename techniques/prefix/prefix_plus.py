@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigpt import atomic_save_dir, load_tensors, read_json, save_tensors, write_json
+from minigpt import TrainConfig, atomic_save_dir, lm_loss_fn, load_tensors, read_json, save_tensors, train, write_json
 
 FEATURE_MAPS = ("elu", "gelu")
 
@@ -178,9 +178,16 @@ def load_prefix_plus(model: nn.Module, directory) -> PrefixTuningPlus:
     """Wrap `model` (a plain GPT) with the saved Prefix-Tuning+ and load its M's. Another model size, another
     adapter type, missing or damaged files: a ValueError / FileNotFoundError that names the file and the problem."""
     d = Path(directory)
+    if not (d / PLUS_CONFIG).is_file() and (d / "adapter_config.json").is_file():
+        raise ValueError(f"{d} holds a peft adapter (adapter_config.json), not a Prefix-Tuning+ one "
+                         f"({PLUS_CONFIG}); load a prefix-tuning adapter with techniques.prefix.load_adapter")
+    if not (d / PLUS_CONFIG).is_file() and (d / "prefix_config.json").is_file():
+        raise ValueError(f"{d} holds a prefix-tuning checkpoint (prefix_config.json), not a Prefix-Tuning+ adapter "
+                         f"({PLUS_CONFIG}); load it with techniques.prefix.load_checkpoint")
     conf = read_json(d / PLUS_CONFIG)
-    if conf.get("adapter_type") != PLUS_TYPE:
-        raise ValueError(f"{d / PLUS_CONFIG}: adapter_type is {conf.get('adapter_type')!r}, not {PLUS_TYPE!r}")
+    if not isinstance(conf, dict) or conf.get("adapter_type") != PLUS_TYPE:
+        found = conf.get("adapter_type") if isinstance(conf, dict) else None
+        raise ValueError(f"{d / PLUS_CONFIG}: adapter_type is {found!r}, not {PLUS_TYPE!r}")
     ours = _shape_of(model)
     bad = [f"{k}={conf.get(k)} (this model has {v})" for k, v in ours.items() if conf.get(k) != v]
     if bad:
@@ -191,3 +198,41 @@ def load_prefix_plus(model: nn.Module, directory) -> PrefixTuningPlus:
     dev = next(model.parameters()).device
     pp.load_state_dict_M({k: v.to(dev) for k, v in tensors.items()})
     return pp
+
+
+def is_prefix_plus_dir(directory) -> bool:
+    """Whether `directory` holds a Prefix-Tuning+ adapter (by its config's file name and type)."""
+    path = Path(directory) / PLUS_CONFIG
+    if not path.is_file():
+        return False
+    conf = read_json(path)
+    return isinstance(conf, dict) and conf.get("adapter_type") == PLUS_TYPE
+
+
+def parse_layers(text: str, n_layer: int) -> list[int]:
+    """--layers: "all", or indices and ranges ("0,2,4-7"), each in 0..n_layer-1."""
+    if text.strip().lower() == "all":
+        return list(range(n_layer))
+    layers = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            layers += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise ValueError(f"--layers {text!r}: give \"all\" or layer indices and ranges like \"0,2,4-7\"") from None
+    bad = sorted(set(i for i in layers if not 0 <= i < n_layer))
+    if bad or not layers:
+        raise ValueError(f"--layers {text!r}: {bad or 'no layer'} out of range; this model has {n_layer} layers, "
+                         f"0..{n_layer - 1}")
+    return sorted(set(layers))
+
+
+def train_prefix_plus(pp: PrefixTuningPlus, train_examples, *, eval_examples=(),
+                      config: TrainConfig = TrainConfig(), run_info=None) -> list[dict]:
+    """Train only the M's through the shared loop (minigpt.train: precision, accumulation, checkpoints, resume);
+    the wrapped model stays frozen and in eval mode. The loss is the plain causal-LM loss of the wrapped model:
+    unlike prefix tuning there is no past to prepend, the term sits inside each attention."""
+    model = pp.model
+    model.eval()
+    return train(pp.trainable_parameters(), lm_loss_fn(model), train_examples, eval_examples=eval_examples,
+                 config=config, run_info=run_info)
