@@ -18,9 +18,10 @@ touched): it runs the frozen attention unchanged, recomputes q with the frozen c
 the frozen output projection. c_proj is linear, so c_proj(o + φ(q)ᵀM) = c_proj(o) + W_proj · (φ(q)ᵀM): the bias
 is added once, by the frozen attention.
 
-Checked against the paper (2026-12-07): the stored copies of arXiv 2506.13674 (v1, v2 HTML; v3 "PrefixMemory-Tuning")
-reachable from this session show the abstract and the derivation's start, o_pt = Σ_j sim(q_i, k_j) v_j / Σ_j sim(...)
-over prefix and input (the equation above), and a query-dependent term from a trainable external module added to the
+Checked against the paper (2026-12-07, twice): the stored copies of arXiv 2506.13674 (v1, v2 HTML; v3
+"PrefixMemory-Tuning", ICLR 2026, whose code is github.com/haonan3/PrefixMemory-Tuning, not reachable here) show the
+abstract and the derivation's start, o_pt = Σ_j sim(q_i, k_j) v_j / Σ_j sim(...) over prefix and input (the equation
+above), and "a trainable memory matrix M plus a kernel feature map φ(·)" whose query-dependent term is added to the
 attention output; they did NOT show the method section's exact φ, d_φ or M's init. So these stay our choices, open
 until someone reads the method section itself:
   - φ: "elu" is elu(x) + 1 (positive, as a similarity kernel must be for step 2; the linear-attention form of
