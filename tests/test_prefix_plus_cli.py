@@ -192,3 +192,11 @@ def test_check_refuses_a_plus_folder_with_the_reason(tiny_hf, tmp_path, capsys):
     save_prefix_plus(PrefixTuningPlus(copy.deepcopy(tiny_hf[1])), tmp_path / "plus")
     code = minigpt_main(["check", "--weights", str(tiny_hf[2]), "--prefix", str(tmp_path / "plus"), "--device", "cpu"])
     one_error_line(code, capsys, "Prefix-Tuning+", "peft has no such adapter type")
+
+
+def test_plus_adapter_is_not_a_training_checkpoint(tiny_hf, text_file, tmp_path, capsys):
+    save_prefix_plus(PrefixTuningPlus(copy.deepcopy(tiny_hf[1])), tmp_path / "plus")
+    code = plus_cli(tiny_hf[2], text_file, tmp_path / "o", "--resume", str(tmp_path / "plus"))
+    one_error_line(code, capsys, "not a training checkpoint", "--init-from", "--save-every")
+    code = plus_cli(tiny_hf[2], text_file, tmp_path / "o", "--init-from", str(tmp_path / "plus"), "--phi", "gelu")
+    one_error_line(code, capsys, "its own φ and layers", "--phi")
