@@ -200,3 +200,23 @@ def test_plus_adapter_is_not_a_training_checkpoint(tiny_hf, text_file, tmp_path,
     one_error_line(code, capsys, "not a training checkpoint", "--init-from", "--save-every")
     code = plus_cli(tiny_hf[2], text_file, tmp_path / "o", "--init-from", str(tmp_path / "plus"), "--phi", "gelu")
     one_error_line(code, capsys, "its own φ and layers", "--phi")
+
+
+def test_generate_cli_composes_with_lora(tiny_hf, tmp_path, tokenizer, capsys):
+    """`generate --lora A --prefix PLUS`: LoRA merged, then the attentions wrapped; the library's tokens."""
+    from techniques.lora import apply_lora, merge_lora, save_adapter as save_lora
+    _, base, folder = tiny_hf
+    adapted = apply_lora(copy.deepcopy(base), r=4, alpha=8, verbose=False)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if name.endswith(".B"):
+                p.normal_(0, 0.5)  # B = 0 would make LoRA a no-op
+    save_lora(adapted, tmp_path / "lora")
+    save_prefix_plus(nonzero_M(base, seed=2), tmp_path / "plus")
+    both = load_prefix_plus(merge_lora(adapted), tmp_path / "plus").model
+    ids = torch.tensor([tokenizer.encode("The dog")])
+    want = generate(both, ids, max_new_tokens=6)
+    assert minigpt_main(["generate", "The dog", "--weights", str(folder), "--lora", str(tmp_path / "lora"),
+                         "--prefix", str(tmp_path / "plus"), "--greedy", "--max-new-tokens", "6",
+                         "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == tokenizer.decode(want[0]) + "\n"
