@@ -62,6 +62,11 @@ def test_plus_train_writes_the_folder(tiny_hf, text_file, tmp_path, capsys):
     assert pp.layers == [0] and pp.feature_map == "gelu"
     assert pp.trainable_parameters()[0].abs().max() > 0  # it trained
     assert len(json.loads((tmp_path / "a" / "history.json").read_text())["history"]) == 6
+    # --init-from: a new run from the trained M's, with their φ and layers
+    assert plus_cli(folder, text_file, tmp_path / "b", "--max-steps", "1", "--init-from", str(tmp_path / "a"),
+                    "--lr", "2e-2", "--precision", "fp32", "--eval-fraction", "0") == 0
+    assert "Prefix-Tuning+ φ=gelu, layers [0]" in capsys.readouterr().out
+    assert load_prefix_plus(copy.deepcopy(model), tmp_path / "b").layers == [0]
 
 
 def test_plus_train_resume_is_exact(tiny_hf, text_file, tmp_path):
