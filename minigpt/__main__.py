@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how several --lora adapters become one, as peft's add_weighted_adapter: linear (same rank: "
                         "A, B summed with sqrt(w s) each), cat (exact sum of w_i s_i B_i A_i at rank sum r_i), svd "
                         "(best rank-max r_i approximation of that sum); default linear")
-    g.add_argument("--prefix", metavar="DIR", help="a prefix-tuning adapter folder (peft format) to run with")
+    g.add_argument("--prefix", metavar="DIR", help="a prefix-tuning adapter folder (peft format), or a "
+                   "Prefix-Tuning+ one (prefix_plus_config.json), to run with")
     c = sub.add_parser("check", help="compare this GPT-2 (and adapters) with transformers and peft, number for number",
                        description="Load the same files here and in transformers/peft and print a table of the "
                                    "differences: logits, hidden states, greedy tokens, tokenizer, and with "
@@ -89,7 +90,10 @@ def _load(args):
         # merged: decoding costs what the base model costs
         model = merge_lora(load_combined(model, args.lora, weights, args.combine))
     if args.prefix:
-        from techniques.prefix import load_adapter as load_prefix
+        from techniques.prefix import is_prefix_plus_dir, load_adapter as load_prefix, load_prefix_plus
+        if is_prefix_plus_dir(args.prefix):  # Prefix-Tuning+: no past; the model's attentions are wrapped in place
+            load_prefix_plus(model, args.prefix)
+            return model.to(DTYPES[args.dtype]), None
         prefix = load_prefix(model, args.prefix).to(model.device)
         with torch.no_grad():
             past = prefix.past_key_values(1)
