@@ -3,6 +3,7 @@ h = W0·x + b + s·Σ_i softmax(w_t/τ)_i·B^i·Λ_t·A·x, and the task-id plum
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -96,3 +97,123 @@ def test_model_task_ids_and_bad_ids(tiny_hf):
     set_task_ids(model, None)
     with pytest.raises(RuntimeError, match="set_task_ids"):
         model(x)
+
+
+# ---- initialisation as the official code (pUmpKin-Co/MTL-LoRA src/adapter/mlora.py:86-95) -------------------
+@given(dims)
+def test_init_follows_the_official_code(d):
+    n_tasks, _, r, n_up, full, seed = d
+    base = nn.Linear(5, 7)
+    torch.manual_seed(seed)
+    m = MTLLoRALinear(base, n_tasks, r=r, n_up=n_up, full_lambda=full)
+    torch.manual_seed(seed)  # the same draws, in the same order, by the reference recipe
+    A = torch.empty(r, 5)
+    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    w = torch.empty(n_tasks, n_up)
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+    assert torch.equal(m.A, A) and torch.equal(m.w, w)
+    assert float(m.w.detach().abs().max()) <= 1 / math.sqrt(n_up) + 1e-7         # U(-1/sqrt(n), 1/sqrt(n))
+    assert float(m.A.detach().abs().max()) <= 1 / math.sqrt(5) + 1e-7            # U(-1/sqrt(in), 1/sqrt(in))
+    assert torch.equal(m.lambda_matrix(), torch.eye(r).expand(n_tasks, r, r)) and not m.B.any()
+
+
+def test_init_w_is_not_standard_normal():
+    """The old init drew w ~ N(0, 1); the official code's bound is 1/sqrt(n): with n = 2 and 4000 draws, N(0, 1)
+    would exceed 1/sqrt(2) about 1900 times."""
+    torch.manual_seed(0)
+    m = MTLLoRALinear(nn.Linear(5, 7), n_tasks=2000, r=2, n_up=2)
+    assert float(m.w.detach().abs().max()) <= 1 / math.sqrt(2)
+    assert abs(float(m.w.detach().std()) - 1 / math.sqrt(6)) < 0.02              # the std of U(-b, b) is b/sqrt(3)
+
+
+# ---- against AdapterHub `adapters` (its MTLLoRAConfig, MultiTask composition) on a GPT-2-shaped model -------
+# `adapters` 1.3 cannot put MTL-LoRA on GPT-2's attention: c_attn is its LoRAMergedLinear, which refuses a
+# MultiTask setup (adapters/methods/lora.py:1285, "Cannot use MultiTask[...] with LoRA"), and attn.c_proj is not
+# a LoRA target there. Its MLP layers (mlp.c_fc, mlp.c_proj) are LoRALinear and do MTL-LoRA, so the check adapts
+# those. Only the diagonal Λ ("singular_values") is compared: its full Λ ("linear") cannot be built
+# (TaskSpecificLinear.__init__ at lora.py:49 never calls nn.Module.__init__) and would compute Λᵀ·A·x.
+TASKS = ("t0", "t1", "t2")
+MLP_TARGETS = ("mlp.c_fc", "mlp.c_proj")
+
+
+def _adapters_mtl(folder, n_up, tau):
+    import adapters
+    import adapters.composition as ac
+    from adapters import MTLLoRAConfig
+    from transformers import GPT2LMHeadModel
+    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    adapters.init(hf)
+    cfg = MTLLoRAConfig(r=4, alpha=8, n_up_projection=n_up, weights_sharpness=tau, selfattn_lora=False,
+                        intermediate_lora=True, output_lora=True)
+    for name in TASKS:
+        hf.add_adapter(name, cfg)
+    hf.share_parameters(adapter_names=list(TASKS))
+    hf.active_adapters = ac.MultiTask(*TASKS)
+    return hf
+
+
+def _pairs(hf, ours):
+    """(adapters' LoRALinear layer, our MTLLoRALinear) for each adapted MLP layer, matched by module name."""
+    theirs = dict(hf.named_modules())
+    return [(theirs[name], mod) for name, mod in ours.named_modules() if isinstance(mod, MTLLoRALinear)]
+
+
+def _copy_theirs_to_ours(hf, ours):
+    with torch.no_grad():
+        for layer, m in _pairs(hf, ours):
+            shared = layer.shared_parameters[",".join(TASKS)]
+            m.A.copy_(shared["lora_A"])                                    # (r, in)
+            m.B.copy_(shared["lora_B"])                                    # (n, out, r)
+            for t, name in enumerate(TASKS):
+                m.Lambda[t].copy_(layer.loras[name].task_specific.values)  # diag(Λ_t) (r,)
+                m.w[t].copy_(layer.loras[name].weights)                    # w_t (n,)
+
+
+def _copy_ours_to_theirs(ours, hf):
+    with torch.no_grad():
+        for layer, m in _pairs(hf, ours):
+            shared = layer.shared_parameters[",".join(TASKS)]
+            shared["lora_A"].copy_(m.A)
+            shared["lora_B"].copy_(m.B)
+            for t, name in enumerate(TASKS):
+                layer.loras[name].task_specific.values.copy_(m.Lambda[t])
+                layer.loras[name].weights.copy_(m.w[t])
+
+
+@pytest.mark.parametrize("direction", ["adapters->ours", "ours->adapters"])
+def test_logits_equal_adapters_mtl_lora_per_task(tiny_hf, direction):
+    _, ours0, folder = tiny_hf
+    n_up, tau = 3, 0.7
+    hf = _adapters_mtl(folder, n_up, tau)
+    torch.manual_seed(3)
+    ours = apply_mtl_lora(copy.deepcopy(ours0).eval(), n_tasks=3, targets=MLP_TARGETS, r=4, alpha=8, n_up=n_up,
+                          tau=tau)
+    assert len(_pairs(hf, ours)) == 4
+    with torch.no_grad():
+        if direction == "adapters->ours":
+            for name, p in hf.named_parameters():                          # random A, B^i, Λ_t, w in adapters
+                if ".loras." in name or "shared_parameters" in name:
+                    p.copy_(torch.randn_like(p) * (0.3 if "weights" not in name else 1.0))
+            _copy_theirs_to_ours(hf, ours)
+        else:
+            for m in mtl_modules(ours):
+                for p in (m.A, m.Lambda, m.B):
+                    p.copy_(torch.randn_like(p) * 0.3)
+            _copy_ours_to_theirs(ours, hf)
+    x = torch.randint(0, 50257, (3, 8))
+    ids = torch.tensor([2, 0, 1])                                          # a mixed-task batch
+    with torch.no_grad():
+        theirs = hf(x, task_ids=ids).logits
+        with task_ids(ours, ids):
+            mine = ours(x).logits
+        base = ours0(x).logits
+    diff = float((theirs - mine).abs().max())
+    print(f"\n{direction}: max |logits(adapters) - logits(ours)| over 3 tasks = {diff:.2e}")
+    assert diff < 1e-5
+    assert float((mine - base).abs().max()) > 1e-2                         # the adapters really change the logits
+    for t in range(3):                                                     # and each task is its own function
+        with torch.no_grad():
+            theirs_t = hf(x[:1], task_ids=torch.tensor([t])).logits
+            set_task_ids(ours, [t])
+            torch.testing.assert_close(ours(x[:1]).logits, theirs_t, atol=1e-5, rtol=0)
+    set_task_ids(ours, None)
