@@ -217,3 +217,98 @@ def test_logits_equal_adapters_mtl_lora_per_task(tiny_hf, direction):
             set_task_ids(ours, [t])
             torch.testing.assert_close(ours(x[:1]).logits, theirs_t, atol=1e-5, rtol=0)
     set_task_ids(ours, None)
+
+
+# ---- files: save_mtl_lora / load_mtl_lora, and the refusals between LoRA and MTL-LoRA folders ---------------
+def _trained_like(ours0, full=False):
+    torch.manual_seed(5)
+    model = apply_mtl_lora(copy.deepcopy(ours0).eval(), n_tasks=3, targets=("c_attn", "mlp.c_fc"), r=4, n_up=2,
+                           tau=0.5, full_lambda=full)
+    with torch.no_grad():
+        for m in mtl_modules(model):
+            for p in (m.A, m.Lambda, m.B, m.w):
+                p.copy_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_save_load_round_trip_and_merge(tiny_hf, tmp_path, full):
+    from techniques.lora import load_mtl_lora, merge_mtl_lora, save_mtl_lora
+    _, ours0, _ = tiny_hf
+    model = _trained_like(ours0, full)
+    save_mtl_lora(model, tmp_path / "mtl", ["poetry", "scifi", "chemistry"])
+    assert not list(tmp_path.glob(".tmp-save-*"))
+    loaded, tasks = load_mtl_lora(copy.deepcopy(ours0).eval(), tmp_path / "mtl")
+    assert tasks == ["poetry", "scifi", "chemistry"]
+    x = torch.randint(0, 50257, (3, 8))
+    with torch.no_grad():
+        with task_ids(model, [0, 1, 2]):
+            want = model(x).logits
+        with task_ids(loaded, [0, 1, 2]):
+            assert torch.equal(loaded(x).logits, want)
+        for t in range(3):                                   # merging task t = the MTL model run with task t
+            merged = merge_mtl_lora(copy.deepcopy(loaded), t)
+            assert not mtl_modules(merged)
+            torch.testing.assert_close(merged(x[t:t + 1]).logits, want[t:t + 1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="out of range"):
+        merge_mtl_lora(copy.deepcopy(loaded), 3)
+
+
+def test_mtl_and_plain_lora_folders_refuse_each_other(tiny_hf, tmp_path):
+    from techniques.lora import apply_lora, load_adapter, load_mtl_lora, save_adapter, save_mtl_lora, task_index
+    from techniques.lora import read_mtl_config
+    _, ours0, _ = tiny_hf
+    save_mtl_lora(_trained_like(ours0), tmp_path / "mtl", ["a", "b", "c"])
+    with pytest.raises(ValueError, match="'MTL_LORA' adapter, not 'LORA'.*--mtl-lora"):
+        load_adapter(copy.deepcopy(ours0), tmp_path / "mtl")
+    save_adapter(apply_lora(copy.deepcopy(ours0), r=2, verbose=False), tmp_path / "lora")
+    with pytest.raises(ValueError, match="'LORA' adapter, not 'MTL_LORA'.*--lora"):
+        load_mtl_lora(copy.deepcopy(ours0), tmp_path / "lora")
+    cfg = read_mtl_config(tmp_path / "mtl")
+    assert task_index(cfg, "b") == 1 and task_index(cfg, "2") == 2
+    with pytest.raises(ValueError, match="unknown task 'poetry'.*a, b, c"):
+        task_index(cfg, "poetry")
+    with pytest.raises(ValueError, match="out of range"):
+        task_index(cfg, 3)
+
+
+def test_generate_command_lora_refuses_mtl_folder(tiny_hf, tmp_path, capsys):
+    from minigpt.__main__ import main as minigpt_main
+    from techniques.lora import save_mtl_lora
+    _, ours0, folder = tiny_hf
+    save_mtl_lora(_trained_like(ours0), tmp_path / "mtl", ["a", "b", "c"])
+    code = minigpt_main(["generate", "Hello", "--weights", str(folder), "--lora", str(tmp_path / "mtl"),
+                         "--max-new-tokens", "2", "--device", "cpu"])
+    assert code == 2 and "MTL_LORA" in capsys.readouterr().err
+
+
+def test_generate_command_with_mtl_folder_and_task(tiny_hf, tmp_path, capsys):
+    """`minigpt generate --mtl-lora DIR --task NAME` = greedy decoding of the MTL model run with that task."""
+    from minigpt.__main__ import main as minigpt_main
+    from minigpt import get_tokenizer
+    from techniques.lora import save_mtl_lora
+    _, ours0, folder = tiny_hf
+    model = _trained_like(ours0)
+    with torch.no_grad():
+        for m in mtl_modules(model):
+            m.B.mul_(20)                                  # tasks far enough apart to change a greedy token
+    save_mtl_lora(model, tmp_path / "mtl", ["a", "b", "c"])
+    tok = get_tokenizer()
+    ids = torch.tensor([tok.encode("Hello there")])
+    outs = {}
+    for t, name in enumerate("abc"):
+        seq = ids
+        with torch.no_grad(), task_ids(model, [t]):
+            for _ in range(4):
+                seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        want = "Hello there" + tok.decode(seq[0, ids.shape[1]:].tolist())
+        code = minigpt_main(["generate", "Hello there", "--weights", str(folder), "--mtl-lora", str(tmp_path / "mtl"),
+                             "--task", name, "--greedy", "--max-new-tokens", "4", "--device", "cpu"])
+        outs[name] = capsys.readouterr().out.strip()
+        assert code == 0 and outs[name] == want.strip()
+    assert len(set(outs.values())) > 1                     # the task changes the text
+    code = minigpt_main(["generate", "Hi", "--weights", str(folder), "--mtl-lora", str(tmp_path / "mtl"),
+                         "--task", "poetry", "--device", "cpu"])
+    assert code == 2 and "unknown task 'poetry'" in capsys.readouterr().err
+    code = minigpt_main(["generate", "Hi", "--weights", str(folder), "--task", "a", "--device", "cpu"])
+    assert code == 2 and "--mtl-lora and --task go together" in capsys.readouterr().err

@@ -39,7 +39,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["MTLLoRALinear", "apply_mtl_lora", "mtl_modules", "mtl_parameters", "set_task_ids", "task_ids"]
+__all__ = ["MTLLoRALinear", "apply_mtl_lora", "merge_mtl_lora", "mtl_modules", "mtl_parameters", "set_task_ids",
+           "task_ids"]
 
 
 class MTLLoRALinear(nn.Module):
@@ -151,3 +152,22 @@ def mtl_modules(model: nn.Module) -> list[MTLLoRALinear]:
 
 def mtl_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in mtl_modules(model) for p in (m.A, m.Lambda, m.B, m.w)]
+
+
+def merge_mtl_lora(model: nn.Module, task: int) -> nn.Module:
+    """Fold task `task`'s update into each frozen weight and drop the MTL-LoRA layers (in place):
+    W0 <- W0 + s·Σ_i softmax(w_t/τ)_i·B^i·Λ_t·A, so one task then decodes at the base model's cost."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MTLLoRALinear)]
+    if not layers:
+        raise ValueError("this model has no MTL-LoRA layers to merge")
+    n = layers[0][1].n_tasks
+    if not 0 <= int(task) < n:
+        raise ValueError(f"task id {task} is out of range: this MTL-LoRA has {n} tasks (ids 0..{n - 1})")
+    with torch.no_grad():
+        for name, m in layers:
+            mix = torch.softmax(m.w[task] / m.tau, dim=-1)                     # (n,)
+            B_t = torch.einsum("n,nor->or", mix, m.B)                           # (out, r)  Σ_i mix_i·B^i
+            m.base.weight += m.scaling * (B_t @ m.lambda_matrix()[task] @ m.A)  # (out, in)
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, m.base)
+    return model
