@@ -3,6 +3,7 @@ h = W0·x + b + s·Σ_i softmax(w_t/τ)_i·B^i·Λ_t·A·x, and the task-id plum
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -312,3 +313,70 @@ def test_generate_command_with_mtl_folder_and_task(tiny_hf, tmp_path, capsys):
     assert code == 2 and "unknown task 'poetry'" in capsys.readouterr().err
     code = minigpt_main(["generate", "Hi", "--weights", str(folder), "--task", "a", "--device", "cpu"])
     assert code == 2 and "--mtl-lora and --task go together" in capsys.readouterr().err
+
+
+# ---- python -m techniques.lora train --mtl -------------------------------------------------------------------
+def _cli(argv, capsys):
+    from techniques.lora.__main__ import main
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _task_files(tmp_path):
+    files = []
+    for name, text in (("poetry", "the moon is bright upon the silent sea. "), ("scifi", "the starship jumped to "
+                       "warp near the red dwarf. "), ("chem", "sodium reacts with water to give hydrogen. ")):
+        f = tmp_path / f"{name}.txt"
+        f.write_text(text * 12)
+        files += ["--data", str(f)]
+    return files
+
+
+def test_cli_train_mtl_tiny_run_resume_exact_and_bad_tasks(tiny_hf, tmp_path, capsys):
+    from safetensors.torch import load_file
+    from techniques.lora import load_mtl_lora
+    _, ours0, folder = tiny_hf
+    data = _task_files(tmp_path)
+
+    def run(out, *extra, tasks="poetry,scifi,chem"):
+        return _cli(["train", "--mtl", "--tasks", tasks, *data, "--weights", str(folder), "--block-size", "16",
+                     "--batch-size", "4", "--device", "cpu", "--no-progress", "--precision", "fp32", "--lr", "1e-2",
+                     "--max-steps", "5", "--eval-fraction", "0.2", "--r", "2", "--n-up", "2",
+                     "--out", str(tmp_path / out), *extra], capsys)
+    code, out, err = run("a", "--save-every", "3")
+    assert code == 0, err
+    assert "3 tasks (poetry, scifi, chem)" in out and "saved MTL-LoRA" in out
+    code, out, err = run("b", "--resume", str(tmp_path / "a" / "train_state"))   # the step-3 checkpoint
+    assert code == 0 and "resuming from" in out, err
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)    # resumed == uninterrupted
+    model, tasks = load_mtl_lora(copy.deepcopy(ours0).eval(), tmp_path / "a")
+    assert tasks == ["poetry", "scifi", "chem"]
+    m = mtl_modules(model)[0]
+    assert m.B.abs().sum() > 0 and not torch.equal(m.Lambda[0], m.Lambda[1])  # trained, and per task
+    hist = json.loads((tmp_path / "a" / "history.json").read_text())["history"]
+    assert len(hist) == 5 and all(math.isfinite(h["loss"]) for h in hist)
+    code, _, err = run("c", "--resume", str(tmp_path / "a" / "train_state"), "--n-up", "3")
+    assert code == 2 and "n_up" in err                                        # another shape: refused
+    for tasks, msg in (("poetry,scifi", "names 2 task(s) but 3 --data file(s)"),
+                       ("poetry,poetry,chem", "distinct, non-empty names"), ("a,,b", "distinct, non-empty names")):
+        code, _, err = run("d", tasks=tasks)
+        assert code == 2 and msg in err, err
+    code, _, err = run("e", "--dora")
+    assert code == 2 and "--dora is not implemented for --mtl" in err
+    code, _, err = _cli(["train", "--data", "x.txt", "--data", "y.txt", "--out", str(tmp_path / "f")], capsys)
+    assert code == 2 and "several: --mtl" in err
+
+
+def test_task_id_out_of_range_in_a_batch_is_refused(tiny_hf):
+    from techniques.lora import TaskExample, collate_mtl, mtl_loss_fn
+    _, ours0, _ = tiny_hf
+    model = apply_mtl_lora(copy.deepcopy(ours0), n_tasks=2, r=2)
+    batch = collate_mtl([TaskExample([1, 2, 3], [1, 1, 1], 0), TaskExample([4, 5, 6], [1, 1, 1], 2)])
+    with pytest.raises(ValueError, match="task id 2 is out of range.*2 tasks"):
+        mtl_loss_fn(model)(batch)
+    assert all(m.task_ids is None for m in mtl_modules(model))

@@ -7,7 +7,8 @@ from .lora import lora_disabled
 from .named import (COMBINATIONS, active_adapter, add_adapter, add_weighted_adapter, adapter_names,
                     delete_adapter, disable_adapters, load_adapters, load_combined, load_named_adapter, save_adapters,
                     set_adapter)
-from .mtl import MTLLoRALinear, apply_mtl_lora, merge_mtl_lora, mtl_modules, mtl_parameters, set_task_ids, task_ids
+from .mtl import (MTLLoRALinear, TaskExample, apply_mtl_lora, collate_mtl, merge_mtl_lora, mtl_loss_fn, mtl_modules,
+                  mtl_parameters, set_task_ids, task_examples, task_ids)
 from .mtl_files import load_mtl_lora, read_mtl_config, save_mtl_lora, task_index
 from .nf4 import NF4Linear, dequantize_base, nf4_memory, quantize_base
 from .peft_files import load_adapter, save_adapter
@@ -19,4 +20,5 @@ __all__ = ["LoRALinear", "LoRAQKV", "apply_lora", "merge_lora", "lora_modules", 
            "delete_adapter", "adapter_names", "active_adapter", "add_weighted_adapter",
            "load_combined", "COMBINATIONS",
            "MTLLoRALinear", "apply_mtl_lora", "mtl_modules", "mtl_parameters", "set_task_ids", "task_ids",
-           "merge_mtl_lora", "save_mtl_lora", "load_mtl_lora", "read_mtl_config", "task_index"]
+           "merge_mtl_lora", "TaskExample", "task_examples", "collate_mtl", "mtl_loss_fn",
+           "save_mtl_lora", "load_mtl_lora", "read_mtl_config", "task_index"]

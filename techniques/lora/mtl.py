@@ -34,13 +34,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
+from minigpt import Example, collate_lm, lm_loss_fn
+
 __all__ = ["MTLLoRALinear", "apply_mtl_lora", "merge_mtl_lora", "mtl_modules", "mtl_parameters", "set_task_ids",
-           "task_ids"]
+           "task_ids", "TaskExample", "task_examples", "collate_mtl", "mtl_loss_fn"]
 
 
 class MTLLoRALinear(nn.Module):
@@ -171,3 +174,39 @@ def merge_mtl_lora(model: nn.Module, task: int) -> nn.Module:
             parent_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, leaf, m.base)
     return model
+
+
+# ---- training: every example carries its task id ---------------------------------------------------------
+@dataclass
+class TaskExample(Example):
+    """A language-model example (input_ids, loss_mask) with the id of its task."""
+    task: int = 0
+
+
+def task_examples(per_task: Sequence[Sequence[Example]]) -> list[TaskExample]:
+    """One list of examples per task (in task-id order) -> one mixed list, each example tagged with its id."""
+    return [TaskExample(e.input_ids, e.loss_mask, t) for t, examples in enumerate(per_task) for e in examples]
+
+
+def collate_mtl(examples: Sequence[TaskExample]) -> dict[str, torch.Tensor]:
+    """`collate_lm`'s batch plus "task_ids" (B,): the batch may mix tasks."""
+    missing = [i for i, e in enumerate(examples) if not hasattr(e, "task")]
+    if missing:
+        raise ValueError(f"example {missing[0]} of the batch has no task id: build MTL-LoRA data with task_examples")
+    batch = collate_lm(examples)
+    batch["task_ids"] = torch.tensor([e.task for e in examples], dtype=torch.long)
+    return batch
+
+
+def mtl_loss_fn(model: nn.Module):
+    """loss_fn for `minigpt.train` over `collate_mtl` batches: set the batch's task ids, then the LM loss.
+    An id out of range is refused by `set_task_ids`."""
+    lm = lm_loss_fn(model)
+
+    def loss_fn(batch):
+        set_task_ids(model, batch["task_ids"])
+        try:
+            return lm(batch)
+        finally:
+            set_task_ids(model, None)
+    return loss_fn
