@@ -11,9 +11,9 @@ import importlib
 __all__ = ["PROJECT_NAMES", "load", "load_all"]
 
 # The order of the tutorial: PPLM's projects, prefix tuning's, LoRA's, the system that composes them, then the
-# comparison of the steering methods.
+# comparison of the steering methods, then MTL-LoRA against shared and separate LoRAs.
 PROJECT_NAMES = ("sentiment_story", "hiring_ad", "hypothesis", "summarizer", "explainer", "table_to_text",
-                 "squad_qa", "poetry", "scifi", "chemistry", "hybrid", "steering")
+                 "squad_qa", "poetry", "scifi", "chemistry", "hybrid", "steering", "mtl_compare")
 
 
 def load(name: str):
