@@ -60,7 +60,7 @@ class Sizes:
 
 
 SIZES = {"full": Sizes(),
-         "quick": Sizes(steps=60, eval_every=30, per_task_train=60, per_task_heldout=12),
+         "quick": Sizes(steps=60, batch_size=4, eval_every=30, per_task_train=60, per_task_heldout=12, max_len=48),
          "smoke": Sizes(steps=2, batch_size=4, eval_every=1, per_task_train=8, per_task_heldout=3, max_len=32)}
 
 
