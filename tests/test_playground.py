@@ -11,9 +11,15 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
+from demos.kits import new_lora_model
 from demos.playground import core
-from minigpt import GPT
-from tests.helpers import TINY, make_hf_model
+from minigpt import GPT, beam_search
+from techniques.lora import save_adapter as save_lora
+from techniques.peft_format import read_adapter_weights
+from techniques.prefix import PrefixTuning, save_adapter as save_prefix
+from tests.helpers import ODD_HEADS, TINY, make_hf_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -56,6 +62,83 @@ def test_steer_changes_text_same_seed(model):
     s = core.steer_compare(model, "Hello there", "space", stepsize=5.0, max_new_tokens=6, seed=1)
     assert s.plain == s0.plain and s.steered != s.plain
     assert len(s.attribute) == 6 and all(0 <= a <= 1 for a in s.attribute)
+
+
+def test_beam_text_is_the_best_beam(model):
+    text = core.beam_text(model, "Hello there", max_new_tokens=5, num_beams=3)
+    ids = core.encode_prompt(model, "Hello there", 5)
+    ref = beam_search(model, ids, max_new_tokens=5, num_beams=3, eos_token_id=50256, pad_token_id=50256)
+    from minigpt import get_tokenizer
+    assert text == get_tokenizer().decode([t for t in ref.sequences[0, ids.size(1):].tolist() if t != 50256])
+    with pytest.raises(core.PlaygroundError, match="beams"):
+        core.beam_text(model, "Hello there", num_beams=0)
+
+
+def _lora_dir(base: GPT, folder: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    lora = new_lora_model(base)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if ".B." in name:
+                p.normal_(0, 0.5)          # a trained-looking B: the adapter changes the output
+    save_lora(lora, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters(model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    lora = _lora_dir(model, root / "poem-lora")
+    torch.manual_seed(1)
+    prefix = PrefixTuning(model.config, 3)
+    with torch.no_grad():
+        prefix.load_table_(torch.randn_like(prefix.table()) * 2)
+    save_prefix(prefix, root / "e2e-prefix")
+    other = GPT.from_pretrained(str(make_hf_model(tmp_path_factory.mktemp("odd") / "m", **ODD_HEADS)[1]))
+    wrong = _lora_dir(other, tmp_path_factory.mktemp("wrong") / "odd-lora")
+    return root, lora, root / "e2e-prefix", wrong
+
+
+def test_adapters_found_loaded_and_switched(model, adapters):
+    root, lora_dir, prefix_dir, _ = adapters
+    assert core.find_adapters(root) == sorted([str(lora_dir), str(prefix_dir)])
+    lora, prefix = core.load_adapter_dir(model, str(lora_dir)), core.load_adapter_dir(model, str(prefix_dir))
+    saved = sum(t.numel() for t in read_adapter_weights(lora_dir).values())
+    assert lora.kind == "LORA" and lora.config["peft_type"] == "LORA" and lora.parameters == saved
+    assert prefix.kind == "PREFIX_TUNING" and prefix.parameters == 3 * 2 * 2 * 32
+    base, off = core.with_and_without(model, "Hello there", [], seed=4, max_new_tokens=8)
+    assert base == off                                   # switched off: the base model's text
+    base_l, on_l = core.with_and_without(model, "Hello there", [lora], seed=4, max_new_tokens=8)
+    base_p, on_p = core.with_and_without(model, "Hello there", [prefix], seed=4, max_new_tokens=8)
+    assert base_l == base_p == base and on_l != base and on_p != base
+    # the shared model was never changed by loading or using the LoRA (it works on a copy)
+    assert not any(".A." in n or ".B." in n for n, _ in model.named_parameters())
+    assert core.with_and_without(model, "Hello there", [], seed=4, max_new_tokens=8)[1] == base
+
+
+def test_bad_adapters_have_messages(model, adapters, tmp_path):
+    _, lora_dir, _, wrong = adapters
+    with pytest.raises(core.PlaygroundError, match="not an adapter folder"):
+        core.load_adapter_dir(model, str(tmp_path))
+    with pytest.raises(core.PlaygroundError, match="does not fit this model"):
+        core.load_adapter_dir(model, str(wrong))
+    lora = core.load_adapter_dir(model, str(lora_dir))
+    with pytest.raises(core.PlaygroundError, match="at most one LoRA"):
+        core.with_and_without(model, "Hello", [lora, lora])
+
+
+def test_attention_map_is_causal_softmax(model):
+    labels, att = core.attention_map(model, "The cat sat on the mat", 1, 2)
+    T = len(labels)
+    assert att.shape == (T, T) and abs(att.sum(-1) - 1).max() < 1e-5
+    assert abs(att[~__import__("numpy").tri(T, dtype=bool)]).max() == 0
+    with torch.no_grad():
+        ids = core.encode_prompt(model, "The cat sat on the mat")
+        ref = model(ids, output_attentions=True).attentions[1][0, 2]
+    assert abs(ref.numpy() - att).max() < 1e-6
+    assert core.attention_figure(labels, att, 1, 2).axes
+    with pytest.raises(core.PlaygroundError, match="does not exist"):
+        core.attention_map(model, "The cat", 5, 0)
 
 
 def _free_port() -> int:

@@ -2,6 +2,8 @@
 ValueError from the library) shows as a message on the page; the server keeps serving."""
 from __future__ import annotations
 
+import json
+
 import gradio as gr
 import pandas as pd
 
@@ -15,12 +17,24 @@ def _message(e: Exception) -> str:
     return f"**Error:** {e}"
 
 
-def build_app(model: GPT, model_line: str) -> gr.Blocks:
-    """The page, over one shared model. Callbacks hold no state between calls: each session's settings
-    live in its own widgets."""
+def _adapter_info(adapters) -> str:
+    return "\n\n".join(f"**{a.path}** ({a.kind}): {a.parameters:,} parameters. {a.summary}\n\n```json\n"
+                         f"{json.dumps(a.config, indent=1, sort_keys=True)}\n```" for a in adapters)
 
-    def generate(prompt, mode, max_new, temperature, top_k, top_p, seed, rep, ngram, stops):
+
+def build_app(model: GPT, model_line: str, runs_dir: str = "runs") -> gr.Blocks:
+    """The page, over one shared model. Callbacks hold no state between calls: each session's settings
+    live in its own widgets, and adapters are loaded per request onto a copy (LoRA) or as a past (prefix)."""
+
+    def generate(prompt, mode, max_new, temperature, top_k, top_p, seed, rep, ngram, stops, beams, lp):
         try:
+            if mode == "beam search":
+                text = core.beam_text(model, prompt, max_new_tokens=int(max_new), num_beams=int(beams),
+                                      length_penalty=float(lp), repetition_penalty=float(rep),
+                                      no_repeat_ngram_size=int(ngram), stop_text=stops)
+                rows = core.next_token_table(model, prompt)
+                yield text, [[repr(t), round(b, 4), round(a, 4)] for t, b, a in rows], "done"
+                return
             kw = dict(max_new_tokens=int(max_new), do_sample=mode == "sampling", temperature=float(temperature),
                       top_k=int(top_k) or None, top_p=float(top_p) if top_p < 1 else None, seed=int(seed),
                       repetition_penalty=float(rep), no_repeat_ngram_size=int(ngram), stop_text=stops)
@@ -50,7 +64,7 @@ def build_app(model: GPT, model_line: str) -> gr.Blocks:
         with gr.Tab("Generate"):
             prompt = gr.Textbox(label="Prompt", value="The king looked at the crowd and said", elem_id="prompt")
             with gr.Row():
-                mode = gr.Radio(["sampling", "greedy"], value="sampling", label="Decoding")
+                mode = gr.Radio(["sampling", "greedy", "beam search"], value="sampling", label="Decoding")
                 max_new = gr.Slider(1, 100, value=30, step=1, label="New tokens")
                 seed = gr.Number(value=0, precision=0, label="Seed")
             with gr.Row():
@@ -62,6 +76,9 @@ def build_app(model: GPT, model_line: str) -> gr.Blocks:
                 ngram = gr.Slider(0, 5, value=0, step=1, label="No-repeat n-gram")
                 stops = gr.Textbox(label="Stop strings (| separated)", value="")
             with gr.Row():
+                beams = gr.Slider(1, 8, value=4, step=1, label="Beams (beam search)")
+                lp = gr.Slider(0.0, 2.0, value=1.0, label="Length penalty (beam search)")
+            with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
                 stop_btn = gr.Button("Stop", elem_id="stop")
             msg = gr.Markdown(elem_id="gen-msg")
@@ -69,8 +86,8 @@ def build_app(model: GPT, model_line: str) -> gr.Blocks:
                 out = gr.Textbox(label="Continuation (streams)", lines=6, elem_id="gen-out")
                 table = gr.Dataframe(headers=["next token", "p before filters", "p after filters"],
                                      label="Next-token distribution for the prompt")
-            ev = go.click(generate, [prompt, mode, max_new, temperature, top_k, top_p, seed, rep, ngram, stops],
-                          [out, table, msg])
+            gen_inputs = [prompt, mode, max_new, temperature, top_k, top_p, seed, rep, ngram, stops, beams, lp]
+            ev = go.click(generate, gen_inputs, [out, table, msg])
             stop_btn.click(None, cancels=[ev])
         with gr.Tab("Steer (PPLM)"):
             sprompt = gr.Textbox(label="Prompt", value="The king looked at the crowd and said", elem_id="sprompt")
@@ -89,4 +106,74 @@ def build_app(model: GPT, model_line: str) -> gr.Blocks:
             splot = gr.LinePlot(x="token", y="bag mass", title="Steering signal: bag mass under the steered "
                                 "distribution, per token", label="Bag mass per token", elem_id="splot")
             sgo.click(steer, [sprompt, bag, stepsize, iters, smax, sseed], [plain, steered, splot, smsg])
+        with gr.Tab("Adapters"):
+            gr.Markdown("Adapters (LoRA, prefix tuning: any peft-format folder) found under the runs folder, or added "
+                        "by path. Tick one to switch it on; Compare samples the prompt with and without them from "
+                        "the same seed.")
+            with gr.Row():
+                runs = gr.Textbox(label="Runs folder", value=runs_dir, elem_id="runs")
+                scan = gr.Button("Scan", elem_id="scan")
+                extra = gr.Textbox(label="Or an adapter folder", elem_id="adapter-path")
+                add = gr.Button("Add", elem_id="add-adapter")
+            on = gr.CheckboxGroup(core.find_adapters(runs_dir), label="Switched on", elem_id="adapters-on")
+            aprompt = gr.Textbox(label="Prompt", value="The king looked at the crowd and said", elem_id="aprompt")
+            with gr.Row():
+                amax = gr.Slider(1, 60, value=20, step=1, label="New tokens")
+                aseed = gr.Number(value=0, precision=0, label="Seed")
+            ago = gr.Button("Compare", variant="primary", elem_id="compare")
+            amsg = gr.Markdown(elem_id="adapter-msg")
+            with gr.Row():
+                base_out = gr.Textbox(label="Base model (adapters off)", lines=4, elem_id="base-out")
+                adapted_out = gr.Textbox(label="With the adapters switched on (same seed)", lines=4,
+                                         elem_id="adapted-out")
+            ainfo = gr.Markdown(elem_id="adapter-info")
+
+            def do_scan(folder, checked):
+                found = core.find_adapters(folder)
+                return gr.update(choices=sorted(set(found) | set(checked or [])), value=checked or []), \
+                    f"{len(found)} adapter folder(s) under {folder}"
+
+            def do_add(path, checked):
+                try:
+                    a = core.load_adapter_dir(model, path)
+                except ValueError as e:
+                    return gr.update(), _message(e), ""
+                checked = sorted(set(checked or []) | {a.path})
+                return gr.update(choices=checked, value=checked), f"added {a.path}", _adapter_info([a])
+
+            def compare(prompt, checked, max_new, seed):
+                try:
+                    adapters = [core.load_adapter_dir(model, p) for p in checked or []]
+                    base, adapted = core.with_and_without(model, prompt, adapters, seed=int(seed),
+                                                          max_new_tokens=int(max_new))
+                except ValueError as e:
+                    return "", "", _message(e), ""
+                state = "no adapter switched on: the two are the same" if not adapters else \
+                    f"{len(adapters)} adapter(s) on"
+                return base, adapted, state, _adapter_info(adapters)
+
+            scan.click(do_scan, [runs, on], [on, amsg])
+            add.click(do_add, [extra, on], [on, amsg, ainfo])
+            ago.click(compare, [aprompt, on, amax, aseed], [base_out, adapted_out, amsg, ainfo])
+        with gr.Tab("Inspect"):
+            iprompt = gr.Textbox(label="Prompt", value="The old man gave the boy his book because he had finished it.",
+                                 elem_id="iprompt")
+            with gr.Row():
+                layer = gr.Slider(0, model.config.n_layer - 1, value=model.config.n_layer // 2, step=1,
+                                  label="Layer", elem_id="layer")
+                head = gr.Slider(0, model.config.n_head - 1, value=0, step=1, label="Head", elem_id="head")
+            igo = gr.Button("Show attention", variant="primary", elem_id="inspect")
+            imsg = gr.Markdown(elem_id="inspect-msg")
+            iplot = gr.Plot(label="Attention heatmap", elem_id="iplot")
+
+            def inspect(prompt, layer, head):
+                try:
+                    labels, att = core.attention_map(model, prompt, int(layer), int(head))
+                except ValueError as e:
+                    return None, _message(e)
+                top = att[-1].argmax()
+                return core.attention_figure(labels, att, int(layer), int(head)), \
+                    f"{len(labels)} tokens; the last token attends most to {labels[top]!r} ({att[-1, top]:.2f})"
+
+            igo.click(inspect, [iprompt, layer, head], [iplot, imsg])
     return demo
