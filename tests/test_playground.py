@@ -2,6 +2,7 @@
 in a real browser (headless Debian chromium through Playwright), skipped only where chromium is absent."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -147,13 +148,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _shot(page, folder: Path, name: str) -> None:
+    """A screenshot of the page into the test's folder (and into $PLAYGROUND_SHOTS when set, for the docs)."""
+    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+    if os.environ.get("PLAYGROUND_SHOTS"):
+        shutil.copy(folder / f"{name}.png", Path(os.environ["PLAYGROUND_SHOTS"]) / f"playground_{name}.png")
+
+
+def _generate(page, prompt: str, seed: int) -> None:
+    page.locator("#prompt textarea").fill(prompt)
+    page.locator("#seed input").fill(str(seed))
+    page.locator("#seed input").press("Enter")
+    page.locator("#generate").click()
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (apt-get install chromium)")
 def test_page_in_browser(tmp_path):
+    """The page on the bundled model, driven in headless chromium: generate (and an empty prompt), steer at two
+    strengths, an adapter switched on and off, a folder that is not an adapter, attention, and two pages at
+    once with different settings. Every text is checked against the plain functions run here."""
     sync_api = pytest.importorskip("playwright.sync_api")
+    expect = sync_api.expect
+    tiny = GPT.from_pretrained("tiny").eval()
+    lora_dir = _lora_dir(tiny, tmp_path / "runs" / "tiny-lora")
+    expected = {seed: list(core.stream_text(tiny, prompt, max_new_tokens=30, seed=seed))[-1]
+                for prompt, seed in (("Once upon a time", 1), ("The ship sailed", 2))}
+    base, adapted = core.with_and_without(tiny, "The king looked at the crowd and said",
+                                          [core.load_adapter_dir(tiny, str(lora_dir))], seed=0, max_new_tokens=20)
+    assert base != adapted
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "demos.playground", "--model", "tiny", "--port", str(port),
-                             "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                             "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in proc.stdout:
             if "playground: http" in line:
@@ -168,24 +194,66 @@ def test_page_in_browser(tmp_path):
                     break
                 except Exception:
                     time.sleep(0.5)
-            page.locator("#generate").click()
-            out = page.locator("#gen-out textarea")
-            sync_api.expect(page.locator("#gen-msg")).to_contain_text("done", timeout=30000)
-            first = out.input_value()
-            assert first.strip()
-            page.screenshot(path=str(tmp_path / "generate.png"), full_page=True)
+            # Generate, streamed, then an empty prompt
+            _generate(page, "Once upon a time", 1)
+            expect(page.locator("#gen-msg")).to_contain_text("done", timeout=30000)
+            assert page.locator("#gen-out textarea").input_value() == expected[1]
+            _shot(page, tmp_path, "generate")
             page.locator("#prompt textarea").fill("")
             page.locator("#generate").click()
-            sync_api.expect(page.locator("#gen-msg")).to_contain_text("empty", timeout=30000)
-            page.screenshot(path=str(tmp_path / "bad_input.png"), full_page=True)
+            expect(page.locator("#gen-msg")).to_contain_text("empty", timeout=30000)
+            _shot(page, tmp_path, "bad_prompt")
+            # Steer at two strengths: the unsteered text stays, the steered one changes, the plot is drawn
             page.get_by_role("tab", name="Steer (PPLM)").click()
             page.locator("#steer").click()
-            sync_api.expect(page.locator("#steer-msg")).to_contain_text("bag tokens", timeout=30000)
+            expect(page.locator("#steer-msg")).to_contain_text("bag tokens", timeout=30000)
             plain, steered = page.locator("#plain").inner_text(), page.locator("#steered").inner_text()
             assert plain.strip() and steered.strip() and plain != steered
-            page.screenshot(path=str(tmp_path / "steer.png"), full_page=True)
-            shutil.copy(tmp_path / "steer.png", ROOT / "docs" / "playground_steer.png") \
-                if (ROOT / "docs").is_dir() and "PLAYGROUND_SHOT" in __import__("os").environ else None
+            page.locator("#stepsize input[type=number]").fill("1.5")
+            page.locator("#stepsize input[type=number]").press("Enter")
+            page.locator("#steer").click()
+            expect(page.locator("#steer-msg")).to_contain_text("(strength 1.5)", timeout=30000)
+            assert page.locator("#plain").inner_text() == plain
+            assert page.locator("#steered").inner_text() not in (plain, steered)
+            assert page.locator("#splot canvas, #splot svg").count() > 0
+            _shot(page, tmp_path, "steer")
+            # Adapters: a folder that is not one, then the LoRA on (differs) and off (the base's text)
+            page.get_by_role("tab", name="Adapters").click()
+            page.locator("#adapter-path textarea, #adapter-path input").first.fill(str(tmp_path / "out"))
+            page.locator("#add-adapter").click()
+            expect(page.locator("#adapter-msg")).to_contain_text("not an adapter folder", timeout=30000)
+            _shot(page, tmp_path, "bad_adapter")
+            page.locator("#scan").click()
+            box = page.locator("#adapters-on input[type=checkbox]")
+            expect(box).to_have_count(1, timeout=30000)
+            box.check()
+            page.locator("#compare").click()
+            expect(page.locator("#adapter-msg")).to_contain_text("1 adapter(s) on", timeout=30000)
+            assert page.locator("#base-out textarea").input_value() == base
+            assert page.locator("#adapted-out textarea").input_value() == adapted
+            expect(page.locator("#adapter-info")).to_contain_text("parameters")
+            _shot(page, tmp_path, "adapters")
+            box.uncheck()
+            page.locator("#compare").click()
+            expect(page.locator("#adapter-msg")).to_contain_text("no adapter switched on", timeout=30000)
+            assert page.locator("#adapted-out textarea").input_value() == base
+            # Inspect: one head's attention over the prompt
+            page.get_by_role("tab", name="Inspect").click()
+            page.locator("#inspect").click()
+            expect(page.locator("#inspect-msg")).to_contain_text("attends most to", timeout=30000)
+            expect(page.locator("#iplot img, #iplot canvas, #iplot svg").first).to_be_visible(timeout=30000)
+            _shot(page, tmp_path, "inspect")
+            # Two pages at once, different prompts and seeds: each gets its own text
+            other = browser.new_page(viewport={"width": 1280, "height": 1000})
+            other.goto(url)
+            page.reload()
+            _generate(page, "Once upon a time", 1)
+            _generate(other, "The ship sailed", 2)
+            for pg in (page, other):
+                expect(pg.locator("#gen-msg")).to_contain_text("done", timeout=30000)
+            assert page.locator("#gen-out textarea").input_value() == expected[1]
+            assert other.locator("#gen-out textarea").input_value() == expected[2]
+            _shot(other, tmp_path, "second_page")
             browser.close()
     finally:
         proc.terminate()

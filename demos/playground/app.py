@@ -57,7 +57,7 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs") -> gr.Blocks:
         plot = {"token": list(range(1, len(s.attribute) + 1)), "bag mass": s.attribute}
         return (core.highlight_spans(s.plain, s.bag_ids), core.highlight_spans(s.steered, s.bag_ids),
                 pd.DataFrame(plot), f"{sum(i in s.bag_ids for i in s.steered)} bag tokens steered, "
-                f"{sum(i in s.bag_ids for i in s.plain)} unsteered")
+                f"{sum(i in s.bag_ids for i in s.plain)} unsteered (strength {float(stepsize):g})")
 
     with gr.Blocks(title="minigpt playground") as demo:
         gr.Markdown(f"# minigpt playground\n{model_line}")
@@ -66,7 +66,7 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs") -> gr.Blocks:
             with gr.Row():
                 mode = gr.Radio(["sampling", "greedy", "beam search"], value="sampling", label="Decoding")
                 max_new = gr.Slider(1, 100, value=30, step=1, label="New tokens")
-                seed = gr.Number(value=0, precision=0, label="Seed")
+                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
             with gr.Row():
                 temperature = gr.Slider(0.1, 2.0, value=1.0, label="Temperature")
                 top_k = gr.Slider(0, 100, value=0, step=1, label="Top-k (0 = off)")
