@@ -17,9 +17,14 @@ def _message(e: Exception) -> str:
     return f"**Error:** {e}"
 
 
+def _set_keys(config: dict) -> dict:
+    return {k: v for k, v in config.items() if v not in (None, [], {})}
+
+
 def _adapter_info(adapters) -> str:
+    """Each adapter's parameter count, summary and config (the keys that are set: peft writes dozens of nulls)."""
     return "\n\n".join(f"**{a.path}** ({a.kind}): {a.parameters:,} parameters. {a.summary}\n\n```json\n"
-                         f"{json.dumps(a.config, indent=1, sort_keys=True)}\n```" for a in adapters)
+                         f"{json.dumps(_set_keys(a.config), indent=1, sort_keys=True)}\n```" for a in adapters)
 
 
 def build_app(model: GPT, model_line: str, runs_dir: str = "runs") -> gr.Blocks:
