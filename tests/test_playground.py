@@ -17,6 +17,7 @@ import torch
 from demos.kits import new_lora_model
 from demos.playground import core
 from minigpt import GPT, beam_search
+from techniques import pplm
 from techniques.lora import save_adapter as save_lora
 from techniques.peft_format import read_adapter_weights
 from techniques.prefix import PrefixTuning, save_adapter as save_prefix
@@ -63,6 +64,44 @@ def test_steer_changes_text_same_seed(model):
     s = core.steer_compare(model, "Hello there", "space", stepsize=5.0, max_new_tokens=6, seed=1)
     assert s.plain == s0.plain and s.steered != s.plain
     assert len(s.attribute) == 6 and all(0 <= a <= 1 for a in s.attribute)
+
+
+def _head_dir(n_embd: int, folder: Path, classes=("negative", "positive"), scale: float = 20.0) -> Path:
+    """A random two-class head saved as train-discriminator saves one; scaled so it has a clear direction."""
+    torch.manual_seed(5)
+    head = pplm.Discriminator(n_embd, list(classes), "test")
+    with torch.no_grad():
+        head.mlp.weight.mul_(scale)
+    head.save(folder)
+    return folder
+
+
+def test_jam_compare_is_the_library_jam_from_one_seed(model, tmp_path):
+    head_dir = _head_dir(32, tmp_path / "head")
+    never = core.jam_compare(model, "Hello there", str(head_dir), margin=-1e9, max_new_tokens=8, seed=2)
+    assert never.plain == never.steered                  # every state already past μ: no move, the same text
+    s = core.jam_compare(model, "Hello there", str(head_dir), margin=4.0, max_new_tokens=8, seed=2)
+    assert s.plain == never.plain and s.steered != s.plain
+    head = pplm.load_discriminator(str(head_dir))
+    ids = torch.cat([torch.tensor([[50256]]), core.encode_prompt(model, "Hello there")], 1)
+    ref = pplm.steered_generate(model, ids, max_new_tokens=8, adjust=pplm.jam_adjust(model, head, "positive",
+                                pplm.JAMConfig(4.0)), top_k=10, generator=torch.Generator().manual_seed(2))
+    assert s.steered == ref[0, ids.size(1):].tolist()
+    assert len(s.steered_rating) == len(s.plain_rating) == 8 and all(0 <= p <= 1 for p in s.steered_rating)
+    assert sum(s.steered_rating) > sum(s.plain_rating)   # the head rates the moved text higher
+
+
+def test_jam_bad_heads_have_messages(model, tmp_path):
+    with pytest.raises(core.PlaygroundError, match="No attribute head"):
+        core.jam_compare(model, "Hello", " ")
+    with pytest.raises(core.PlaygroundError, match="n_embd=64"):
+        core.jam_compare(model, "Hello", str(_head_dir(64, tmp_path / "big")))
+    with pytest.raises(core.PlaygroundError, match="two-class head"):
+        core.jam_compare(model, "Hello", str(_head_dir(32, tmp_path / "three", ("a", "b", "c"))))
+    with pytest.raises(core.PlaygroundError, match="not one of this head's classes"):
+        core.jam_compare(model, "Hello", str(_head_dir(32, tmp_path / "two")), "joyful")
+    with pytest.raises(core.PlaygroundError, match="unknown discriminator"):
+        core.jam_compare(model, "Hello", str(tmp_path))
 
 
 def test_beam_text_is_the_best_beam(model):

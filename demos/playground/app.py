@@ -7,7 +7,7 @@ import json
 import gradio as gr
 import pandas as pd
 
-from minigpt import GPT
+from minigpt import GPT, get_tokenizer
 from techniques import pplm
 
 from . import core
@@ -64,6 +64,24 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs") -> gr.Blocks:
                 pd.DataFrame(plot), f"{sum(i in s.bag_ids for i in s.steered)} bag tokens steered, "
                 f"{sum(i in s.bag_ids for i in s.plain)} unsteered (strength {float(stepsize):g})")
 
+    def jam(prompt, head, target, margin, max_new, seed):
+        try:
+            s = core.jam_compare(model, prompt, head, target, margin=float(margin), max_new_tokens=int(max_new),
+                                 seed=int(seed))
+        except ValueError as e:
+            return "", "", None, _message(e)
+        tok = get_tokenizer()
+        n = len(s.steered_rating)
+        plot = pd.DataFrame({"token": [*range(1, len(s.plain_rating) + 1), *range(1, n + 1)],
+                             "p(target)": [*s.plain_rating, *s.steered_rating],
+                             "text": ["unsteered"] * len(s.plain_rating) + ["JAM-steered"] * n})
+        end = (lambda xs: xs[-1] if xs else float("nan"))
+        mean = (lambda xs: sum(xs) / len(xs) if xs else float("nan"))
+        return (tok.decode(s.plain), tok.decode(s.steered), plot,
+                f"JAM margin μ = {float(margin):g}: the head's p({target}) on the whole text is "
+                f"{end(s.plain_rating):.2f} unsteered, {end(s.steered_rating):.2f} steered "
+                f"(mean over the tokens {mean(s.plain_rating):.2f} vs {mean(s.steered_rating):.2f})")
+
     with gr.Blocks(title="minigpt playground") as demo:
         gr.Markdown(f"# minigpt playground\n{model_line}")
         with gr.Tab("Generate"):
@@ -94,7 +112,7 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs") -> gr.Blocks:
             gen_inputs = [prompt, mode, max_new, temperature, top_k, top_p, seed, rep, ngram, stops, beams, lp]
             ev = go.click(generate, gen_inputs, [out, table, msg])
             stop_btn.click(None, cancels=[ev])
-        with gr.Tab("Steer (PPLM)"):
+        with gr.Tab("Steer (PPLM, JAM)"):
             sprompt = gr.Textbox(label="Prompt", value="The king looked at the crowd and said", elem_id="sprompt")
             with gr.Row():
                 bag = gr.Dropdown(pplm.bag_names(), value="space", allow_custom_value=True,
@@ -111,6 +129,28 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs") -> gr.Blocks:
             splot = gr.LinePlot(x="token", y="bag mass", title="Steering signal: bag mass under the steered "
                                 "distribution, per token", label="Bag mass per token", elem_id="splot")
             sgo.click(steer, [sprompt, bag, stepsize, iters, smax, sseed], [plain, steered, splot, smsg])
+            gr.Markdown("### JAM: move the last hidden state across an attribute head's boundary\n"
+                        "The same prompt, new tokens and seed as above. The head is a two-class linear classifier "
+                        "on this model's hidden states (python -m techniques.pplm train-discriminator saves one); "
+                        "each sampled position's state is moved until the head's log-odds for the target class "
+                        "reach the margin μ.")
+            with gr.Row():
+                head = gr.Textbox(label="Attribute head (a folder saved by train-discriminator, or a .pt head)",
+                                  elem_id="head")
+                target = gr.Textbox(label="Target class", value="positive", elem_id="target")
+                jmargin = gr.Slider(-4.0, 8.0, value=2.0, step=0.5, label="Margin μ (log-odds, nats)",
+                                    elem_id="margin")
+            jgo = gr.Button("Steer with JAM", variant="primary", elem_id="jam")
+            jmsg = gr.Markdown(elem_id="jam-msg")
+            with gr.Row():
+                jplain = gr.Textbox(label="Unsteered (same seed)", lines=4, elem_id="jam-plain")
+                jsteered = gr.Textbox(label="JAM-steered", lines=4, elem_id="jam-steered")
+            jplot = gr.LinePlot(x="token", y="p(target)", color="text",
+                                title="The head's p(target) on the text so far, per token (the steering signal, "
+                                "not an outside judge)", label="Head probability",
+                                elem_id="jam-plot")
+
+            jgo.click(jam, [sprompt, head, target, jmargin, smax, sseed], [jplain, jsteered, jplot, jmsg])
         with gr.Tab("Adapters"):
             gr.Markdown("Adapters (LoRA, prefix tuning: any peft-format folder) found under the runs folder, or added "
                         "by path. Tick one to switch it on; Compare samples the prompt with and without them from "

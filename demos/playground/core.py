@@ -27,7 +27,8 @@ from ..tour.context import _token_label
 from ..tour.next_token import filtered_probs
 
 __all__ = ["PlaygroundError", "encode_prompt", "stream_text", "beam_text", "next_token_table", "Steered",
-           "steer_compare", "bag_from_text", "highlight_spans", "find_adapters", "Adapter", "load_adapter_dir",
+           "steer_compare", "bag_from_text", "load_head", "JAMSteered", "jam_compare",
+           "highlight_spans", "find_adapters", "Adapter", "load_adapter_dir",
            "with_and_without", "attention_map", "attention_figure"]
 
 
@@ -141,6 +142,65 @@ def steer_compare(model: GPT, prompt: str, bag_spec: str, *, stepsize: float, nu
     T = ids.size(1)
     attr = runs[1].stacked("attribute_after")[:, 0].tolist() if runs[1].steps else []
     return Steered(runs[0].sequences[0, T:].tolist(), runs[1].sequences[0, T:].tolist(), set(bag.token_ids), attr)
+
+
+def load_head(model: GPT, spec: str, target: str):
+    """A two-class attribute head for JAM (a folder saved by train-discriminator, a reference .pt, or a paper head
+    name), checked against the model and the target class. Every problem raises PlaygroundError."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise PlaygroundError("No attribute head given: type a folder saved by python -m techniques.pplm "
+                              "train-discriminator (or by the steering project), or a .pt head.")
+    try:
+        head = pplm.load_discriminator(spec)
+        head.check_model(model)
+        pplm.head_direction(head, target)              # two classes, and the target is one of them
+    except FileNotFoundError as e:
+        raise PlaygroundError(f"The head {spec!r} was not found ({e}).") from None
+    except ValueError as e:
+        raise PlaygroundError(f"The head {spec!r} cannot steer this model: {e}") from None
+    return head
+
+
+@dataclass
+class JAMSteered:
+    plain: list[int]            # new token ids, unsteered (the same sampler and seed, no move)
+    steered: list[int]          # new token ids, JAM-moved
+    plain_rating: list[float]   # per token: the head's p(target) on the mean hidden state of the unsteered text so far
+    steered_rating: list[float]  # the same for the steered text (the head is the steering signal, not a yardstick)
+
+
+@torch.no_grad()
+def _head_rating(model: GPT, head, target: str, seq: torch.Tensor, T: int) -> list[float]:
+    """p(target) of the head on the running mean of the last hidden states of the continuation, token by token
+    (the head's own input is such a mean: attributes.mean_hidden)."""
+    if seq.size(1) <= T:
+        return []
+    h = model(seq, output_hidden_states=True).hidden_states[-1][0, T:].float()       # (N, C)
+    running = h.cumsum(0) / torch.arange(1, h.size(0) + 1, device=h.device)[:, None]  # (N, C)
+    return head.to(h.device)(running).softmax(-1)[:, head.class_index(target)].tolist()
+
+
+def jam_compare(model: GPT, prompt: str, head_spec: str, target: str = "positive", *, margin: float = 2.0,
+                max_new_tokens: int = 20, seed: int = 0, top_k: Optional[int] = 10) -> JAMSteered:
+    """Unsteered and JAM-steered continuations (techniques.pplm.jam_adjust: each sampled position's last hidden
+    state moved to margin μ across the head's boundary) from the same seed, with the head's rating per token.
+    The move changes only this request's logits; the model's weights are never touched."""
+    head = load_head(model, head_spec, target)
+    try:
+        config = pplm.JAMConfig(margin=float(margin))
+    except ValueError as e:
+        raise PlaygroundError(str(e)) from None
+    body = encode_prompt(model, prompt, max_new_tokens + 1)
+    ids = torch.cat([torch.tensor([[EOT_ID]], device=model.device), body], dim=1)
+    runs = []
+    for adjust in (None, pplm.jam_adjust(model, head, target, config)):
+        gen = torch.Generator(device=model.device).manual_seed(int(seed))
+        runs.append(pplm.steered_generate(model, ids, max_new_tokens=int(max_new_tokens), adjust=adjust,
+                                          top_k=top_k, generator=gen))
+    T = ids.size(1)
+    return JAMSteered(runs[0][0, T:].tolist(), runs[1][0, T:].tolist(),
+                      _head_rating(model, head, target, runs[0], T), _head_rating(model, head, target, runs[1], T))
 
 
 def highlight_spans(ids: Sequence[int], bag_ids: set) -> list[tuple[str, Optional[str]]]:
