@@ -16,7 +16,7 @@ import torch
 
 from demos.kits import new_lora_model
 from demos.playground import core
-from minigpt import GPT, beam_search
+from minigpt import GPT, beam_search, get_tokenizer
 from techniques import pplm
 from techniques.lora import save_adapter as save_lora
 from techniques.peft_format import read_adapter_weights
@@ -56,6 +56,7 @@ def test_next_token_table_filters(model):
     assert before == sorted(before, reverse=True)
     assert sum(a > 0 for _, _, a in rows) == 3          # top-k 3 keeps three
     assert abs(sum(a for _, _, a in rows) - 1) < 1e-5
+    assert len(core.next_token_figure(rows, top_k=3).axes) == 2
 
 
 def test_steer_changes_text_same_seed(model):
@@ -108,7 +109,6 @@ def test_beam_text_is_the_best_beam(model):
     text = core.beam_text(model, "Hello there", max_new_tokens=5, num_beams=3)
     ids = core.encode_prompt(model, "Hello there", 5)
     ref = beam_search(model, ids, max_new_tokens=5, num_beams=3, eos_token_id=50256, pad_token_id=50256)
-    from minigpt import get_tokenizer
     assert text == get_tokenizer().decode([t for t in ref.sequences[0, ids.size(1):].tolist() if t != 50256])
     with pytest.raises(core.PlaygroundError, match="beams"):
         core.beam_text(model, "Hello there", num_beams=0)
@@ -215,6 +215,10 @@ def test_page_in_browser(tmp_path):
     base, adapted = core.with_and_without(tiny, "The king looked at the crowd and said",
                                           [core.load_adapter_dir(tiny, str(lora_dir))], seed=0, max_new_tokens=20)
     assert base != adapted
+    head_dir = _head_dir(tiny.config.n_embd, tmp_path / "runs" / "head", scale=1.0)   # random: no meaning
+    jam = core.jam_compare(tiny, "The king looked at the crowd and said", str(head_dir), margin=2.0,
+                           max_new_tokens=20, seed=0)
+    assert jam.steered != jam.plain
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "demos.playground", "--model", "tiny", "--port", str(port),
                              "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")], cwd=ROOT,
@@ -237,13 +241,14 @@ def test_page_in_browser(tmp_path):
             _generate(page, "Once upon a time", 1)
             expect(page.locator("#gen-msg")).to_contain_text("done", timeout=30000)
             assert page.locator("#gen-out textarea").input_value() == expected[1]
+            expect(page.locator("#dist img, #dist canvas, #dist svg").first).to_be_visible(timeout=30000)
             _shot(page, tmp_path, "generate")
             page.locator("#prompt textarea").fill("")
             page.locator("#generate").click()
             expect(page.locator("#gen-msg")).to_contain_text("empty", timeout=30000)
             _shot(page, tmp_path, "bad_prompt")
             # Steer at two strengths: the unsteered text stays, the steered one changes, the plot is drawn
-            page.get_by_role("tab", name="Steer (PPLM)").click()
+            page.get_by_role("tab", name="Steer (PPLM, JAM)").click()
             page.locator("#steer").click()
             expect(page.locator("#steer-msg")).to_contain_text("bag tokens", timeout=30000)
             plain, steered = page.locator("#plain").inner_text(), page.locator("#steered").inner_text()
@@ -256,6 +261,19 @@ def test_page_in_browser(tmp_path):
             assert page.locator("#steered").inner_text() not in (plain, steered)
             assert page.locator("#splot canvas, #splot svg").count() > 0
             _shot(page, tmp_path, "steer")
+            # JAM: a head that is not one (message), then the head at margin 2 (the texts of jam_compare here)
+            page.locator("#head textarea, #head input").first.fill(str(tmp_path / "out"))
+            page.locator("#jam").click()
+            expect(page.locator("#jam-msg")).to_contain_text("unknown discriminator", timeout=30000)
+            page.locator("#head textarea, #head input").first.fill(str(head_dir))
+            page.locator("#jam").click()
+            expect(page.locator("#jam-msg")).to_contain_text("JAM margin", timeout=30000)
+            tok = get_tokenizer()
+            assert page.locator("#jam-plain textarea").input_value() == tok.decode(jam.plain)
+            assert page.locator("#jam-steered textarea").input_value() == tok.decode(jam.steered)
+            expect(page.locator("#jam-plot canvas, #jam-plot svg").first).to_be_visible(timeout=30000)
+            page.locator("#jam").scroll_into_view_if_needed()
+            _shot(page, tmp_path, "steer_jam")
             # Adapters: a folder that is not one, then the LoRA on (differs) and off (the base's text)
             page.get_by_role("tab", name="Adapters").click()
             page.locator("#adapter-path textarea, #adapter-path input").first.fill(str(tmp_path / "out"))

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from ..common import add_demo_args, choose_model
@@ -24,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # gradio's cache (uploaded and served files) goes under --out: nothing is written outside it
+    os.environ["GRADIO_TEMP_DIR"] = str(Path(args.out).resolve() / "gradio-cache")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")     # offline: no usage report to gradio's servers
     try:
         from .app import build_app
     except ImportError as e:

@@ -33,25 +33,26 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs") -> gr.Blocks:
 
     def generate(prompt, mode, max_new, temperature, top_k, top_p, seed, rep, ngram, stops, beams, lp):
         try:
+            kw = dict(max_new_tokens=int(max_new), do_sample=mode == "sampling", temperature=float(temperature),
+                      top_k=int(top_k) or None, top_p=float(top_p) if top_p < 1 else None, seed=int(seed),
+                      repetition_penalty=float(rep), no_repeat_ngram_size=int(ngram), stop_text=stops)
+            filters = dict(temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"]) \
+                if mode == "sampling" else {}            # greedy and beam search: no sampling filters
+            rows = core.next_token_table(model, prompt, **filters)
+            table = [[repr(t), round(b, 4), round(a, 4)] for t, b, a in rows]
+            fig = core.next_token_figure(rows, **filters)
             if mode == "beam search":
                 text = core.beam_text(model, prompt, max_new_tokens=int(max_new), num_beams=int(beams),
                                       length_penalty=float(lp), repetition_penalty=float(rep),
                                       no_repeat_ngram_size=int(ngram), stop_text=stops)
-                rows = core.next_token_table(model, prompt)
-                yield text, [[repr(t), round(b, 4), round(a, 4)] for t, b, a in rows], "done"
+                yield text, table, fig, "done"
                 return
-            kw = dict(max_new_tokens=int(max_new), do_sample=mode == "sampling", temperature=float(temperature),
-                      top_k=int(top_k) or None, top_p=float(top_p) if top_p < 1 else None, seed=int(seed),
-                      repetition_penalty=float(rep), no_repeat_ngram_size=int(ngram), stop_text=stops)
-            rows = core.next_token_table(model, prompt, temperature=kw["temperature"], top_k=kw["top_k"],
-                                         top_p=kw["top_p"])
-            table = [[repr(t), round(b, 4), round(a, 4)] for t, b, a in rows]
             text = ""
             for text in core.stream_text(model, prompt, **kw):
-                yield text, table, ""
-            yield text, table, "done"
+                yield text, table, fig, ""
+            yield text, table, fig, "done"
         except ValueError as e:
-            yield "", [], _message(e)
+            yield "", [], None, _message(e)
 
     def steer(prompt, bag, stepsize, iters, max_new, seed):
         try:
@@ -107,10 +108,12 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs") -> gr.Blocks:
             msg = gr.Markdown(elem_id="gen-msg")
             with gr.Row():
                 out = gr.Textbox(label="Continuation (streams)", lines=6, elem_id="gen-out")
-                table = gr.Dataframe(headers=["next token", "p before filters", "p after filters"],
-                                     label="Next-token distribution for the prompt")
+                dist = gr.Plot(label="Next-token distribution for the prompt, before and after the filters",
+                               elem_id="dist")
+            table = gr.Dataframe(headers=["next token", "p before filters", "p after filters"],
+                                 label="The same numbers")
             gen_inputs = [prompt, mode, max_new, temperature, top_k, top_p, seed, rep, ngram, stops, beams, lp]
-            ev = go.click(generate, gen_inputs, [out, table, msg])
+            ev = go.click(generate, gen_inputs, [out, table, dist, msg])
             stop_btn.click(None, cancels=[ev])
         with gr.Tab("Steer (PPLM, JAM)"):
             sprompt = gr.Textbox(label="Prompt", value="The king looked at the crowd and said", elem_id="sprompt")

@@ -26,7 +26,8 @@ from ..kits import load_lora, load_prefix, sample_continuations
 from ..tour.context import _token_label
 from ..tour.next_token import filtered_probs
 
-__all__ = ["PlaygroundError", "encode_prompt", "stream_text", "beam_text", "next_token_table", "Steered",
+__all__ = ["PlaygroundError", "encode_prompt", "stream_text", "beam_text", "next_token_table", "next_token_figure",
+           "Steered",
            "steer_compare", "bag_from_text", "load_head", "JAMSteered", "jam_compare",
            "highlight_spans", "find_adapters", "Adapter", "load_adapter_dir",
            "with_and_without", "attention_map", "attention_figure"]
@@ -101,6 +102,30 @@ def next_token_table(model: GPT, prompt: str, *, temperature: float = 1.0, top_k
     top = before.topk(n).indices.tolist()
     tok = get_tokenizer()
     return [(tok.decode([i]), float(before[i]), float(after[i])) for i in top]
+
+
+def next_token_figure(rows: Sequence[tuple[str, float, float]], *, temperature: float = 1.0,
+                      top_k: Optional[int] = None, top_p: Optional[float] = None):
+    """The rows of next_token_table as the tour's step 1 draws them: the softmax on the left, the filtered
+    distribution on the right (removed tokens grey). The numbers are the tour's filtered_probs."""
+    fig = new_figure((7, 4))
+    left, right = fig.subplots(1, 2, sharey=True)
+    y = list(range(len(rows)))
+    labels = [repr(t)[1:-1].replace(" ", "␣") for t, _, _ in rows]
+    left.barh(y, [b for _, b, _ in rows], color="#4c72b0")
+    left.set(title="model softmax (temperature 1)", xlabel="probability", ylabel="next token (␣ = space)")
+    left.set_yticks(y, labels, fontsize=8)
+    left.invert_yaxis()
+    kept = [a for _, _, a in rows]
+    right.barh(y, kept, color=["#55a868" if k > 0 else "#cccccc" for k in kept])
+    for yi, k in zip(y, kept):
+        if k == 0:
+            right.text(0.005, yi, "removed", va="center", fontsize=7, color="#777")
+    right.set(title=f"after the filters: T={temperature:g}, top-k={top_k or 'off'}, top-p={top_p or 'off'}",
+              xlabel="probability")
+    right.title.set_fontsize(9)
+    fig.tight_layout()
+    return fig
 
 
 def bag_from_text(spec: str):
