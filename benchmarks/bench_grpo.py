@@ -17,6 +17,8 @@ of letters in each completion's text).
   generate = `_generate` (model.generate with the peft model); scoring = `_generate_and_score_completions` minus
   it (rewards, advantages, the ref pass with the adapter disabled); update = the step minus both. The first
   step of the run is the warm-up and is dropped.
+- TRL's GRPOConfig turns gradient checkpointing on by default (and bf16); ours has none, so it is off here for the
+  same work on both sides (`--trl-gradient-checkpointing` measures TRL's default instead).
 - bf16: the forward passes under torch.autocast(bf16) on both sides (ours also stores its frozen Linears in bf16
   once, as `techniques.lora train --precision bf16` does; TRL through `bf16=True`, i.e. accelerate's autocast).
 - The sides cannot alternate step by step (TRL's step lives inside its train loop), so they run in turns,
@@ -163,7 +165,7 @@ def trl_trainer(args, device, precision, steps, out_dir):
                     top_k=0, top_p=1.0, max_steps=steps, logging_steps=10 ** 6, save_strategy="no",
                     report_to="none", use_cpu=torch.device(device).type == "cpu", bf16=precision == "bf16",
                     seed=args.seed, data_seed=args.seed, disable_tqdm=True, use_vllm=False,
-                    dataloader_num_workers=0)
+                    dataloader_num_workers=0, gradient_checkpointing=args.trl_gradient_checkpointing)
     model = GPT2LMHeadModel.from_pretrained(args.weights)
     lora = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=["c_attn"], fan_in_fan_out=True,
                       lora_dropout=0.0, task_type="CAUSAL_LM")
@@ -227,6 +229,7 @@ def run_memory_worker(side: str, args) -> dict:
            "--threads", str(args.threads), "--prompts", str(args.prompts), "--num-generations",
            str(args.num_generations), "--completion-len", str(args.completion_len), "--r", str(args.r),
            "--beta", str(args.beta), "--mu", str(args.mu), "--seed", str(args.seed)]
+    cmd += ["--trl-gradient-checkpointing"] if args.trl_gradient_checkpointing else []
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{side} memory worker failed:\n{out.stderr[-3000:]}")
@@ -255,14 +258,15 @@ def medians(samples: list[dict]) -> dict[str, float]:
     return out
 
 
-def table(results: dict, peaks: dict) -> str:
+def table(precisions, results: dict, peaks: dict) -> str:
     mb = 2 ** 20
     lines = ["| precision | measure | ours | TRL + peft | ours / TRL |", "|---|---|---:|---:|---:|"]
-    for p, sides in results.items():
-        o, t = medians(sides["ours"]), medians(sides["trl"])
-        for k in (*PARTS, "total"):
-            lines.append(f"| {p} | s / step: {k} | {o[k]:.3f} | {t[k]:.3f} | {o[k] / t[k]:.2f} |")
-        lines.append(f"| {p} | completion tokens / step | {o['tokens']:.0f} | {t['tokens']:.0f} | |")
+    for p in precisions:
+        if p in results:
+            o, t = medians(results[p]["ours"]), medians(results[p]["trl"])
+            for k in (*PARTS, "total"):
+                lines.append(f"| {p} | s / step: {k} | {o[k]:.3f} | {t[k]:.3f} | {o[k] / t[k]:.2f} |")
+            lines.append(f"| {p} | completion tokens / step | {o['tokens']:.0f} | {t['tokens']:.0f} | |")
         for key, label in (("allocated", "peak allocated (MiB)"), ("rss", "peak RSS (MiB)")):
             if f"ours:{p}" in peaks and key in peaks[f"ours:{p}"]:
                 a, b = peaks[f"ours:{p}"][key], peaks[f"trl:{p}"][key]
@@ -288,6 +292,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (default: both)")
     p.add_argument("--profile", action="store_true", help="also profile one step per side (torch.profiler, CPU)")
+    p.add_argument("--trl-gradient-checkpointing", action="store_true",
+                   help="TRL's own default (recompute the forward in backward); off by default: ours does not")
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses, no step timing")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
@@ -309,14 +316,15 @@ def main(argv=None):
         make_weights(Path(tmp), tiny=args.tiny)
         print(f"GPT-2 {'tiny' if args.tiny else '124M'} shape, random weights; LoRA r={args.r} alpha={2 * args.r} on "
               f"c_attn; {args.prompts} prompts x G={args.num_generations}, {args.completion_len} new tokens; "
-              f"β={args.beta}, μ={args.mu}, loss dapo; device {device}, {args.threads} threads; "
+              f"β={args.beta}, μ={args.mu}, loss dapo; TRL gradient checkpointing "
+              f"{'on' if args.trl_gradient_checkpointing else 'off'}; device {device}, {args.threads} threads; "
               f"{args.rounds} turns x {args.steps} steps per side")
-        results = {prec: step_times(args, device, prec) for prec in args.precisions}
+        results = {} if args.memory_only else {prec: step_times(args, device, prec) for prec in args.precisions}
         peaks = {} if args.no_memory else {f"{s}:{prec}": run_memory_worker(f"{s}:{prec}", args)
                                            for prec in args.precisions for s in ("ours", "trl")}
         split = {prec: profiles(args, device, prec) for prec in args.precisions} if args.profile else {}
     print()
-    print(table(results, peaks))
+    print(table(args.precisions, results, peaks))
     print("\n(generate: sampling the group; scoring: reward, advantages, the π_old/π_ref passes; update: the "
           "forward with grad, loss, backward, AdamW. allocated: torch's allocator, exact; RSS: sampled every ms)")
     for prec, sp in split.items():
