@@ -19,8 +19,10 @@ of letters in each completion's text).
   step of the run is the warm-up and is dropped.
 - TRL's GRPOConfig turns gradient checkpointing on by default (and bf16); ours has none, so it is off here for the
   same work on both sides (`--trl-gradient-checkpointing` measures TRL's default instead).
-- bf16: the forward passes under torch.autocast(bf16) on both sides (ours also stores its frozen Linears in bf16
-  once, as `techniques.lora train --precision bf16` does; TRL through `bf16=True`, i.e. accelerate's autocast).
+- bf16: the forward passes under torch.autocast(bf16) on both sides: ours through the `precision` argument of
+  sample_group / completion_logps, as `grpo_train(precision="bf16")` runs (`--ours-cast-frozen` also stores our
+  frozen Linears in bf16 once, as `techniques.lora train --precision bf16` does and grpo_train does not); TRL
+  through `bf16=True`, i.e. accelerate's autocast.
 - The sides cannot alternate step by step (TRL's step lives inside its train loop), so they run in turns,
   ours, TRL, TRL, ours ... `--rounds` times, each turn `--steps` steps, and the medians are reported.
 - Peak memory: each side alone in a subprocess, from the loaded model on: one whole step including AdamW's state
@@ -46,7 +48,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from minigpt import GPT, PRECISIONS, autocast, cast_frozen_linears, get_tokenizer, resolve_device  # noqa: E402
+from minigpt import GPT, PRECISIONS, cast_frozen_linears, get_tokenizer, resolve_device  # noqa: E402
 from techniques.grpo import GRPOConfig, completion_logps, group_advantages, grpo_loss, sample_group  # noqa: E402
 from techniques.grpo.grpo import check_rewards  # noqa: E402
 from techniques.lora import apply_lora, lora_disabled, lora_parameters  # noqa: E402
@@ -76,7 +78,8 @@ def ours_side(args, device, precision):
     """A function running one GRPO step of ours and returning {part: seconds}; and the model's optimizer maker."""
     model = GPT.from_pretrained(args.weights, device=device)
     apply_lora(model, r=args.r, alpha=2 * args.r, targets=("c_attn",), verbose=False)
-    cast_frozen_linears(model, PRECISIONS[precision])
+    if args.ours_cast_frozen:
+        cast_frozen_linears(model, PRECISIONS[precision])
     tok, cfg = get_tokenizer(), grpo_config(args)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     state = {"opt": torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=0.0), "i": 0}
@@ -87,24 +90,22 @@ def ours_side(args, device, precision):
         prompts = [PROMPTS[(i * args.prompts + k) % len(PROMPTS)] for k in range(args.prompts)]
         t0 = time.perf_counter()
         model.eval()
-        with autocast(device, precision):
-            seqs, attention, cmask, texts = sample_group(model, tok, prompts, cfg, gen)
+        seqs, attention, cmask, texts = sample_group(model, tok, prompts, cfg, gen, precision)
         t1 = time.perf_counter()
         T = seqs.size(1) - cmask.size(1)
         r = check_rewards(letter_rate(texts), len(texts)).to(seqs.device)
         A = group_advantages(r, cfg.num_generations, cfg.scale_rewards)
-        with torch.no_grad(), autocast(device, precision):
-            old = completion_logps(model, seqs, attention, T)
+        with torch.no_grad():
+            old = completion_logps(model, seqs, attention, T, precision)
             ref = None
             if cfg.beta != 0.0:
                 with lora_disabled(model):
-                    ref = completion_logps(model, seqs, attention, T)
+                    ref = completion_logps(model, seqs, attention, T, precision)
         t2 = time.perf_counter()
         model.train()
         for _ in range(cfg.num_iterations):
-            with autocast(device, precision):
-                logp = completion_logps(model, seqs, attention, T)
-                loss = grpo_loss(logp, old, ref, A, cmask, cfg)
+            logp = completion_logps(model, seqs, attention, T, precision)
+            loss = grpo_loss(logp, old, ref, A, cmask, cfg)
             state["opt"].zero_grad(set_to_none=True)
             loss.backward()
             state["opt"].step()
@@ -230,6 +231,7 @@ def run_memory_worker(side: str, args) -> dict:
            str(args.num_generations), "--completion-len", str(args.completion_len), "--r", str(args.r),
            "--beta", str(args.beta), "--mu", str(args.mu), "--seed", str(args.seed)]
     cmd += ["--trl-gradient-checkpointing"] if args.trl_gradient_checkpointing else []
+    cmd += ["--ours-cast-frozen"] if args.ours_cast_frozen else []
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{side} memory worker failed:\n{out.stderr[-3000:]}")
@@ -294,6 +296,9 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="also profile one step per side (torch.profiler, CPU)")
     p.add_argument("--trl-gradient-checkpointing", action="store_true",
                    help="TRL's own default (recompute the forward in backward); off by default: ours does not")
+    p.add_argument("--ours-cast-frozen", action="store_true",
+                   help="store our frozen Linears in bf16 once (cast_frozen_linears), as techniques.lora train does; "
+                        "grpo_train does not, so off by default")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses, no step timing")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
