@@ -196,6 +196,7 @@ def draw_curves(history: list[dict], path: Path, title: str) -> None:
     """Reward mean (± std band) and KL_k3 per step, two panels, on matplotlib's Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
     fig = Figure(figsize=(9, 3.6), dpi=110)
     FigureCanvasAgg(fig)
     ax_r, ax_k = fig.subplots(1, 2)
@@ -217,6 +218,7 @@ def draw_curves(history: list[dict], path: Path, title: str) -> None:
              ylabel="mean KL per completion token (nats)")
     for ax in (ax_r, ax_k):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110, facecolor="white")
