@@ -69,6 +69,7 @@ def test_resume_continues_an_interrupted_run_exactly(micro, prompts_file, tmp_pa
     STOP.update(at=None, calls=0)
     ckpt = tmp_path / "cut" / "train_state"
     assert main(argv(micro, prompts_file, tmp_path / "cut", "--save-every", "2", "--resume", str(ckpt))) == 0
+    assert STOP["calls"] == 4  # evaluation before, steps 3 and 4, evaluation after: it resumed, not reran
     assert max_diff(adapter(tmp_path / "full"), adapter(tmp_path / "cut")) == 0.0
     assert main(argv(micro, prompts_file, tmp_path / "x", "--resume", str(ckpt), "--r", "8")) == 2  # a different run
     assert "a checkpoint of a different run" in capsys.readouterr().err

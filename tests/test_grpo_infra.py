@@ -128,8 +128,9 @@ def test_resumed_equals_uninterrupted(tmp_path):
                    checkpoint_dir=str(ckpt)), batch_prompts=4)
     meta = json.loads((ckpt / "trainer_state.json").read_text())
     assert meta["step"] == 4 and len(meta["history"]) == 4
-    model = dropout_model()
-    resumed = grpo_train(model, tok, PROMPTS, reward, GRPOConfig(**base, resume_from=str(ckpt)), batch_prompts=4)
+    model, counting = dropout_model(), StopAt(0)  # n = 0: never stops, counts the calls
+    resumed = grpo_train(model, tok, PROMPTS, counting, GRPOConfig(**base, resume_from=str(ckpt)), batch_prompts=4)
+    assert counting.calls == 4  # steps 5 and 6 x 2 micro-batches: it resumed, rather than rerunning all 6 steps
     assert max_diff(want, lora_state(model)) == 0.0
     assert without_times(full) == without_times(resumed) and len(resumed) == 6
     assert max_diff(want, lora_state(dropout_model())) > 1e-3  # it trained
