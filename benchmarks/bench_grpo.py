@@ -17,8 +17,12 @@ of letters in each completion's text).
   generate = `_generate` (model.generate with the peft model); scoring = `_generate_and_score_completions` minus
   it (rewards, advantages, the ref pass with the adapter disabled); update = the step minus both. The first
   step of the run is the warm-up and is dropped.
-- bf16: the forward passes under torch.autocast(bf16) on both sides (ours also stores its frozen Linears in bf16
-  once, as `techniques.lora train --precision bf16` does; TRL through `bf16=True`, i.e. accelerate's autocast).
+- TRL's GRPOConfig turns gradient checkpointing on by default (and bf16); ours has none, so it is off here for the
+  same work on both sides (`--trl-gradient-checkpointing` measures TRL's default instead).
+- bf16: the forward passes under torch.autocast(bf16) on both sides: ours through the `precision` argument of
+  sample_group / completion_logps, as `grpo_train(precision="bf16")` runs (`--ours-cast-frozen` also stores our
+  frozen Linears in bf16 once, as `techniques.lora train --precision bf16` does and grpo_train does not); TRL
+  through `bf16=True`, i.e. accelerate's autocast.
 - The sides cannot alternate step by step (TRL's step lives inside its train loop), so they run in turns,
   ours, TRL, TRL, ours ... `--rounds` times, each turn `--steps` steps, and the medians are reported.
 - Peak memory: each side alone in a subprocess, from the loaded model on: one whole step including AdamW's state
@@ -44,7 +48,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from minigpt import GPT, PRECISIONS, autocast, cast_frozen_linears, get_tokenizer, resolve_device  # noqa: E402
+from minigpt import GPT, PRECISIONS, cast_frozen_linears, get_tokenizer, resolve_device  # noqa: E402
 from techniques.grpo import GRPOConfig, completion_logps, group_advantages, grpo_loss, sample_group  # noqa: E402
 from techniques.grpo.grpo import check_rewards  # noqa: E402
 from techniques.lora import apply_lora, lora_disabled, lora_parameters  # noqa: E402
@@ -74,7 +78,8 @@ def ours_side(args, device, precision):
     """A function running one GRPO step of ours and returning {part: seconds}; and the model's optimizer maker."""
     model = GPT.from_pretrained(args.weights, device=device)
     apply_lora(model, r=args.r, alpha=2 * args.r, targets=("c_attn",), verbose=False)
-    cast_frozen_linears(model, PRECISIONS[precision])
+    if args.ours_cast_frozen:
+        cast_frozen_linears(model, PRECISIONS[precision])
     tok, cfg = get_tokenizer(), grpo_config(args)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     state = {"opt": torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=0.0), "i": 0}
@@ -85,24 +90,22 @@ def ours_side(args, device, precision):
         prompts = [PROMPTS[(i * args.prompts + k) % len(PROMPTS)] for k in range(args.prompts)]
         t0 = time.perf_counter()
         model.eval()
-        with autocast(device, precision):
-            seqs, attention, cmask, texts = sample_group(model, tok, prompts, cfg, gen)
+        seqs, attention, cmask, texts = sample_group(model, tok, prompts, cfg, gen, precision)
         t1 = time.perf_counter()
         T = seqs.size(1) - cmask.size(1)
         r = check_rewards(letter_rate(texts), len(texts)).to(seqs.device)
         A = group_advantages(r, cfg.num_generations, cfg.scale_rewards)
-        with torch.no_grad(), autocast(device, precision):
-            old = completion_logps(model, seqs, attention, T)
+        with torch.no_grad():
+            old = completion_logps(model, seqs, attention, T, precision)
             ref = None
             if cfg.beta != 0.0:
                 with lora_disabled(model):
-                    ref = completion_logps(model, seqs, attention, T)
+                    ref = completion_logps(model, seqs, attention, T, precision)
         t2 = time.perf_counter()
         model.train()
         for _ in range(cfg.num_iterations):
-            with autocast(device, precision):
-                logp = completion_logps(model, seqs, attention, T)
-                loss = grpo_loss(logp, old, ref, A, cmask, cfg)
+            logp = completion_logps(model, seqs, attention, T, precision)
+            loss = grpo_loss(logp, old, ref, A, cmask, cfg)
             state["opt"].zero_grad(set_to_none=True)
             loss.backward()
             state["opt"].step()
@@ -163,7 +166,7 @@ def trl_trainer(args, device, precision, steps, out_dir):
                     top_k=0, top_p=1.0, max_steps=steps, logging_steps=10 ** 6, save_strategy="no",
                     report_to="none", use_cpu=torch.device(device).type == "cpu", bf16=precision == "bf16",
                     seed=args.seed, data_seed=args.seed, disable_tqdm=True, use_vllm=False,
-                    dataloader_num_workers=0)
+                    dataloader_num_workers=0, gradient_checkpointing=args.trl_gradient_checkpointing)
     model = GPT2LMHeadModel.from_pretrained(args.weights)
     lora = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=["c_attn"], fan_in_fan_out=True,
                       lora_dropout=0.0, task_type="CAUSAL_LM")
@@ -227,6 +230,8 @@ def run_memory_worker(side: str, args) -> dict:
            "--threads", str(args.threads), "--prompts", str(args.prompts), "--num-generations",
            str(args.num_generations), "--completion-len", str(args.completion_len), "--r", str(args.r),
            "--beta", str(args.beta), "--mu", str(args.mu), "--seed", str(args.seed)]
+    cmd += ["--trl-gradient-checkpointing"] if args.trl_gradient_checkpointing else []
+    cmd += ["--ours-cast-frozen"] if args.ours_cast_frozen else []
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{side} memory worker failed:\n{out.stderr[-3000:]}")
@@ -255,14 +260,15 @@ def medians(samples: list[dict]) -> dict[str, float]:
     return out
 
 
-def table(results: dict, peaks: dict) -> str:
+def table(precisions, results: dict, peaks: dict) -> str:
     mb = 2 ** 20
     lines = ["| precision | measure | ours | TRL + peft | ours / TRL |", "|---|---|---:|---:|---:|"]
-    for p, sides in results.items():
-        o, t = medians(sides["ours"]), medians(sides["trl"])
-        for k in (*PARTS, "total"):
-            lines.append(f"| {p} | s / step: {k} | {o[k]:.3f} | {t[k]:.3f} | {o[k] / t[k]:.2f} |")
-        lines.append(f"| {p} | completion tokens / step | {o['tokens']:.0f} | {t['tokens']:.0f} | |")
+    for p in precisions:
+        if p in results:
+            o, t = medians(results[p]["ours"]), medians(results[p]["trl"])
+            for k in (*PARTS, "total"):
+                lines.append(f"| {p} | s / step: {k} | {o[k]:.3f} | {t[k]:.3f} | {o[k] / t[k]:.2f} |")
+            lines.append(f"| {p} | completion tokens / step | {o['tokens']:.0f} | {t['tokens']:.0f} | |")
         for key, label in (("allocated", "peak allocated (MiB)"), ("rss", "peak RSS (MiB)")):
             if f"ours:{p}" in peaks and key in peaks[f"ours:{p}"]:
                 a, b = peaks[f"ours:{p}"][key], peaks[f"trl:{p}"][key]
@@ -288,6 +294,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (default: both)")
     p.add_argument("--profile", action="store_true", help="also profile one step per side (torch.profiler, CPU)")
+    p.add_argument("--trl-gradient-checkpointing", action="store_true",
+                   help="TRL's own default (recompute the forward in backward); off by default: ours does not")
+    p.add_argument("--ours-cast-frozen", action="store_true",
+                   help="store our frozen Linears in bf16 once (cast_frozen_linears), as techniques.lora train does; "
+                        "grpo_train does not, so off by default")
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses, no step timing")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--memory-worker", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
@@ -309,14 +321,15 @@ def main(argv=None):
         make_weights(Path(tmp), tiny=args.tiny)
         print(f"GPT-2 {'tiny' if args.tiny else '124M'} shape, random weights; LoRA r={args.r} alpha={2 * args.r} on "
               f"c_attn; {args.prompts} prompts x G={args.num_generations}, {args.completion_len} new tokens; "
-              f"β={args.beta}, μ={args.mu}, loss dapo; device {device}, {args.threads} threads; "
+              f"β={args.beta}, μ={args.mu}, loss dapo; TRL gradient checkpointing "
+              f"{'on' if args.trl_gradient_checkpointing else 'off'}; device {device}, {args.threads} threads; "
               f"{args.rounds} turns x {args.steps} steps per side")
-        results = {prec: step_times(args, device, prec) for prec in args.precisions}
+        results = {} if args.memory_only else {prec: step_times(args, device, prec) for prec in args.precisions}
         peaks = {} if args.no_memory else {f"{s}:{prec}": run_memory_worker(f"{s}:{prec}", args)
                                            for prec in args.precisions for s in ("ours", "trl")}
         split = {prec: profiles(args, device, prec) for prec in args.precisions} if args.profile else {}
     print()
-    print(table(results, peaks))
+    print(table(args.precisions, results, peaks))
     print("\n(generate: sampling the group; scoring: reward, advantages, the π_old/π_ref passes; update: the "
           "forward with grad, loss, backward, AdamW. allocated: torch's allocator, exact; RSS: sampled every ms)")
     for prec, sp in split.items():

@@ -193,7 +193,7 @@ def matched_prefix_plus(model: GPT, prefix: PrefixTuning, calib_ids: torch.Tenso
         return output_change(model, calib_ids, plus=plus)
 
     lo, hi = -12.0, 4.0                                                 # log10 c
-    for _ in range(40):
+    for _ in range(30):                                               # 16 decades / 2^30: exact enough
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if set_scale(10 ** mid) < target else (lo, mid)
     c = 10 ** ((lo + hi) / 2)

@@ -121,7 +121,7 @@ def next_token_figure(rows: Sequence[tuple[str, float, float]], *, temperature: 
     for yi, k in zip(y, kept):
         if k == 0:
             right.text(0.005, yi, "removed", va="center", fontsize=7, color="#777")
-    right.set(title=f"after the filters: T={temperature:g}, top-k={top_k or 'off'}, top-p={top_p or 'off'}",
+    right.set(title=f"filtered: T={temperature:g}, top-k {top_k or 'off'}, top-p {top_p or 'off'}",
               xlabel="probability")
     right.title.set_fontsize(9)
     fig.tight_layout()

@@ -80,7 +80,7 @@ class Sizes:
 # full: sized to fit the tiny model's run into ~15 minutes on a 2-core CPU shared by many jobs (4 methods x 2 tasks
 # x 3 lrs x 30 steps, five beam-5 decodings of 12 E2E inputs): a small run, read its numbers as such.
 SIZES = {"full": Sizes(30, 8, 240, 12, 16, 24, 240, 100, LR_FACTORS, (4, 16, 64, 200)),
-         "quick": Sizes(20, 8, 200, 10, 10, 24, 200, 60, (1.0,), (4, 16, 64)),
+         "quick": Sizes(10, 8, 160, 6, 8, 16, 160, 60, (1.0,), (4, 16, 64, 200)),
          "smoke": Sizes(2, 2, 6, 2, 2, 3, 6, 4, (1.0, 3.0), (4, 12))}
 
 
