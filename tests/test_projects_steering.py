@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from demos.projects import hiring_ad, hypothesis, poetry, sentiment_story, steering
+from demos.projects import hiring_ad, hybrid, hypothesis, poetry, sentiment_story, steering
 from helpers import PNG_MAGIC, check_project_contract
 from techniques import pplm
 
@@ -93,6 +93,24 @@ def test_own_prompts_reach_every_project_that_takes_openings(tmp_path):
         samples = (out / "samples.md").read_text()
         assert "The lighthouse keeper counted the ships" in samples and "A parcel came for my aunt" in samples
         assert json.loads((out / "metrics.json").read_text())["n"] >= 2
+
+
+def test_own_prompts_reach_hybrid_before_its_model_loads(tmp_path, capsys):
+    """hybrid takes openings too; its --smoke trains two adapters (minutes on a loaded 2-core CPU), so this checks
+    the seam it shares with the others: --prompts parsed, the file read by its preflight into the openings its run
+    uses (hybrid.run: `openings = own or neutral_openings(...)`), and an empty file refused in one line."""
+    f = tmp_path / "mine.txt"
+    f.write_text("# my openings\nThe lighthouse keeper counted the ships\n\nA parcel came for my aunt\n")
+    args = hybrid.PROJECT.build_parser().parse_args(["--smoke", "--prompts", str(f)])
+    _, own = hybrid.preflight(args, hybrid.SIZES["smoke"])
+    assert own == ["The lighthouse keeper counted the ships", "A parcel came for my aunt"]
+    _, none = hybrid.preflight(hybrid.PROJECT.build_parser().parse_args(["--smoke"]), hybrid.SIZES["smoke"])
+    assert none is None
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# nothing\n")
+    code = hybrid.PROJECT.main(["--smoke", "--out", str(tmp_path / "o"), "--prompts", str(empty)])
+    one_line_error(capsys, code, "holds no openings")
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
