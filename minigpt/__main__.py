@@ -57,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how several --lora adapters become one, as peft's add_weighted_adapter: linear (same rank: "
                         "A, B summed with sqrt(w s) each), cat (exact sum of w_i s_i B_i A_i at rank sum r_i), svd "
                         "(best rank-max r_i approximation of that sum); default linear")
-    g.add_argument("--prefix", metavar="DIR", help="a prefix-tuning adapter folder (peft format) to run with")
+    g.add_argument("--prefix", metavar="DIR", help="a prefix-tuning adapter folder (peft format), or a "
+                   "Prefix-Tuning+ one (prefix_plus_config.json), to run with")
+    g.add_argument("--mtl-lora", metavar="DIR", help="an MTL-LoRA folder (techniques.lora train --mtl); its --task "
+                   "is merged into the weights")
+    g.add_argument("--task", metavar="NAME", help="with --mtl-lora: the task to generate for (a name from its task "
+                   "list, or an id)")
     c = sub.add_parser("check", help="compare this GPT-2 (and adapters) with transformers and peft, number for number",
                        description="Load the same files here and in transformers/peft and print a table of the "
                                    "differences: logits, hidden states, greedy tokens, tokenizer, and with "
@@ -88,8 +93,13 @@ def _load(args):
         weights = None if args.lora_weights is None else _floats(args.lora_weights, "--lora-weights")
         # merged: decoding costs what the base model costs
         model = merge_lora(load_combined(model, args.lora, weights, args.combine))
+    if args.mtl_lora or args.task is not None:
+        model = _merged_mtl(model, args)
     if args.prefix:
-        from techniques.prefix import load_adapter as load_prefix
+        from techniques.prefix import is_prefix_plus_dir, load_adapter as load_prefix, load_prefix_plus
+        if is_prefix_plus_dir(args.prefix):  # Prefix-Tuning+: no past; the model's attentions are wrapped in place
+            load_prefix_plus(model, args.prefix)
+            return model.to(DTYPES[args.dtype]), None
         prefix = load_prefix(model, args.prefix).to(model.device)
         with torch.no_grad():
             past = prefix.past_key_values(1)
@@ -97,6 +107,16 @@ def _load(args):
     if past is not None:
         past = tuple((k.to(dtype), v.to(dtype)) for k, v in past)
     return model.to(dtype), past
+
+
+def _merged_mtl(model, args):
+    """--mtl-lora DIR --task NAME: the folder's MTL-LoRA with that task folded into W0 (decoding at base cost)."""
+    if not args.mtl_lora or args.task is None:
+        raise ValueError("--mtl-lora and --task go together: give the MTL-LoRA folder and the task to generate for")
+    from techniques.lora import load_mtl_lora, merge_mtl_lora, read_mtl_config, task_index
+    task = task_index(read_mtl_config(args.mtl_lora), args.task)  # checked before the model is touched
+    model, _ = load_mtl_lora(model, args.mtl_lora)
+    return merge_mtl_lora(model, task)
 
 
 def _check_fits(n_prompt: int, n_past: int, max_new: int, n_positions: int) -> None:

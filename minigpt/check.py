@@ -271,6 +271,11 @@ def prefix_rows(ours, theirs, peft, prefix_dir, tokenizer, over: str = "") -> li
 def check_adapter_folders(lora_dir, prefix_dir) -> None:
     """Before any model loads: each adapter folder exists and is of the kind its flag says."""
     from techniques.peft_format import read_adapter_config
+    from techniques.prefix import is_prefix_plus_dir
+    if prefix_dir and is_prefix_plus_dir(prefix_dir):
+        raise ValueError(f"--prefix {prefix_dir} is a Prefix-Tuning+ adapter: peft has no such adapter type, so there "
+                         "is nothing to compare it against; its math is checked by tests/test_prefix_plus.py, and "
+                         "`python -m minigpt generate --prefix` runs it")
     for directory, kind in ((lora_dir, "LORA"), (prefix_dir, "PREFIX_TUNING")):
         if directory:
             read_adapter_config(directory, kind)

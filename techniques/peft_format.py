@@ -18,7 +18,7 @@ __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "read_adapter_config", "read_ada
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_FLAGS = {"LORA": "--lora", "PREFIX_TUNING": "--prefix"}
+_FLAGS = {"LORA": "--lora", "PREFIX_TUNING": "--prefix", "MTL_LORA": "--mtl-lora and --task"}
 
 
 def is_adapter_dir(directory: Union[str, Path]) -> bool:

@@ -16,7 +16,8 @@ PACKAGES = ("minigpt", "techniques", "demos")
 LIBRARY = ("minigpt", "techniques")   # library packages: their modules have no command line
 # Modules that are command lines (they compose the pieces and may use argparse).
 COMMANDS = {"minigpt.__main__", "minigpt.cli", "minigpt.check", "techniques.lora.__main__",
-            "techniques.prefix.__main__", "techniques.pplm.__main__"}
+            "techniques.prefix.__main__", "techniques.pplm.__main__", "techniques.grpo.__main__",
+            "demos.playground.__main__"}
 # demos/projects/: every module is a project, except the frame the projects share and the runner.
 NOT_PROJECTS = {"demos.projects.common", "demos.projects.__main__"}
 # demos/tour/: one module per step of the tour.

@@ -1,4 +1,4 @@
-"""Measures the projects share: perplexity by its definition, and a plain mean.
+"""Measures the projects share: perplexity by its definition, a plain mean, and sacrebleu's corpus BLEU.
 
 Perplexity here is exp(Σ -log p(token | what precedes it) / number of tokens), over the tokens of the
 texts being scored only (their context is read, not scored): the token-weighted mean cross-entropy,
@@ -16,7 +16,7 @@ from minigpt import Example, GPT, collate_lm, get_tokenizer
 
 from .data import EOT
 
-__all__ = ["Perplexity", "text_perplexity", "mean"]
+__all__ = ["Perplexity", "text_perplexity", "mean", "corpus_bleu"]
 
 
 @dataclass
@@ -96,3 +96,12 @@ def text_perplexity(model: GPT, texts: Sequence[str], contexts: Optional[Sequenc
 def mean(xs: Sequence[float]) -> float:
     """The arithmetic mean; 0.0 for an empty sequence."""
     return sum(xs) / max(1, len(xs))
+
+
+def corpus_bleu(sacrebleu, hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """sacrebleu's corpus BLEU (0-100, its default 13a tokenisation) with every reference of every input.
+    sacrebleu takes reference *streams*; inputs with fewer references fill the later streams with None.
+    `sacrebleu` is the imported module (a demos extra, imported by the caller's preflight)."""
+    width = max(len(r) for r in references)
+    streams = [[r[k] if k < len(r) else None for r in references] for k in range(width)]
+    return float(sacrebleu.corpus_bleu(list(hypotheses), streams).score)

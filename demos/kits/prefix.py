@@ -16,10 +16,12 @@ import torch
 from minigpt import (EOT_ID, Example, GPT, TrainConfig, collate_lm, evaluate, generate, get_tokenizer, left_pad,
                      lm_loss_fn, resolve_precision)
 from minigpt.cli import describe_plan
-from techniques.prefix import PrefixTuning, load_adapter, save_adapter, train_prefix
+from techniques.prefix import (PrefixTuning, PrefixTuningPlus, load_adapter, prefix_memory, save_adapter,
+                               train_prefix)
 
 __all__ = ["PREFIX_HIDDEN", "prefix_lr", "PrefixRun", "load_prefix", "fit_prefix", "save_prefix", "complete",
-           "heldout_loss", "prefix_attention_share"]
+           "heldout_loss", "prefix_attention_share", "output_change", "matched_prefix_plus", "tradeoff_curves",
+           "tradeoff_figure", "TRADEOFF_PS"]
 
 PREFIX_HIDDEN = 512   # the reparametrisation MLP's hidden width (Li & Liang 2021, section 4.3 and appendix A)
 
@@ -129,3 +131,133 @@ def prefix_attention_share(model: GPT, prefix: PrefixTuning, input_ids: torch.Te
     P = prefix.num_virtual_tokens
     shares = [a[..., :P].sum(-1).mean() for a in out.attentions]   # each a: (B, nh, T, P + T)
     return float(torch.stack(shares).mean())
+
+
+# ---- the trade-off of Prefix-Tuning+ (arXiv 2506.13674, section 3), measured ---------------------------------
+TRADEOFF_PS = (5, 10, 20, 40)
+
+
+def _last_hidden(model: GPT, input_ids: torch.Tensor, **kw) -> torch.Tensor:
+    """The final hidden state (after ln_f) at the last position: (B, C). That position reads all T tokens."""
+    return model(input_ids, output_hidden_states=True, **kw).hidden_states[-1][:, -1]
+
+
+@torch.no_grad()
+def output_change(model: GPT, input_ids: torch.Tensor, *, prefix: Optional[PrefixTuning] = None,
+                  plus: Optional[PrefixTuningPlus] = None) -> float:
+    """‖h_method − h_frozen‖ / ‖h_frozen‖ at the last position (final hidden state, after ln_f), mean over rows:
+    how much the prefix (or Prefix-Tuning+'s M) changes what the model reads out after T input tokens.
+
+    Each method is compared with the frozen model at the same positions: a prefix puts the real tokens at
+    positions P, P+1, ..., so its frozen baseline runs with those position ids and no prefix; Prefix-Tuning+
+    moves no position, so its baseline is the same model with every M set to 0 (the frozen model exactly).
+    input_ids: [B, T], no padding. Give exactly one of prefix, plus (a PrefixTuningPlus wrapping `model`)."""
+    if (prefix is None) == (plus is None):
+        raise ValueError("give exactly one of prefix= (a PrefixTuning) or plus= (a PrefixTuningPlus)")
+    B, T = input_ids.shape
+    if prefix is not None:
+        past, mask = prefix.inputs_for(input_ids)
+        P = prefix.num_virtual_tokens
+        pos = torch.arange(P, P + T, device=input_ids.device).unsqueeze(0).expand(B, -1)   # (B, T)
+        base = _last_hidden(model, input_ids, position_ids=pos)
+        with_it = _last_hidden(model, input_ids, past_key_values=past, attention_mask=mask)
+    else:
+        with_it = _last_hidden(model, input_ids)
+        saved = [M.detach().clone() for M in plus.trainable_parameters()]
+        for M in plus.trainable_parameters():
+            M.zero_()
+        base = _last_hidden(model, input_ids)
+        for M, m in zip(plus.trainable_parameters(), saved):
+            M.copy_(m)
+    return float(((with_it - base).norm(dim=-1) / base.norm(dim=-1)).mean())
+
+
+@torch.no_grad()
+def matched_prefix_plus(model: GPT, prefix: PrefixTuning, calib_ids: torch.Tensor,
+                        feature_map: str = "elu") -> tuple[PrefixTuningPlus, float]:
+    """A Prefix-Tuning+ of magnitude comparable to `prefix`, wrapping `model` in place (unwrap() it after use).
+
+    The matching, in two steps: M per layer and head is the derivation's step 2 on the prefix's own keys and
+    values, M = c · Σ_j φ(k_j) v_jᵀ (techniques.prefix.prefix_memory), so both methods carry the same vectors;
+    the one scalar c (shared by all layers) is then fitted by bisection on log c so that both change the
+    output equally (output_change) on `calib_ids`, a short input. Returns the wrapper and c."""
+    target = output_change(model, calib_ids, prefix=prefix)
+    past = prefix.past_key_values(1)                                    # L x (k, v) [1, nh, P, hs]
+    plus = PrefixTuningPlus(model, feature_map=feature_map)
+    base_M = {int(i): prefix_memory(past[int(i)][0][0], past[int(i)][1][0], feature_map)   # (nh, hs, hs)
+              for i in plus.wrappers}
+
+    def set_scale(c: float) -> float:
+        for i, w in plus.wrappers.items():
+            w.M.copy_(c * base_M[int(i)])
+        return output_change(model, calib_ids, plus=plus)
+
+    lo, hi = -12.0, 4.0                                                 # log10 c
+    for _ in range(30):                                               # 16 decades / 2^30: exact enough
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if set_scale(10 ** mid) < target else (lo, mid)
+    c = 10 ** ((lo + hi) / 2)
+    set_scale(c)
+    return plus, c
+
+
+@torch.no_grad()
+def tradeoff_curves(model: GPT, lengths: Sequence[int], Ps: Sequence[int] = TRADEOFF_PS, *, batch: int = 8,
+                    seed: int = 0, feature_map: str = "elu", prefixes: Optional[dict] = None) -> dict:
+    """The trade-off, measured on `model` with random inputs (the same token rows for every P and method):
+
+    share[P][k]:       prefix_attention_share at input length lengths[k], for each P
+    prefix[P][k]:      output_change of prefix tuning with P virtual tokens
+    plus[P][k]:        output_change of Prefix-Tuning+ matched to that prefix (matched_prefix_plus at the
+                       shortest length)
+    scale[P]:          the matching scalar c
+
+    prefixes: {P: PrefixTuning} to measure (e.g. trained ones); by default a fresh one per P, seeded with
+    `seed` (PrefixTuning's own initialisation, N(0, 1) entries: magnitudes like a trained prefix's, see docs)."""
+    lengths = sorted(int(t) for t in lengths)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, lengths[-1]), generator=g).to(model.device)
+    out: dict = {"lengths": lengths, "Ps": list(Ps), "share": {}, "prefix": {}, "plus": {}, "scale": {}}
+    for P in Ps:
+        if prefixes is not None and P in prefixes:
+            prefix = prefixes[P]
+        else:
+            torch.manual_seed(seed)
+            prefix = PrefixTuning(model.config, P).to(model.device).eval()
+        prefix.check_length(lengths[-1])
+        out["share"][P] = [prefix_attention_share(model, prefix, ids[:, :T]) for T in lengths]
+        out["prefix"][P] = [output_change(model, ids[:, :T], prefix=prefix) for T in lengths]
+        plus, c = matched_prefix_plus(model, prefix, ids[:, :lengths[0]], feature_map)
+        try:
+            out["plus"][P] = [output_change(model, ids[:, :T], plus=plus) for T in lengths]
+        finally:
+            plus.unwrap()
+        out["scale"][P] = c
+    return out
+
+
+def tradeoff_figure(curves: dict, path: str | Path, model_name: str) -> Path:
+    """Two panels: the prefix's share of attention vs input length (one line per P), and the relative output
+    change vs input length for prefix tuning (solid) and the matched Prefix-Tuning+ (dashed)."""
+    from demos.common import new_figure, save_figure
+    fig = new_figure((11, 4.2))
+    a, b = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    T = curves["lengths"]
+    for n, P in enumerate(curves["Ps"]):
+        color = f"C{n}"
+        a.plot(T, [100 * s for s in curves["share"][P]], "o-", color=color, label=f"P = {P}")
+        b.plot(T, curves["prefix"][P], "o-", color=color)
+        b.plot(T, curves["plus"][P], "s--", color=color)
+    a.set(xscale="log", xlabel="input length T (tokens, log scale)", ylabel="prefix share of attention (%)",
+          title="Prefix tuning: attention mass on the prefix")
+    b.set(xscale="log", yscale="log", xlabel="input length T (tokens, log scale)",
+          ylabel="‖Δh‖ / ‖h‖ at the last position (ratio, log scale)",
+          title="Output change caused by each method")
+    for ax in (a, b):
+        ax.grid(alpha=0.3, which="both")
+    a.legend(fontsize=8)
+    b.plot([], [], "o-", color="0.3", label="prefix tuning (colour: P, as on the left)")
+    b.plot([], [], "s--", color="0.3", label="Prefix-Tuning+, M matched to that prefix")
+    b.legend(fontsize=8, loc="lower left")
+    return save_figure(fig, path,
+                       title=f"The prefix-tuning trade-off (arXiv 2506.13674, section 3), model {model_name}")

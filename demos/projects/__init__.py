@@ -10,10 +10,11 @@ import importlib
 
 __all__ = ["PROJECT_NAMES", "load", "load_all"]
 
-# The order of the tutorial: PPLM's projects, prefix tuning's, LoRA's, the system that composes them, then the
-# comparison of the steering methods.
+# The order of the tutorial: PPLM's projects, prefix tuning's, LoRA's, the system that composes them, the
+# comparison of the steering methods, the side-by-side of prefix tuning, Prefix-Tuning+ and LoRA, then MTL-LoRA
+# against shared and separate LoRAs.
 PROJECT_NAMES = ("sentiment_story", "hiring_ad", "hypothesis", "summarizer", "explainer", "table_to_text",
-                 "squad_qa", "poetry", "scifi", "chemistry", "hybrid", "steering")
+                 "squad_qa", "poetry", "scifi", "chemistry", "hybrid", "steering", "prefix_compare", "mtl_compare")
 
 
 def load(name: str):

@@ -28,11 +28,12 @@ import argparse
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from minigpt import examples_from_pairs, get_tokenizer
 
-from ..kits import EOT, complete, e2e_prompt, fit_prefix, group_by_mr, heldout_loss, load_prefix, read_e2e, save_prefix
+from ..kits import (EOT, complete, corpus_bleu, e2e_prompt, fit_prefix, group_by_mr, heldout_loss, load_prefix,
+                    read_e2e, save_prefix)
 from .common import (REPO, Finished, Project, ProjectResult, ProjectRun, Samples, add_prefix_args, loss_figure,
                      prefix_training, require)
 
@@ -69,14 +70,6 @@ class Sizes:
 SIZES = {"full": Sizes(None, 1200, 100, 20, None, 48, 8),
          "quick": Sizes(None, 150, 50, 10, 150, 48, 5),
          "smoke": Sizes(16, 2, 2, 1, 3, 6, 2)}
-
-
-def corpus_bleu(sacrebleu, hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """sacrebleu's corpus BLEU (0-100, its default 13a tokenisation) with every reference of every input.
-    sacrebleu takes reference *streams*; inputs with fewer references fill the later streams with None."""
-    width = max(len(r) for r in references)
-    streams = [[r[k] if k < len(r) else None for r in references] for k in range(width)]
-    return float(sacrebleu.corpus_bleu(list(hypotheses), streams).score)
 
 
 def paper_table(model_name: str, n_params: int, n_train: int, how: str, before: float, after: float,

@@ -2,7 +2,9 @@
 
     train  LoRA on a .txt or prompt/completion .jsonl file; saves a peft-format adapter
            (adapter_config.json + adapter_model.safetensors) and history.json in --out,
-           only once training has finished. --quantize nf4 is QLoRA: the blocks' frozen
+           only once training has finished. --mtl --tasks a,b,c --data A --data B --data C trains
+           one MTL-LoRA over three tasks (one file each; batches mix them), saved by save_mtl_lora.
+           --quantize nf4 is QLoRA: the blocks' frozen
            Linears stored in 4-bit NF4 (double-quantised absmaxes unless --no-double-quant).
     merge  fold an adapter into the weights (W0 <- W0 + (alpha/r)·B·A) and save a plain checkpoint;
            --quantize nf4 merges into the dequantised 4-bit W0' the adapter was trained on.
@@ -20,6 +22,8 @@ from minigpt.cli import (add_model_args, add_train_args, describe_plan, is_main_
                          run_command, split_from_args, train_config_from_args)
 
 from .lora import apply_lora, lora_parameters, lora_summary, merge_lora
+from .mtl import apply_mtl_lora, collate_mtl, mtl_loss_fn, mtl_modules, mtl_parameters, task_examples
+from .mtl_files import save_mtl_lora
 from .nf4 import quantize_base
 from .peft_files import load_adapter, save_adapter
 
@@ -29,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a LoRA adapter on a text or prompt/completion file",
                        description="Train LoRA on --data and save a peft-format adapter in --out.")
-    t.add_argument("--data", required=True, metavar="FILE",
-                   help=".txt (cut into blocks) or .jsonl with 'prompt' and 'completion' fields")
+    t.add_argument("--data", required=True, metavar="FILE", action="append",
+                   help=".txt (cut into blocks) or .jsonl with 'prompt' and 'completion' fields; with --mtl, "
+                        "repeat it: one file per task, in --tasks order")
     t.add_argument("--block-size", type=positive_int, default=128, help="tokens per training sequence (default: 128)")
     t.add_argument("--out", required=True, metavar="DIR", help="where adapter_config.json, "
                    "adapter_model.safetensors and history.json go (written only once training has finished)")
@@ -48,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="DoRA (Liu et al. 2024): also train a magnitude per output, W' = m·(W0 + s·B·A)/||·||; "
                            "saved with use_dora: true, as peft does")
     add_quantize_args(lora)
+    mtl = t.add_argument_group("MTL-LoRA (multi-task, Yang et al. 2025; techniques/lora/mtl.py)")
+    mtl.add_argument("--mtl", action="store_true",
+                     help="train one MTL-LoRA over several tasks: shared A and B^i, a Λ_t and mixing weights w_t "
+                          "per task; every example carries its task's id, and batches mix tasks")
+    mtl.add_argument("--tasks", metavar="NAME,NAME,...",
+                     help="with --mtl: the task names, comma-separated, one per --data file (ids 0, 1, ... in this "
+                          "order; `minigpt generate --mtl-lora OUT --task NAME` picks one)")
+    mtl.add_argument("--n-up", type=positive_int, default=3, help="with --mtl: up-projections B^i (default: 3)")
+    mtl.add_argument("--tau", type=float, default=1.0,
+                     help="with --mtl: temperature of softmax(w_t/τ) (default: 1.0, as the official code)")
+    mtl.add_argument("--full-lambda", action="store_true",
+                     help="with --mtl: a full r x r Λ_t per task (default: its diagonal, as the paper)")
     add_train_args(t, lr=2e-4, lr_help="2e-4")
 
     m = sub.add_parser("merge", help="fold an adapter into the weights and save a plain checkpoint",
@@ -88,10 +105,38 @@ def load_model(args):
     return model.to(device)
 
 
+def mtl_task_names(args) -> list[str]:
+    """--tasks, checked against --data (one file per task) and the options MTL-LoRA does not combine with."""
+    if not args.mtl:
+        if args.tasks is not None:
+            raise ValueError("--tasks needs --mtl (multi-task LoRA)")
+        if len(args.data) != 1:
+            raise ValueError(f"{len(args.data)} --data files given: plain LoRA trains on one (several: --mtl)")
+        return []
+    if not args.tasks:
+        raise ValueError("--mtl needs --tasks NAME,NAME,...: one task name per --data file")
+    tasks = [t.strip() for t in args.tasks.split(",")]
+    if not all(tasks) or len(set(tasks)) != len(tasks):
+        raise ValueError(f"--tasks {args.tasks!r}: give distinct, non-empty names, comma-separated")
+    if len(tasks) != len(args.data):
+        raise ValueError(f"--tasks names {len(tasks)} task(s) but {len(args.data)} --data file(s) are given: "
+                         "one file per task, in the same order")
+    for flag, on in (("--qkv", args.qkv), ("--rslora", args.rslora), ("--dora", args.dora),
+                     ("--dropout", args.dropout), ("--quantize nf4", args.quantize != "none")):
+        if on:
+            raise ValueError(f"{flag} is not implemented for --mtl; leave it out")
+    if not args.tau > 0:
+        raise ValueError(f"--tau must be > 0 (got {args.tau})")
+    return tasks
+
+
 def train_command(args) -> None:
     config = train_config_from_args(args)  # checks the training options before anything is loaded
     check_quantize_args(args)
-    examples = load_lm_data(args.data, get_tokenizer(), args.block_size)
+    tasks = mtl_task_names(args)
+    if args.mtl:
+        return train_mtl(args, config, tasks)
+    examples = load_lm_data(args.data[0], get_tokenizer(), args.block_size)
     model = load_model(args)  # QLoRA: 4-bit W0 first, so the adapter (and DoRA's m) starts from W0'
     if args.block_size > model.config.n_positions:
         raise ValueError(f"--block-size {args.block_size} exceeds the model's n_positions {model.config.n_positions}")
@@ -116,13 +161,46 @@ def train_command(args) -> None:
           + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
 
 
+def train_mtl(args, config, tasks: list[str]) -> None:
+    """--mtl: one MTL-LoRA on the tasks' files, mixed; saved by save_mtl_lora (adapter_config.json MTL_LORA)."""
+    tok = get_tokenizer()
+    per_task = [load_lm_data(path, tok, args.block_size) for path in args.data]
+    model = load_model(args)
+    if args.block_size > model.config.n_positions:
+        raise ValueError(f"--block-size {args.block_size} exceeds the model's n_positions {model.config.n_positions}")
+    apply_mtl_lora(model, len(tasks), targets=[t.strip() for t in args.targets.split(",") if t.strip()], r=args.r,
+                   alpha=args.alpha, n_up=args.n_up, tau=args.tau, full_lambda=args.full_lambda)
+    cast_frozen_linears(model, config.autocast_dtype)
+    train_set, eval_set = split_from_args(task_examples(per_task), args)
+    n = sum(p.numel() for p in mtl_parameters(model))
+    print(f"MTL-LoRA: {len(mtl_modules(model))} layers, {len(tasks)} tasks ({', '.join(tasks)}), r={args.r}, "
+          f"n_up={args.n_up}, tau={args.tau}; {n:,} trainable parameters; "
+          + ", ".join(f"{name}: {len(ex)} examples" for name, ex in zip(tasks, per_task)))
+    print(describe_plan(len(train_set), len(eval_set), config), flush=True)
+    model.train()
+    history = train(mtl_parameters(model), mtl_loss_fn(model), train_set, eval_examples=eval_set, config=config,
+                    collate_fn=collate_mtl, eval_modules=[model], run_info=run_info(args))
+    model.eval()
+    if not is_main_process():
+        return
+    save_mtl_lora(model, args.out, tasks)
+    save_history(history, args.out)
+    last = history[-1]
+    print(f"saved MTL-LoRA ({', '.join(tasks)}) to {args.out} after {len(history)} steps; last loss "
+          f"{last['loss']:.4f}" + (f", eval loss {last['eval_loss']:.4f}" if "eval_loss" in last else ""))
+
+
 def run_info(args) -> dict:
     """What a resumed run must share with the checkpoint, besides the training options: the model, the data,
     LoRA's shape."""
-    return {"command": "techniques.lora train", "model": args.weights or args.model, "data": str(args.data),
+    data = args.data if isinstance(args.data, str) else ",".join(map(str, args.data))  # one file: as before
+    info = {"command": "techniques.lora train", "model": args.weights or args.model, "data": data,
             "block_size": args.block_size, "eval_fraction": args.eval_fraction, "r": args.r, "alpha": args.alpha,
             "dropout": args.dropout, "targets": args.targets, "qkv": args.qkv, "rslora": args.rslora,
             "dora": args.dora, "quantize": quantize_name(args)}
+    if getattr(args, "mtl", False):  # only MTL runs carry these, so plain LoRA checkpoints resume as before
+        info.update(mtl=True, tasks=args.tasks, n_up=args.n_up, tau=args.tau, full_lambda=args.full_lambda)
+    return info
 
 
 def quantize_name(args):

@@ -1,4 +1,4 @@
-"""python -m techniques.prefix train: learn a prefix with the model frozen.
+"""python -m techniques.prefix train: learn a prefix with the model frozen (--variant plus: Prefix-Tuning+).
 
 Writes, once training has finished (each save atomic): a peft-format adapter
 (adapter_config.json + adapter_model.safetensors) in OUT, the full prefix
@@ -7,6 +7,10 @@ Writes, once training has finished (each save atomic): a peft-format adapter
 OUT/train_state every K steps, which --resume continues exactly. Before
 training it prints the plan (the real step count) and how many parameters are
 trained.
+
+--variant plus trains Prefix-Tuning+ (prefix_plus.py) instead, through the same data, options and training loop:
+one M per layer and head (--phi elu|gelu, --layers), saved as prefix_plus_config.json +
+prefix_plus_model.safetensors in OUT (our own format: peft has no such adapter type), plus OUT/history.json.
 """
 from __future__ import annotations
 
@@ -20,9 +24,14 @@ from minigpt.cli import (add_model_args, add_train_args, describe_plan, is_main_
                          run_command, split_from_args, train_config_from_args)
 
 from .prefix import PrefixTuning, init_from_text, load_checkpoint, save_adapter, save_checkpoint, train_prefix
+from .prefix_plus import (FEATURE_MAPS, PLUS_CONFIG, PrefixTuningPlus, load_prefix_plus, parse_layers,
+                          save_prefix_plus, train_prefix_plus)
 
 # The default peak learning rates: the MLP's output moves the table much more per step than the table's own lr.
 LR_DIRECT, LR_PROJECTION = 5e-3, 5e-4
+LR_PLUS = 5e-3  # Prefix-Tuning+'s M, like the direct table: a plain parameter read at every position
+VARIANTS = ("prefix", "plus")
+PREFIX_ONLY = ("num_virtual_tokens", "init_text", "hidden", "dropout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(adapter_config.json, adapter_model.safetensors), the full prefix in "
                                    "OUT/checkpoint for --init-from, and OUT/history.json.")
     add_model_args(t)
+    t.add_argument("--variant", default="prefix", metavar="NAME",
+                   help="prefix: prefix tuning (Li & Liang 2021); plus: Prefix-Tuning+ (Wang et al. 2025), one "
+                        "trainable M per layer and head added to the attention output (default: prefix)")
+    t.add_argument("--phi", default=None, metavar="MAP",
+                   help=f"--variant plus: the feature map φ, one of {', '.join(FEATURE_MAPS)} (default: elu, "
+                        "i.e. elu(x) + 1)")
+    t.add_argument("--layers", default=None, metavar="LIST",
+                   help="--variant plus: the layers to wrap, \"all\" or indices/ranges like \"0,2,4-7\" "
+                        "(default: all)")
     t.add_argument("--data", required=True, metavar="FILE",
                    help=".txt (cut into blocks) or .jsonl with {\"prompt\", \"completion\"} per line "
                         "(loss on the completion)")
@@ -57,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_options(args) -> None:
     """Refuse, before the model is loaded, options that cannot mean what they say."""
+    if args.variant not in VARIANTS:
+        raise ValueError(f"unknown --variant {args.variant!r}: choose prefix (prefix tuning) or plus "
+                         "(Prefix-Tuning+)")
+    if args.variant == "plus":
+        return check_plus_options(args)
+    given = [o for o, v in (("--phi", args.phi), ("--layers", args.layers)) if v is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} belong to Prefix-Tuning+: add --variant plus, or leave them out")
     if args.init_text is not None and not args.init_text.strip():
         raise ValueError("--init-text is empty: give the words the prefix starts from (e.g. --init-text "
                          "\"summarize\"), or leave the option out to start from random values")
@@ -81,6 +107,73 @@ def check_options(args) -> None:
     args.dropout = 0.0 if args.dropout is None else args.dropout
     if args.block_size < 2:
         raise ValueError(f"--block-size must be >= 2 (a token and the one it predicts), got {args.block_size}")
+
+
+def check_plus_options(args) -> None:
+    """--variant plus: the prefix-tuning options have no meaning there; --phi must name a feature map."""
+    given = [f"--{n.replace('_', '-')}" for n in PREFIX_ONLY if getattr(args, n) is not None] \
+        + (["--projection"] if args.projection else [])
+    if given:
+        raise ValueError(f"{', '.join(given)} belong to prefix tuning; Prefix-Tuning+ (--variant plus) has no "
+                         "virtual tokens, only --phi and --layers: leave them out")
+    if args.phi is not None and args.phi not in FEATURE_MAPS:
+        raise ValueError(f"unknown --phi {args.phi!r}: choose one of {', '.join(FEATURE_MAPS)}")
+    if args.init_from and (args.phi is not None or args.layers is not None):
+        raise ValueError("--init-from starts from a Prefix-Tuning+ adapter with its own φ and layers; leave out "
+                         "--phi and --layers")
+    if args.init_from and args.resume:
+        raise ValueError("--init-from starts a new run from an adapter, --resume continues a run exactly; give one")
+    if args.resume and (Path(args.resume) / PLUS_CONFIG).is_file() \
+            and not (Path(args.resume) / "trainer_state.json").is_file():
+        raise ValueError(f"--resume {args.resume} holds a trained Prefix-Tuning+ adapter, not a training checkpoint; "
+                         f"to start a new run from it use --init-from {args.resume}, to continue a run exactly give "
+                         "its OUT/train_state (written with --save-every)")
+    args.phi = "elu" if args.phi is None else args.phi
+    if args.block_size < 2:
+        raise ValueError(f"--block-size must be >= 2 (a token and the one it predicts), got {args.block_size}")
+
+
+def new_plus(args, model: GPT) -> PrefixTuningPlus:
+    """Prefix-Tuning+ on `model`: from a trained adapter (--init-from), or M = 0 on the chosen layers."""
+    if args.init_from:
+        return load_prefix_plus(model, args.init_from)
+    layers = parse_layers(args.layers, model.config.n_layer) if args.layers is not None else None
+    return PrefixTuningPlus(model, layers=layers, feature_map=args.phi)
+
+
+def plus_command(args, model: GPT) -> None:
+    """--variant plus: the same data, options and loop as prefix tuning; saves with save_prefix_plus."""
+    pp = new_plus(args, model)
+    if args.block_size > model.config.n_positions:
+        raise ValueError(f"--block-size {args.block_size} > the model's n_positions {model.config.n_positions}; "
+                         f"use --block-size {model.config.n_positions} or less")
+    examples = load_lm_data(args.data, get_tokenizer(), args.block_size)
+    train_ex, eval_ex = split_from_args(examples, args)
+    config = train_config_from_args(args, lr=args.lr if args.lr is not None else LR_PLUS)
+    print(describe_plan(len(train_ex), len(eval_ex), config))
+    n_model = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in pp.trainable_parameters())
+    print(f"Prefix-Tuning+ φ={pp.feature_map}, layers {pp.layers}: {n_train:,} trainable parameters (M per layer, "
+          f"(n_head, d_φ, head_dim); the model's {n_model:,} stay frozen)", flush=True)
+    cast_frozen_linears(model, config.autocast_dtype)  # the M's stay fp32: they require grad
+    history = train_prefix_plus(pp, train_ex, eval_examples=eval_ex, config=config, run_info=plus_run_info(args))
+    if not is_main_process():
+        return
+    save_prefix_plus(pp, args.out)
+    save_history(history, args.out)
+    last = history[-1]
+    msg = (f"trained Prefix-Tuning+ for {len(history)} step{'s' if len(history) != 1 else ''}: "
+           f"loss {history[0]['loss']:.3f} -> {last['loss']:.3f}")
+    if "eval_loss" in last:
+        msg += f", eval {last['eval_loss']:.3f}"
+    print(f"{msg}; adapter in {args.out}")
+
+
+def plus_run_info(args) -> dict:
+    """What a resumed Prefix-Tuning+ run must share with its checkpoint, besides the training options."""
+    return {"command": "techniques.prefix train --variant plus", "model": args.weights or args.model,
+            "data": str(args.data), "block_size": args.block_size, "eval_fraction": args.eval_fraction,
+            "phi": args.phi, "layers": args.layers, "init_from": str(args.init_from) if args.init_from else None}
 
 
 def new_prefix(args, model: GPT) -> PrefixTuning:
@@ -122,6 +215,8 @@ def describe_parameters(prefix: PrefixTuning, model: GPT) -> str:
 def train_command(args) -> None:
     check_options(args)
     model = model_from_args(args)
+    if args.variant == "plus":
+        return plus_command(args, model)
     prefix = new_prefix(args, model)
     check_block_fits(args.block_size, prefix.num_virtual_tokens, model.config.n_positions)
     examples = load_lm_data(args.data, get_tokenizer(), args.block_size)

@@ -56,6 +56,7 @@ from minigpt import (GPT, GPTConfig, PastKeyValues, TrainConfig, atomic_save_dir
                      lm_loss_fn, load_tensors, read_json, save_tensors, stack_past, train, unstack_past, write_json)
 
 from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config, read_adapter_weights
+from .prefix_plus import PLUS_CONFIG
 
 __all__ = ["PrefixTuning", "init_from_text", "train_prefix", "save_adapter", "load_adapter", "save_checkpoint",
            "load_checkpoint", "past_to_table"]
@@ -286,6 +287,13 @@ def _check_shape(cfg: GPTConfig, found: dict, source: Path) -> None:
                          "was trained for")
 
 
+def _refuse_prefix_plus(d: Path) -> None:
+    """A Prefix-Tuning+ folder holds M's, not a prefix: say so, and which loader reads it."""
+    if (d / PLUS_CONFIG).is_file():
+        raise ValueError(f"{d} holds a Prefix-Tuning+ adapter ({PLUS_CONFIG}), not a prefix-tuning one; load it with "
+                         "techniques.prefix.load_prefix_plus (minigpt generate --prefix reads either kind)")
+
+
 def load_adapter(model_or_config: Union[GPT, GPTConfig], directory: Union[str, os.PathLike]) -> PrefixTuning:
     """Read a prefix adapter saved by peft or by `save_adapter` -> a direct PrefixTuning.
 
@@ -295,6 +303,7 @@ def load_adapter(model_or_config: Union[GPT, GPTConfig], directory: Union[str, o
     """
     cfg = _config_of(model_or_config)
     d = Path(directory)
+    _refuse_prefix_plus(d)
     conf = read_adapter_config(d, "PREFIX_TUNING")
     if conf.get("num_transformer_submodules", 1) not in (None, 1):
         raise ValueError(f"{d / ADAPTER_CONFIG}: num_transformer_submodules="
@@ -328,6 +337,7 @@ def load_checkpoint(model_or_config: Union[GPT, GPTConfig], directory: Union[str
     """The inverse of `save_checkpoint`: the prefix exactly as it was, MLP included."""
     cfg = _config_of(model_or_config)
     d = Path(directory)
+    _refuse_prefix_plus(d)
     if not (d / CHECKPOINT_CONFIG).is_file() and (d / "checkpoint" / CHECKPOINT_CONFIG).is_file():
         raise FileNotFoundError(f"{d / CHECKPOINT_CONFIG} not found; {d} is a training run's output, its full "
                                 f"checkpoint is {d / 'checkpoint'}")

@@ -18,9 +18,10 @@ touched): it runs the frozen attention unchanged, recomputes q with the frozen c
 the frozen output projection. c_proj is linear, so c_proj(o + φ(q)ᵀM) = c_proj(o) + W_proj · (φ(q)ᵀM): the bias
 is added once, by the frozen attention.
 
-Checked against the paper (2026-12-07): the stored copies of arXiv 2506.13674 (v1, v2 HTML; v3 "PrefixMemory-Tuning")
-reachable from this session show the abstract and the derivation's start, o_pt = Σ_j sim(q_i, k_j) v_j / Σ_j sim(...)
-over prefix and input (the equation above), and a query-dependent term from a trainable external module added to the
+Checked against the paper (2026-12-07, twice): the stored copies of arXiv 2506.13674 (v1, v2 HTML; v3
+"PrefixMemory-Tuning", ICLR 2026, whose code is github.com/haonan3/PrefixMemory-Tuning, not reachable here) show the
+abstract and the derivation's start, o_pt = Σ_j sim(q_i, k_j) v_j / Σ_j sim(...) over prefix and input (the equation
+above), and "a trainable memory matrix M plus a kernel feature map φ(·)" whose query-dependent term is added to the
 attention output; they did NOT show the method section's exact φ, d_φ or M's init. So these stay our choices, open
 until someone reads the method section itself:
   - φ: "elu" is elu(x) + 1 (positive, as a similarity kernel must be for step 2; the linear-attention form of
@@ -39,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minigpt import atomic_save_dir, load_tensors, read_json, save_tensors, write_json
+from minigpt import TrainConfig, atomic_save_dir, lm_loss_fn, load_tensors, read_json, save_tensors, train, write_json
 
 FEATURE_MAPS = ("elu", "gelu")
 
@@ -178,9 +179,16 @@ def load_prefix_plus(model: nn.Module, directory) -> PrefixTuningPlus:
     """Wrap `model` (a plain GPT) with the saved Prefix-Tuning+ and load its M's. Another model size, another
     adapter type, missing or damaged files: a ValueError / FileNotFoundError that names the file and the problem."""
     d = Path(directory)
+    if not (d / PLUS_CONFIG).is_file() and (d / "adapter_config.json").is_file():
+        raise ValueError(f"{d} holds a peft adapter (adapter_config.json), not a Prefix-Tuning+ one "
+                         f"({PLUS_CONFIG}); load a prefix-tuning adapter with techniques.prefix.load_adapter")
+    if not (d / PLUS_CONFIG).is_file() and (d / "prefix_config.json").is_file():
+        raise ValueError(f"{d} holds a prefix-tuning checkpoint (prefix_config.json), not a Prefix-Tuning+ adapter "
+                         f"({PLUS_CONFIG}); load it with techniques.prefix.load_checkpoint")
     conf = read_json(d / PLUS_CONFIG)
-    if conf.get("adapter_type") != PLUS_TYPE:
-        raise ValueError(f"{d / PLUS_CONFIG}: adapter_type is {conf.get('adapter_type')!r}, not {PLUS_TYPE!r}")
+    if not isinstance(conf, dict) or conf.get("adapter_type") != PLUS_TYPE:
+        found = conf.get("adapter_type") if isinstance(conf, dict) else None
+        raise ValueError(f"{d / PLUS_CONFIG}: adapter_type is {found!r}, not {PLUS_TYPE!r}")
     ours = _shape_of(model)
     bad = [f"{k}={conf.get(k)} (this model has {v})" for k, v in ours.items() if conf.get(k) != v]
     if bad:
@@ -191,3 +199,41 @@ def load_prefix_plus(model: nn.Module, directory) -> PrefixTuningPlus:
     dev = next(model.parameters()).device
     pp.load_state_dict_M({k: v.to(dev) for k, v in tensors.items()})
     return pp
+
+
+def is_prefix_plus_dir(directory) -> bool:
+    """Whether `directory` holds a Prefix-Tuning+ adapter (by its config's file name and type)."""
+    path = Path(directory) / PLUS_CONFIG
+    if not path.is_file():
+        return False
+    conf = read_json(path)
+    return isinstance(conf, dict) and conf.get("adapter_type") == PLUS_TYPE
+
+
+def parse_layers(text: str, n_layer: int) -> list[int]:
+    """--layers: "all", or indices and ranges ("0,2,4-7"), each in 0..n_layer-1."""
+    if text.strip().lower() == "all":
+        return list(range(n_layer))
+    layers = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            layers += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise ValueError(f"--layers {text!r}: give \"all\" or layer indices and ranges like \"0,2,4-7\"") from None
+    bad = sorted(set(i for i in layers if not 0 <= i < n_layer))
+    if bad or not layers:
+        raise ValueError(f"--layers {text!r}: {bad or 'no layer'} out of range; this model has {n_layer} layers, "
+                         f"0..{n_layer - 1}")
+    return sorted(set(layers))
+
+
+def train_prefix_plus(pp: PrefixTuningPlus, train_examples, *, eval_examples=(),
+                      config: TrainConfig = TrainConfig(), run_info=None) -> list[dict]:
+    """Train only the M's through the shared loop (minigpt.train: precision, accumulation, checkpoints, resume);
+    the wrapped model stays frozen and in eval mode. The loss is the plain causal-LM loss of the wrapped model:
+    unlike prefix tuning there is no past to prepend, the term sits inside each attention."""
+    model = pp.model
+    model.eval()
+    return train(pp.trainable_parameters(), lm_loss_fn(model), train_examples, eval_examples=eval_examples,
+                 config=config, run_info=run_info)

@@ -1,0 +1,334 @@
+"""What the playground's page calls, as plain functions (no UI library here, so the tests need no gradio).
+
+Every function takes the shared model and its own arguments, and keeps no state: two browser sessions
+calling them at once share only the weights. PPLM perturbs only its own past (techniques.pplm.generate),
+so a steered request never leaves the model steered for another one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import matplotlib
+import numpy as np
+import torch
+
+from minigpt import EOT_ID, GPT, beam_search, get_tokenizer, stream
+from minigpt.generation import cut_at_stop
+from minigpt.io import read_json
+from techniques import pplm
+from techniques.lora import lora_summary
+from techniques.peft_format import ADAPTER_CONFIG, is_adapter_dir
+
+from ..common import new_figure
+from ..kits import load_lora, load_prefix, sample_continuations
+from ..tour.context import _token_label
+from ..tour.next_token import filtered_probs
+
+__all__ = ["PlaygroundError", "encode_prompt", "stream_text", "beam_text", "next_token_table", "next_token_figure",
+           "Steered",
+           "steer_compare", "bag_from_text", "load_head", "JAMSteered", "jam_compare",
+           "highlight_spans", "find_adapters", "Adapter", "load_adapter_dir",
+           "with_and_without", "attention_map", "attention_figure"]
+
+
+class PlaygroundError(ValueError):
+    """Bad input, shown as a message on the page (the server keeps serving)."""
+
+
+def encode_prompt(model: GPT, prompt: str, max_new_tokens: int = 0) -> torch.Tensor:
+    """(1, T) token ids of the prompt, after checking it is not empty and fits the context with the new tokens."""
+    if not prompt or not prompt.strip():
+        raise PlaygroundError("The prompt is empty: type a few words first.")
+    ids = get_tokenizer().encode(prompt)
+    n_pos = model.config.n_positions
+    if len(ids) + max_new_tokens > n_pos:
+        raise PlaygroundError(f"The prompt is {len(ids)} tokens and {max_new_tokens} new ones are asked for, but the "
+                              f"model's context is {n_pos} tokens: shorten the prompt or ask for fewer tokens.")
+    return torch.tensor([ids], device=model.device)
+
+
+def _stops(stop_text: str) -> Optional[list[str]]:
+    stops = [s for s in (stop_text or "").split("|") if s]
+    return stops or None
+
+
+def stream_text(model: GPT, prompt: str, *, max_new_tokens: int = 40, do_sample: bool = True,
+                temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                seed: int = 0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                stop_text: str = "") -> Iterator[str]:
+    """The continuation so far, after each new token (minigpt.stream), cut at the first stop string
+    ("|"-separated). The same seed gives the same text."""
+    ids = encode_prompt(model, prompt, max_new_tokens)
+    tok = get_tokenizer()
+    stops = _stops(stop_text)
+    gen = torch.Generator(device=model.device).manual_seed(int(seed))
+    new: list[int] = []
+    for t in stream(model, ids, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                    top_k=top_k, top_p=top_p, generator=gen, repetition_penalty=repetition_penalty,
+                    no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=EOT_ID, stop=stops, tokenizer=tok):
+        if int(t[0]) == EOT_ID:
+            break
+        new.append(int(t[0]))
+        yield cut_at_stop(tok.decode(new), stops)
+
+
+def beam_text(model: GPT, prompt: str, *, max_new_tokens: int = 40, num_beams: int = 4, length_penalty: float = 1.0,
+              repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, stop_text: str = "") -> str:
+    """The best beam's continuation (minigpt.beam_search), cut at the first stop string. Beam search has no
+    tokens to stream: the best hypothesis is known only at the end."""
+    if int(num_beams) < 1:
+        raise PlaygroundError(f"The number of beams must be at least 1, got {num_beams}.")
+    ids = encode_prompt(model, prompt, max_new_tokens)
+    tok, stops = get_tokenizer(), _stops(stop_text)
+    out = beam_search(model, ids, max_new_tokens=max_new_tokens, num_beams=int(num_beams),
+                      length_penalty=length_penalty, eos_token_id=EOT_ID, pad_token_id=EOT_ID,
+                      repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                      stop=stops, tokenizer=tok)
+    new = [t for t in out.sequences[0, ids.size(1):].tolist() if t != EOT_ID]
+    return cut_at_stop(tok.decode(new), stops)
+
+
+@torch.no_grad()
+def next_token_table(model: GPT, prompt: str, *, temperature: float = 1.0, top_k: Optional[int] = None,
+                     top_p: Optional[float] = None, n: int = 10) -> list[tuple[str, float, float]]:
+    """The n most likely next tokens after the prompt: (token, p before the filters, p after them),
+    the "after" from the tour's filtered_probs (minigpt.sample_next_token's distribution)."""
+    ids = encode_prompt(model, prompt)
+    logits = model(ids).logits[0, -1].float()                      # (V,)
+    before = logits.softmax(-1)
+    after = filtered_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    top = before.topk(n).indices.tolist()
+    tok = get_tokenizer()
+    return [(tok.decode([i]), float(before[i]), float(after[i])) for i in top]
+
+
+def next_token_figure(rows: Sequence[tuple[str, float, float]], *, temperature: float = 1.0,
+                      top_k: Optional[int] = None, top_p: Optional[float] = None):
+    """The rows of next_token_table as the tour's step 1 draws them: the softmax on the left, the filtered
+    distribution on the right (removed tokens grey). The numbers are the tour's filtered_probs."""
+    fig = new_figure((7, 4))
+    left, right = fig.subplots(1, 2, sharey=True)
+    y = list(range(len(rows)))
+    labels = [repr(t)[1:-1].replace(" ", "␣") for t, _, _ in rows]
+    left.barh(y, [b for _, b, _ in rows], color="#4c72b0")
+    left.set(title="model softmax (temperature 1)", xlabel="probability", ylabel="next token (␣ = space)")
+    left.set_yticks(y, labels, fontsize=8)
+    left.invert_yaxis()
+    kept = [a for _, _, a in rows]
+    right.barh(y, kept, color=["#55a868" if k > 0 else "#cccccc" for k in kept])
+    for yi, k in zip(y, kept):
+        if k == 0:
+            right.text(0.005, yi, "removed", va="center", fontsize=7, color="#777")
+    right.set(title=f"filtered: T={temperature:g}, top-k {top_k or 'off'}, top-p {top_p or 'off'}",
+              xlabel="probability")
+    right.title.set_fontsize(9)
+    fig.tight_layout()
+    return fig
+
+
+def bag_from_text(spec: str):
+    """A bag: a shipped name ("space"), or comma-separated words. Raises PlaygroundError when no word
+    is a single token (PPLM's bag loss would have nothing to score)."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise PlaygroundError("The bag is empty: pick a shipped bag or type some words, separated by commas.")
+    tok = get_tokenizer()
+    words = [w.strip() for w in spec.split(",") if w.strip()]
+    src = words[0] if len(words) == 1 and words[0] in pplm.bag_names() else words
+    bag = pplm.load_bag(src, tok, name=None if isinstance(src, str) else "typed")
+    if not bag.token_ids:
+        raise PlaygroundError(f"No word of the bag {words!r} is a single token, so PPLM has nothing to steer "
+                              "towards: use common words (e.g. 'space, planet, moon').")
+    return bag
+
+
+@dataclass
+class Steered:
+    plain: list[int]            # new token ids, unsteered (stepsize 0: the same sampler and seed)
+    steered: list[int]          # new token ids, steered
+    bag_ids: set                # the bag's token ids (for highlighting)
+    attribute: list[float]      # per steered token: the bag's mass under the steered distribution (the signal)
+
+
+def steer_compare(model: GPT, prompt: str, bag_spec: str, *, stepsize: float, num_iterations: int = 3,
+                  max_new_tokens: int = 20, seed: int = 0) -> Steered:
+    """Unsteered and PPLM-steered continuations of the prompt from the same seed, and the steering signal
+    per token. Each call builds its own past; the model's weights are never touched."""
+    bag = bag_from_text(bag_spec)
+    body = encode_prompt(model, prompt, max_new_tokens + 1)
+    ids = torch.cat([torch.tensor([[EOT_ID]], device=model.device), body], dim=1)
+    runs = []
+    for step in (0.0, float(stepsize)):
+        gen = torch.Generator(device=model.device).manual_seed(int(seed))
+        runs.append(pplm.generate(model, ids, bow=[bag], max_new_tokens=max_new_tokens, generator=gen,
+                                  stepsize=step, num_iterations=int(num_iterations), do_sample=True))
+    T = ids.size(1)
+    attr = runs[1].stacked("attribute_after")[:, 0].tolist() if runs[1].steps else []
+    return Steered(runs[0].sequences[0, T:].tolist(), runs[1].sequences[0, T:].tolist(), set(bag.token_ids), attr)
+
+
+def load_head(model: GPT, spec: str, target: str):
+    """A two-class attribute head for JAM (a folder saved by train-discriminator, a reference .pt, or a paper head
+    name), checked against the model and the target class. Every problem raises PlaygroundError."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise PlaygroundError("No attribute head given: type a folder saved by python -m techniques.pplm "
+                              "train-discriminator (or by the steering project), or a .pt head.")
+    try:
+        head = pplm.load_discriminator(spec)
+        head.check_model(model)
+        pplm.head_direction(head, target)              # two classes, and the target is one of them
+    except FileNotFoundError as e:
+        raise PlaygroundError(f"The head {spec!r} was not found ({e}).") from None
+    except ValueError as e:
+        raise PlaygroundError(f"The head {spec!r} cannot steer this model: {e}") from None
+    return head
+
+
+@dataclass
+class JAMSteered:
+    plain: list[int]            # new token ids, unsteered (the same sampler and seed, no move)
+    steered: list[int]          # new token ids, JAM-moved
+    plain_rating: list[float]   # per token: the head's p(target) on the mean hidden state of the unsteered text so far
+    steered_rating: list[float]  # the same for the steered text (the head is the steering signal, not a yardstick)
+
+
+@torch.no_grad()
+def _head_rating(model: GPT, head, target: str, seq: torch.Tensor, T: int) -> list[float]:
+    """p(target) of the head on the running mean of the last hidden states of the continuation, token by token
+    (the head's own input is such a mean: attributes.mean_hidden)."""
+    if seq.size(1) <= T:
+        return []
+    h = model(seq, output_hidden_states=True).hidden_states[-1][0, T:].float()       # (N, C)
+    running = h.cumsum(0) / torch.arange(1, h.size(0) + 1, device=h.device)[:, None]  # (N, C)
+    return head.to(h.device)(running).softmax(-1)[:, head.class_index(target)].tolist()
+
+
+def jam_compare(model: GPT, prompt: str, head_spec: str, target: str = "positive", *, margin: float = 2.0,
+                max_new_tokens: int = 20, seed: int = 0, top_k: Optional[int] = 10) -> JAMSteered:
+    """Unsteered and JAM-steered continuations (techniques.pplm.jam_adjust: each sampled position's last hidden
+    state moved to margin μ across the head's boundary) from the same seed, with the head's rating per token.
+    The move changes only this request's logits; the model's weights are never touched."""
+    head = load_head(model, head_spec, target)
+    try:
+        config = pplm.JAMConfig(margin=float(margin))
+    except ValueError as e:
+        raise PlaygroundError(str(e)) from None
+    body = encode_prompt(model, prompt, max_new_tokens + 1)
+    ids = torch.cat([torch.tensor([[EOT_ID]], device=model.device), body], dim=1)
+    runs = []
+    for adjust in (None, pplm.jam_adjust(model, head, target, config)):
+        gen = torch.Generator(device=model.device).manual_seed(int(seed))
+        runs.append(pplm.steered_generate(model, ids, max_new_tokens=int(max_new_tokens), adjust=adjust,
+                                          top_k=top_k, generator=gen))
+    T = ids.size(1)
+    return JAMSteered(runs[0][0, T:].tolist(), runs[1][0, T:].tolist(),
+                      _head_rating(model, head, target, runs[0], T), _head_rating(model, head, target, runs[1], T))
+
+
+def highlight_spans(ids: Sequence[int], bag_ids: set) -> list[tuple[str, Optional[str]]]:
+    """(text, "bag" or None) per token, for a highlighted-text view of a sample."""
+    tok = get_tokenizer()
+    return [(tok.decode([i]), "bag" if i in bag_ids else None) for i in ids]
+
+
+# ---- adapters ---------------------------------------------------------------------------------------------
+def find_adapters(runs_dir: str | Path) -> list[str]:
+    """Every folder under runs_dir holding a peft adapter (adapter_config.json), sorted; [] when there is none."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    return sorted(str(p.parent) for p in root.rglob(ADAPTER_CONFIG))
+
+
+@dataclass
+class Adapter:
+    """One adapter loaded for the shared model: a LoRA copy of the model (the shared one is never touched)
+    or a prefix (its own past, in front of the prompt)."""
+    path: str
+    kind: str                          # "LORA" or "PREFIX_TUNING"
+    parameters: int                    # the adapter's own parameter count
+    config: dict                       # adapter_config.json as read
+    summary: str
+    lora_model: Optional[GPT] = None
+    prefix: object = field(default=None, repr=False)
+
+
+def load_adapter_dir(model: GPT, path: str) -> Adapter:
+    """The adapter in `path` (LoRA or prefix tuning, peft's layout), checked against the model. A folder that is
+    not an adapter, another peft type or an adapter for another model size raises PlaygroundError."""
+    d = Path((path or "").strip()).expanduser()
+    if not str(path or "").strip():
+        raise PlaygroundError("No adapter folder given: pick one from the list or type a folder path.")
+    if not d.is_dir() or not is_adapter_dir(d):
+        raise PlaygroundError(f"{d} is not an adapter folder (it has no {ADAPTER_CONFIG}): pick a folder saved by "
+                              "peft or by minigpt (e.g. a run of python -m techniques.lora train).")
+    config = read_json(d / ADAPTER_CONFIG)
+    kind = config.get("peft_type") if isinstance(config, dict) else None
+    try:
+        if kind == "LORA":
+            lora = load_lora(model, d)
+            n = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+            return Adapter(str(d), kind, n, config, lora_summary(lora), lora_model=lora)
+        if kind == "PREFIX_TUNING":
+            prefix = load_prefix(model, d).prefix
+            n = prefix.table().numel()
+            return Adapter(str(d), kind, n, config, f"prefix tuning, P={prefix.num_virtual_tokens} virtual "
+                           f"tokens: {n:,} parameters (the folded table)", prefix=prefix)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise PlaygroundError(f"The adapter in {d} does not fit this model: {e}") from None
+    raise PlaygroundError(f"{d / ADAPTER_CONFIG} has peft_type {kind!r}; the playground loads LORA and "
+                          "PREFIX_TUNING adapters.")
+
+
+def with_and_without(model: GPT, prompt: str, adapters: Sequence[Adapter], *, seed: int = 0,
+                     max_new_tokens: int = 30, top_k: Optional[int] = 40) -> tuple[str, str]:
+    """(the base model's continuation, the continuation with the adapters switched on), both sampled from the
+    same seed (demos.kits.sample_continuations). At most one LoRA and one prefix at a time: with none on, the
+    two texts are the same by construction."""
+    loras = [a for a in adapters if a.kind == "LORA"]
+    prefixes = [a for a in adapters if a.kind == "PREFIX_TUNING"]
+    if len(loras) > 1 or len(prefixes) > 1:
+        raise PlaygroundError("Switch on at most one LoRA and one prefix at a time (stacking two LoRAs on the same "
+                              "layers is not supported here).")
+    P = prefixes[0].prefix.num_virtual_tokens if prefixes else 0
+    encode_prompt(model, prompt, max_new_tokens + P)
+    knobs = dict(seed=int(seed), max_new_tokens=int(max_new_tokens), do_sample=True, top_k=top_k)
+    base = sample_continuations(model, [prompt], **knobs)[0]
+    on_model = loras[0].lora_model if loras else model
+    adapted = sample_continuations(on_model, [prompt], prefix=prefixes[0].prefix if prefixes else None, **knobs)[0]
+    return base, adapted
+
+
+# ---- attention --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def attention_map(model: GPT, prompt: str, layer: int, head: int) -> tuple[list[str], np.ndarray]:
+    """(token labels, the (T, T) attention of `head` in `layer` over the prompt): row i is token i's softmax
+    over tokens 0..i, from the model's own output_attentions=True."""
+    cfg = model.config
+    if not 0 <= int(layer) < cfg.n_layer or not 0 <= int(head) < cfg.n_head:
+        raise PlaygroundError(f"Layer {layer}, head {head} does not exist: the model has layers 0..{cfg.n_layer - 1} "
+                              f"and heads 0..{cfg.n_head - 1}.")
+    ids = encode_prompt(model, prompt)
+    att = model(ids, output_attentions=True).attentions[int(layer)][0, int(head)].float().cpu().numpy()  # (T, T)
+    tok = get_tokenizer()
+    return [_token_label(tok, i) for i in ids[0].tolist()], att
+
+
+def attention_figure(labels: Sequence[str], att: np.ndarray, layer: int, head: int):
+    """A heatmap of one head, drawn as the tour draws its heads: the masked future blank, weights 0..1."""
+    T = len(labels)
+    fig = new_figure((7, 6))
+    ax = fig.subplots()
+    shown = np.ma.masked_where(~np.tri(T, dtype=bool), att)
+    im = ax.imshow(shown, cmap=matplotlib.colormaps["viridis"].with_extremes(bad="#f2f2f2"), vmin=0, vmax=1)
+    ax.set_xticks(range(T), labels, rotation=90, fontsize=8)
+    ax.set_yticks(range(T), labels, fontsize=8)
+    ax.set_xlabel("key token (attended to)")
+    ax.set_ylabel("query (attending) token")
+    ax.set_title(f"Layer {layer}, head {head}: each row is one token's attention over the tokens so far")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="attention weight (probability)")
+    fig.tight_layout()
+    return fig
