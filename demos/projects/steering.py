@@ -200,15 +200,21 @@ def grpo_available() -> Optional[str]:
     return None
 
 
+def grpo_reward(model: GPT, head_dir: Path):
+    """GRPO's reward: the SST-2 head's p(positive) on the frozen model's features, as the head was trained (rated
+    on the policy's own LoRA-changed states, the reward could rise by moving the features rather than the text)."""
+    from techniques.grpo.rewards import AttributeReward
+    return AttributeReward(model, head_dir, TARGET)
+
+
 def grpo_row(run: ProjectRun, prompts, head_dir: Path, samples: int, tokens: int, show: bool) -> Row:
     """LoRA (r = GRPO_RANK) on a copy of the model, trained by GRPO with the SST-2 head (saved at head_dir) as
     reward on GRPO_OPENINGS, then sampled on the held-out openings with the same seeds as the other rows."""
     from techniques.grpo import grpo as grpo_mod
-    from techniques.grpo.rewards import AttributeReward
     from techniques.lora import apply_lora, lora_parameters
     args, sizes = run.args, run.sizes
     policy = apply_lora(copy.deepcopy(run.model), r=GRPO_RANK, alpha=2 * GRPO_RANK, verbose=False)
-    reward = AttributeReward(policy, head_dir, TARGET)
+    reward = grpo_reward(run.model, head_dir)       # the frozen model, not the policy
     cfg = grpo_mod.GRPOConfig(num_generations=sizes.grpo_group, max_completion_length=sizes.grpo_tokens,
                               steps=sizes.grpo_steps, seed=args.seed, top_k=SAMPLING["top_k"])
     start = time.perf_counter()
@@ -422,7 +428,8 @@ def run(run: ProjectRun) -> Finished:
 PROJECT = Project(
     name=NAME, title=TITLE, technique="PPLM", run=run, sizes=SIZES,
     description="The PPLM paper's comparison on story openings, positive sentiment: B, BR, BC (bag, discrim), BCR, "
-                "WD and JAM on the same seeds; VADER, the SST-2 head, perplexity, Dist-1/2/3 and cost per method.",
+                "WD, JAM and LoRA-GRPO on the same seeds; VADER, the SST-2 head, perplexity, Dist-1/2/3 and cost "
+                "per method.",
     needs=("vaderSentiment",), trains=True, options=add_options, preflight=preflight)
 
 
