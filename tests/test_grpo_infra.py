@@ -32,7 +32,8 @@ def lora_state(model) -> dict:
 
 def rows(ro: Rollout, a: int, b: int) -> Rollout:
     """Rows a..b of a rollout: a micro-batch of its whole groups."""
-    return Rollout(ro.seqs[a:b], ro.attention[a:b], ro.cmask[a:b], ro.T, ro.rewards[a:b], ro.old[a:b],
+    return Rollout(ro.seqs[a:b], ro.attention[a:b], ro.cmask[a:b], ro.T, ro.rewards[a:b],
+                   None if ro.old is None else ro.old[a:b],
                    None if ro.ref is None else ro.ref[a:b], ro.texts[a:b], ro.advantages[a:b])
 
 
@@ -55,7 +56,8 @@ def test_grad_accum_two_equals_one_on_the_same_sampled_batch(loss_type):
     masks cut to 1..6 tokens): its gradient as one micro-batch and as two (1 + 3 groups, so they differ in size)
     agree within 1e-6 for every loss_type, and so do the losses (measured: 6e-9 at most)."""
     model = grpo_worker.model()
-    cfg = GRPOConfig(num_generations=3, max_completion_length=6, beta=0.04, loss_type=loss_type, top_k=50)
+    cfg = GRPOConfig(num_generations=3, max_completion_length=6, beta=0.04, loss_type=loss_type, top_k=50,
+                     num_iterations=2)  # μ = 2: π_old is kept, so it can be moved off π_θ
     ro = rollout(model, grpo_worker.get_tokenizer(), PROMPTS, reward, cfg, torch.Generator().manual_seed(0))
     ro.old = ro.old + 0.3 * torch.randn(ro.old.shape, generator=torch.Generator().manual_seed(1))
     ro.advantages = group_advantages(ro.rewards, 3)
@@ -203,3 +205,25 @@ def test_bad_settings_are_named():
         GRPOConfig(precision="fp16").check()
     with pytest.raises(ValueError, match="save_every needs a checkpoint_dir"):
         GRPOConfig(save_every=2).check()
+
+
+# ---- μ = 1: π_old is π_θ itself -------------------------------------------------------------------------------
+def test_one_iteration_takes_pi_old_from_the_update_pass_so_dropout_leaves_rho_at_one():
+    """With μ = 1 no π_old pass is run (rollout.old is None) and log π_old = logp.detach(): even with dropout
+    active in the update pass (train mode, p = 0.3 here) ρ = 1 exactly and nothing is clipped. A π_old taken from
+    a separate eval-mode pass would put ρ off 1 by dropout's noise and clip part of the tokens."""
+    from dataclasses import replace
+    torch.manual_seed(0)
+    model = GPT(replace(grpo_worker.CFG, embd_pdrop=0.3, attn_pdrop=0.3, resid_pdrop=0.3))
+    apply_lora(model, r=4, alpha=8, targets=("c_attn",), verbose=False)
+    cfg = GRPOConfig(num_generations=3, max_completion_length=6, beta=0.04, top_k=50, num_iterations=1)
+    ro = rollout(model, grpo_worker.get_tokenizer(), PROMPTS, reward, cfg, torch.Generator().manual_seed(0))
+    assert ro.old is None
+    ro.advantages = group_advantages(ro.rewards, 3)
+    _, stats = accumulate_gradients(model, [ro], cfg, int(ro.cmask.sum()), ro.seqs.size(0))
+    assert stats[1] == 0 and stats[2] > 0          # Σ M·clipped = 0 over Σ M > 0 tokens
+    cfg2 = replace(cfg, num_iterations=2)           # the eval-mode π_old: dropout's noise shows in ρ
+    ro2 = rollout(model, grpo_worker.get_tokenizer(), PROMPTS, reward, cfg2, torch.Generator().manual_seed(0))
+    ro2.advantages = group_advantages(ro2.rewards, 3)
+    _, stats2 = accumulate_gradients(model, [ro2], cfg2, int(ro2.cmask.sum()), ro2.seqs.size(0))
+    assert stats2[1] > 0

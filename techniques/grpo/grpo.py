@@ -234,7 +234,7 @@ class Rollout:
     cmask: torch.Tensor           # (n, L) the completion tokens, up to and including eos
     T: int                        # prompt length (padded)
     rewards: torch.Tensor         # (n,)
-    old: torch.Tensor             # (n, L) log π_old
+    old: Optional[torch.Tensor]   # (n, L) log π_old; None where μ = 1 (π_old is π_θ itself: logp.detach())
     ref: Optional[torch.Tensor]   # (n, L) log π_ref (adapters off); None where β = 0
     texts: list
     advantages: Optional[torch.Tensor] = None   # (n,) Â, set once the whole batch's rewards are known
@@ -243,12 +243,16 @@ class Rollout:
 @torch.no_grad()
 def rollout(model, tokenizer, prompts: Sequence[str], reward: Reward, cfg: GRPOConfig, generator=None,
             precision: str = "fp32") -> Rollout:
-    """Sample G completions of each prompt, score them, and keep log π_old (and log π_ref where β > 0)."""
+    """Sample G completions of each prompt, score them, and keep log π_old (and log π_ref where β > 0).
+
+    With μ = 1 the one update pass starts from the policy that sampled the batch, so log π_old is the pass's own
+    log π_θ, detached (ρ = 1 exactly, as TRL does): no extra forward pass, and dropout's masks (the update pass
+    runs in train mode) cannot make ρ differ from 1. With μ > 1 it is computed here, once, in eval mode."""
     model.eval()
     seqs, attention, cmask, texts = sample_group(model, tokenizer, prompts, cfg, generator, precision)
     T = seqs.size(1) - cmask.size(1)
     r = check_rewards(reward(texts), len(texts)).to(seqs.device)
-    old = completion_logps(model, seqs, attention, T, precision)
+    old = completion_logps(model, seqs, attention, T, precision) if cfg.num_iterations > 1 else None
     ref = None
     if cfg.beta != 0.0:
         with lora_disabled(model):
@@ -267,12 +271,13 @@ def accumulate_gradients(model, rollouts: Sequence[Rollout], cfg: GRPOConfig, nu
     loss_sum, stats = 0.0, torch.zeros(3, dtype=torch.float64)
     for ro in rollouts:
         logp = completion_logps(model, ro.seqs, ro.attention, ro.T, precision)   # (n, L) fp32, with grad
-        loss = grpo_loss(logp, ro.old, ro.ref, ro.advantages, ro.cmask, cfg, num_items, num_seqs)
+        old = ro.old if ro.old is not None else logp.detach()                   # μ = 1: π_old = π_θ
+        loss = grpo_loss(logp, old, ro.ref, ro.advantages, ro.cmask, cfg, num_items, num_seqs)
         loss.backward()
         loss_sum += float(loss.detach())
         with torch.no_grad():
             m = ro.cmask.to(logp.dtype)
-            rho = torch.exp(logp - ro.old)
+            rho = torch.exp(logp - old)
             clipped = ((rho < 1 - cfg.epsilon_low) | (rho > 1 + cfg.epsilon_high)).to(m.dtype)
             kl = (kl_k3(logp, ro.ref) * m).sum() if ro.ref is not None else m.new_zeros(())
             stats += torch.stack([kl, (clipped * m).sum(), m.sum()]).double().cpu()
