@@ -8,9 +8,9 @@ c_attn, β = 0.04, μ = 1, loss "dapo", AdamW lr 1e-4, temperature 1, no top-k/t
 of letters in each completion's text).
 
 - ours: the body of `techniques.grpo.grpo_train` called piece by piece with a timer around each: `sample_group`
-  (minigpt.generate with the KV cache), then scoring (reward, advantages, the π_old and π_ref passes of
-  `completion_logps`, the ref with the adapters off), then the update (`completion_logps` with grad, `grpo_loss`,
-  backward, AdamW).
+  (minigpt.generate with the KV cache), then scoring (reward, advantages, the π_ref pass of `completion_logps`
+  with the adapters off, and the π_old pass only where μ > 1: at μ = 1 π_old is the update pass, detached), then
+  the update (`completion_logps` with grad, `grpo_loss`, backward, AdamW).
 - TRL: `GRPOTrainer.train()` for `--steps` steps (report_to none, no vllm, save_strategy no, offline from the
   saved folder), in a subclass whose `_generate` and `_generate_and_score_completions` time themselves (calling
   super()); a TrainerCallback times the whole step (on_step_begin .. on_step_end, optimizer step included).
@@ -96,7 +96,8 @@ def ours_side(args, device, precision):
         r = check_rewards(letter_rate(texts), len(texts)).to(seqs.device)
         A = group_advantages(r, cfg.num_generations, cfg.scale_rewards)
         with torch.no_grad():
-            old = completion_logps(model, seqs, attention, T, precision)
+            # μ = 1: π_old is the update pass's own log π_θ, detached (as grpo_train and TRL do): no pass here
+            old = completion_logps(model, seqs, attention, T, precision) if cfg.num_iterations > 1 else None
             ref = None
             if cfg.beta != 0.0:
                 with lora_disabled(model):
@@ -105,7 +106,7 @@ def ours_side(args, device, precision):
         model.train()
         for _ in range(cfg.num_iterations):
             logp = completion_logps(model, seqs, attention, T, precision)
-            loss = grpo_loss(logp, old, ref, A, cmask, cfg)
+            loss = grpo_loss(logp, old if old is not None else logp.detach(), ref, A, cmask, cfg)
             state["opt"].zero_grad(set_to_none=True)
             loss.backward()
             state["opt"].step()
