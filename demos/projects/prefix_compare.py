@@ -323,7 +323,9 @@ def run(run: ProjectRun) -> Finished:
     tradeoff_figure(curves, out / "tradeoff.png", run.chosen.name)
     table = comparison_table(rows, bleu_frozen, acc_frozen)
     (out / "comparison.md").write_text(f"# {TITLE} ({run.chosen.name})\n\n{table}", encoding="utf-8")
-    comparison_figure(rows, bleu_frozen, acc_frozen, out / "comparison.png", run.chosen.name)
+    comparison_figure(rows, bleu_frozen, acc_frozen, out / "comparison.png", run.chosen.name,
+                      f"{size.steps} steps of batch {size.batch_size} per method and task, "
+                      f"best of {len(size.lr_factors)} lr")
     print(table)
     plus = next(r for r in rows if r["method"] == "Prefix-Tuning+")
     lora = next(r for r in rows if r["method"] == "LoRA")
@@ -366,7 +368,9 @@ def comparison_table(rows: list[dict], bleu_frozen: float, acc_frozen: float) ->
     return head + "\n".join(lines) + "\n"
 
 
-def comparison_figure(rows: list[dict], bleu_frozen: float, acc_frozen: float, path: Path, model_name: str) -> Path:
+def comparison_figure(rows: list[dict], bleu_frozen: float, acc_frozen: float, path: Path, model_name: str,
+                      budget: str) -> Path:
+    """The two metrics as bars; `budget` (steps, batch, lr grid) goes in the title, so a short run says so."""
     fig = new_figure((10, 4))
     names = ["frozen"] + [r["method"] for r in rows]
     for k, (key, frozen, ylabel) in enumerate((("e2e_bleu", bleu_frozen, "E2E BLEU (sacrebleu, 0-100)"),
@@ -379,8 +383,8 @@ def comparison_figure(rows: list[dict], bleu_frozen: float, acc_frozen: float, p
         ax.set_xticks(range(len(vals)), names, rotation=20, fontsize=8)
         ax.set(ylabel=ylabel, title=ylabel.split(" (")[0])
         ax.grid(axis="y", alpha=0.3)
-    return save_figure(fig, path, title=f"Same model ({model_name}), data, steps and seed; matched trainable "
-                                        "parameters")
+    return save_figure(fig, path, title=f"Same model ({model_name}), data, seed and matched trainable parameters\n"
+                                        f"{budget}")
 
 
 PROJECT = Project(
