@@ -14,6 +14,7 @@ import pytest
 
 import torch
 
+from demos import tour
 from demos.kits import new_lora_model
 from demos.playground import core
 from minigpt import GPT, beam_search, get_tokenizer
@@ -50,13 +51,36 @@ def test_bad_inputs_have_messages(model):
         core.bag_from_text("zzqxjvwk, qqqpzxxy")
 
 
-def test_next_token_table_filters(model):
-    rows = core.next_token_table(model, "Hello there", top_k=3, n=10)
+def _figure_data(fig) -> list:
+    """What a figure shows, axes by axes: titles, labels, tick labels, bars, texts, line points and images."""
+    out = [fig._suptitle.get_text() if fig._suptitle else None]
+    for ax in fig.axes:
+        out.append((ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), [t.get_text() for t in ax.get_yticklabels()],
+                    [t.get_text() for t in ax.get_xticklabels()],
+                    [(round(p.get_width(), 7), p.get_facecolor()) for p in ax.patches],
+                    [t.get_text() for t in ax.texts], [ln.get_xydata().round(7).tolist() for ln in ax.lines],
+                    [im.get_array().filled(-1).round(7).tolist() for im in ax.images]))
+    return out
+
+
+def test_next_token_panel_is_the_tours_figure(model):
+    rows, fig = core.next_token_panel(model, "Hello there", top_k=3, bars=10)
     before = [b for _, b, _ in rows]
-    assert before == sorted(before, reverse=True)
+    assert len(rows) == 10 and before == sorted(before, reverse=True)
     assert sum(a > 0 for _, _, a in rows) == 3          # top-k 3 keeps three
     assert abs(sum(a for _, _, a in rows) - 1) < 1e-5
-    assert len(core.next_token_figure(rows, top_k=3).axes) == 2
+    ids = core.encode_prompt(model, "Hello there")
+    with torch.no_grad():
+        ref = model(ids).logits[0, -1].softmax(-1)
+    assert [get_tokenizer().decode([i]) for i in ref.topk(10).indices.tolist()] == [t for t, _, _ in rows]
+    # the tour's own function, called here with the same settings, draws the very same figure
+    tour_fig = tour.next_token_figure(model, ids, top_k=3, bars=10, title=fig._suptitle.get_text())
+    assert _figure_data(fig) == _figure_data(tour_fig)
+    left, right = fig.axes
+    assert right.get_title() == "T=1, top-k=3, top-p=off" and left.get_ylabel() == "next token (␣ = space)"
+    assert [round(p.get_width(), 6) for p in left.patches] == [round(b, 6) for b in before]
+    # and with other settings it draws another one (the comparison above can fail)
+    assert _figure_data(core.next_token_panel(model, "Hello there", top_k=5)[1]) != _figure_data(fig)
 
 
 def test_steer_changes_text_same_seed(model):
@@ -168,7 +192,7 @@ def test_bad_adapters_have_messages(model, adapters, tmp_path):
 
 
 def test_attention_map_is_causal_softmax(model):
-    labels, att = core.attention_map(model, "The cat sat on the mat", 1, 2)
+    labels, att, fig = core.attention_map(model, "The cat sat on the mat", 1, 2)
     T = len(labels)
     assert att.shape == (T, T) and abs(att.sum(-1) - 1).max() < 1e-5
     assert abs(att[~__import__("numpy").tri(T, dtype=bool)]).max() == 0
@@ -176,7 +200,11 @@ def test_attention_map_is_causal_softmax(model):
         ids = core.encode_prompt(model, "The cat sat on the mat")
         ref = model(ids, output_attentions=True).attentions[1][0, 2]
     assert abs(ref.numpy() - att).max() < 1e-6
-    assert core.attention_figure(labels, att, 1, 2).axes
+    # the heatmap is the tour's step 2 function's, for this layer and head
+    tour_fig = tour.attention_figure(model, ids, 1, [2], title=fig._suptitle.get_text())
+    assert _figure_data(fig) == _figure_data(tour_fig)
+    assert _figure_data(fig) != _figure_data(core.attention_map(model, "The cat sat on the mat", 1, 1)[2])
+    assert fig.axes[0].get_title() == "head 2" and fig.axes[0].get_xlabel() == "key token (attended to)"
     with pytest.raises(core.PlaygroundError, match="does not exist"):
         core.attention_map(model, "The cat", 5, 0)
 

@@ -38,9 +38,8 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs") -> gr.Blocks:
                       repetition_penalty=float(rep), no_repeat_ngram_size=int(ngram), stop_text=stops)
             filters = dict(temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"]) \
                 if mode == "sampling" else {}            # greedy and beam search: no sampling filters
-            rows = core.next_token_table(model, prompt, **filters)
+            rows, fig = core.next_token_panel(model, prompt, **filters)
             table = [[repr(t), round(b, 4), round(a, 4)] for t, b, a in rows]
-            fig = core.next_token_figure(rows, **filters)
             if mode == "beam search":
                 text = core.beam_text(model, prompt, max_new_tokens=int(max_new), num_beams=int(beams),
                                       length_penalty=float(lp), repetition_penalty=float(rep),
@@ -209,19 +208,18 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs") -> gr.Blocks:
             with gr.Row():
                 layer = gr.Slider(0, model.config.n_layer - 1, value=model.config.n_layer // 2, step=1,
                                   label="Layer", elem_id="layer")
-                head = gr.Slider(0, model.config.n_head - 1, value=0, step=1, label="Head", elem_id="head")
+                ihead = gr.Slider(0, model.config.n_head - 1, value=0, step=1, label="Head", elem_id="ihead")
             igo = gr.Button("Show attention", variant="primary", elem_id="inspect")
             imsg = gr.Markdown(elem_id="inspect-msg")
             iplot = gr.Plot(label="Attention heatmap", elem_id="iplot")
 
             def inspect(prompt, layer, head):
                 try:
-                    labels, att = core.attention_map(model, prompt, int(layer), int(head))
+                    labels, att, fig = core.attention_map(model, prompt, int(layer), int(head))
                 except ValueError as e:
                     return None, _message(e)
                 top = att[-1].argmax()
-                return core.attention_figure(labels, att, int(layer), int(head)), \
-                    f"{len(labels)} tokens; the last token attends most to {labels[top]!r} ({att[-1, top]:.2f})"
+                return fig, f"{len(labels)} tokens; the last token attends most to {labels[top]!r} ({att[-1, top]:.2f})"
 
-            igo.click(inspect, [iprompt, layer, head], [iplot, imsg])
+            igo.click(inspect, [iprompt, layer, ihead], [iplot, imsg])
     return demo

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-import matplotlib
 import numpy as np
 import torch
 
@@ -21,16 +20,16 @@ from techniques import pplm
 from techniques.lora import lora_summary
 from techniques.peft_format import ADAPTER_CONFIG, is_adapter_dir
 
-from ..common import new_figure
 from ..kits import load_lora, load_prefix, sample_continuations
+from ..tour import attention as tour_attention
+from ..tour import next_token as tour_next_token
 from ..tour.context import _token_label
-from ..tour.next_token import filtered_probs
 
-__all__ = ["PlaygroundError", "encode_prompt", "stream_text", "beam_text", "next_token_table", "next_token_figure",
+__all__ = ["PlaygroundError", "encode_prompt", "stream_text", "beam_text", "next_token_panel",
            "Steered",
            "steer_compare", "bag_from_text", "load_head", "JAMSteered", "jam_compare",
            "highlight_spans", "find_adapters", "Adapter", "load_adapter_dir",
-           "with_and_without", "attention_map", "attention_figure"]
+           "with_and_without", "attention_map"]
 
 
 class PlaygroundError(ValueError):
@@ -90,42 +89,16 @@ def beam_text(model: GPT, prompt: str, *, max_new_tokens: int = 40, num_beams: i
     return cut_at_stop(tok.decode(new), stops)
 
 
-@torch.no_grad()
-def next_token_table(model: GPT, prompt: str, *, temperature: float = 1.0, top_k: Optional[int] = None,
-                     top_p: Optional[float] = None, n: int = 10) -> list[tuple[str, float, float]]:
-    """The n most likely next tokens after the prompt: (token, p before the filters, p after them),
-    the "after" from the tour's filtered_probs (minigpt.sample_next_token's distribution)."""
-    ids = encode_prompt(model, prompt)
-    logits = model(ids).logits[0, -1].float()                      # (V,)
-    before = logits.softmax(-1)
-    after = filtered_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    top = before.topk(n).indices.tolist()
+def next_token_panel(model: GPT, prompt: str, *, temperature: float = 1.0, top_k: Optional[int] = None,
+                     top_p: Optional[float] = None, bars: int = 10):
+    """(rows, figure) for the Generate tab: the `bars` most likely next tokens after the prompt as
+    (token, p before the filters, p after them), and the same distribution drawn by the tour's step 1
+    (demos.tour.next_token_distribution and draw_next_token: one computation for both, no copy of either)."""
+    d = tour_next_token.next_token_distribution(model, encode_prompt(model, prompt), temperature=temperature,
+                                                top_k=top_k, top_p=top_p, bars=bars)
     tok = get_tokenizer()
-    return [(tok.decode([i]), float(before[i]), float(after[i])) for i in top]
-
-
-def next_token_figure(rows: Sequence[tuple[str, float, float]], *, temperature: float = 1.0,
-                      top_k: Optional[int] = None, top_p: Optional[float] = None):
-    """The rows of next_token_table as the tour's step 1 draws them: the softmax on the left, the filtered
-    distribution on the right (removed tokens grey). The numbers are the tour's filtered_probs."""
-    fig = new_figure((7, 4))
-    left, right = fig.subplots(1, 2, sharey=True)
-    y = list(range(len(rows)))
-    labels = [repr(t)[1:-1].replace(" ", "␣") for t, _, _ in rows]
-    left.barh(y, [b for _, b, _ in rows], color="#4c72b0")
-    left.set(title="model softmax (temperature 1)", xlabel="probability", ylabel="next token (␣ = space)")
-    left.set_yticks(y, labels, fontsize=8)
-    left.invert_yaxis()
-    kept = [a for _, _, a in rows]
-    right.barh(y, kept, color=["#55a868" if k > 0 else "#cccccc" for k in kept])
-    for yi, k in zip(y, kept):
-        if k == 0:
-            right.text(0.005, yi, "removed", va="center", fontsize=7, color="#777")
-    right.set(title=f"filtered: T={temperature:g}, top-k {top_k or 'off'}, top-p {top_p or 'off'}",
-              xlabel="probability")
-    right.title.set_fontsize(9)
-    fig.tight_layout()
-    return fig
+    rows = [(tok.decode([i]), float(d.probs[i]), float(d.kept[i])) for i in d.top]
+    return rows, tour_next_token.draw_next_token(d, title="Next token after the prompt, before and after the filters")
 
 
 def bag_from_text(spec: str):
@@ -302,33 +275,18 @@ def with_and_without(model: GPT, prompt: str, adapters: Sequence[Adapter], *, se
     return base, adapted
 
 
-# ---- attention --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def attention_map(model: GPT, prompt: str, layer: int, head: int) -> tuple[list[str], np.ndarray]:
-    """(token labels, the (T, T) attention of `head` in `layer` over the prompt): row i is token i's softmax
-    over tokens 0..i, from the model's own output_attentions=True."""
+# ---- attention ---------------------------------------------------------------------------------------------
+def attention_map(model: GPT, prompt: str, layer: int, head: int) -> tuple[list[str], np.ndarray, object]:
+    """(token labels, the (T, T) attention of `head` in `layer` over the prompt, its heatmap): row i is token i's
+    softmax over tokens 0..i, from the tour's step 2 (demos.tour.attention_weights and draw_attention)."""
     cfg = model.config
     if not 0 <= int(layer) < cfg.n_layer or not 0 <= int(head) < cfg.n_head:
         raise PlaygroundError(f"Layer {layer}, head {head} does not exist: the model has layers 0..{cfg.n_layer - 1} "
                               f"and heads 0..{cfg.n_head - 1}.")
     ids = encode_prompt(model, prompt)
-    att = model(ids, output_attentions=True).attentions[int(layer)][0, int(head)].float().cpu().numpy()  # (T, T)
+    att = tour_attention.attention_weights(model, ids, int(layer))                       # (nh, T, T)
     tok = get_tokenizer()
-    return [_token_label(tok, i) for i in ids[0].tolist()], att
-
-
-def attention_figure(labels: Sequence[str], att: np.ndarray, layer: int, head: int):
-    """A heatmap of one head, drawn as the tour draws its heads: the masked future blank, weights 0..1."""
-    T = len(labels)
-    fig = new_figure((7, 6))
-    ax = fig.subplots()
-    shown = np.ma.masked_where(~np.tri(T, dtype=bool), att)
-    im = ax.imshow(shown, cmap=matplotlib.colormaps["viridis"].with_extremes(bad="#f2f2f2"), vmin=0, vmax=1)
-    ax.set_xticks(range(T), labels, rotation=90, fontsize=8)
-    ax.set_yticks(range(T), labels, fontsize=8)
-    ax.set_xlabel("key token (attended to)")
-    ax.set_ylabel("query (attending) token")
-    ax.set_title(f"Layer {layer}, head {head}: each row is one token's attention over the tokens so far")
-    fig.colorbar(im, ax=ax, shrink=0.8, label="attention weight (probability)")
-    fig.tight_layout()
-    return fig
+    labels = [_token_label(tok, i) for i in ids[0].tolist()]
+    fig = tour_attention.draw_attention(att, labels, [int(head)])
+    fig.suptitle(f"Layer {int(layer)}: each row is one token's attention over the tokens so far", fontsize=11)
+    return labels, att[int(head)].numpy(), fig

@@ -27,7 +27,7 @@ code one step at a time (`setup`, `show`, `finish`).
 """
 from __future__ import annotations
 
-from .attention import ATTENTION_SENTENCE, step_attention
+from .attention import ATTENTION_SENTENCE, attention_figure, attention_weights, draw_attention, step_attention
 from .context import (
     PPLM_BAG,
     PPLM_KNOBS,
@@ -42,7 +42,11 @@ from .lora import SAMPLE_KNOBS, merged_logits_gap, most_moved_query, step_lora
 from .next_token import (
     NEXT_TOKEN_PROMPT,
     SAMPLING,
+    NextTokenDistribution,
+    draw_next_token,
     filtered_probs,
+    next_token_distribution,
+    next_token_figure,
     sampled_frequencies,
     step_next_token,
 )
@@ -68,7 +72,9 @@ from .shared import mean_slot_recall, mr_values, slot_recall
 __all__ = [
     "ATTENTION_SENTENCE", "E2E_MAX_TOKENS", "HYBRID_CONFIGS", "HYBRID_SHORT", "NEXT_TOKEN_PROMPT", "PPLM_BAG",
     "PPLM_KNOBS", "PPLM_PROMPT", "PREFIX", "PREFIX_BEAMS", "SAMPLE_KNOBS", "SAMPLING", "SIZES", "STEPS",
-    "Sizes", "StepResult", "TourContext",
+    "NextTokenDistribution", "Sizes", "StepResult", "TourContext",
+    "attention_figure", "attention_weights", "draw_attention", "draw_next_token", "next_token_distribution",
+    "next_token_figure",
     "bag_share", "build_parser", "build_report", "build_summary", "e2e_data", "estimate_seconds", "filtered_probs",
     "finish", "forecast", "main", "mean_slot_recall", "merged_logits_gap", "most_moved_query", "mr_values",
     "pplm_knobs", "run_tour", "sampled_frequencies", "setup", "show", "slot_recall", "step_attention",
