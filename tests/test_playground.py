@@ -116,6 +116,46 @@ def test_jam_compare_is_the_library_jam_from_one_seed(model, tmp_path):
     assert sum(s.steered_rating) > sum(s.plain_rating)   # the head rates the moved text higher
 
 
+def test_head_steer_is_the_library_pplm_from_one_seed(model, tmp_path):
+    head_dir = _head_dir(32, tmp_path / "head")
+    never = core.head_steer_compare(model, "Hello there", str(head_dir), stepsize=0.0, num_iterations=2,
+                                    max_new_tokens=6, seed=2)
+    assert never.plain == never.steered                  # strength 0: the unsteered run, the same text
+    s = core.head_steer_compare(model, "Hello there", str(head_dir), stepsize=0.5, num_iterations=2,
+                                max_new_tokens=6, seed=2)
+    assert s.plain == never.plain and s.steered != s.plain
+    head = pplm.load_discriminator(str(head_dir))
+    ids = torch.cat([torch.tensor([[50256]]), core.encode_prompt(model, "Hello there")], 1)
+    ref = pplm.generate(model, ids, discriminator=head, class_label="positive", max_new_tokens=6, stepsize=0.5,
+                        num_iterations=2, do_sample=True, gamma=1.0, gm_scale=0.95, kl_scale=0.01,
+                        generator=torch.Generator().manual_seed(2))
+    assert s.steered == ref.sequences[0, ids.size(1):].tolist()
+    assert len(s.steered_rating) == len(s.plain_rating) == 6 and all(0 <= p <= 1 for p in s.steered_rating)
+    assert sum(s.steered_rating) > sum(s.plain_rating)   # the head rates the steered text higher
+    # PPLM takes heads of any number of classes (JAM: two); bad heads and classes have messages
+    three = _head_dir(32, tmp_path / "three", ("a", "b", "c"))
+    assert len(core.head_steer_compare(model, "Hi", str(three), "c", stepsize=0.1, num_iterations=1,
+                                       max_new_tokens=2).steered) == 2
+    with pytest.raises(core.PlaygroundError, match="not one of this head's classes"):
+        core.head_steer_compare(model, "Hi", str(head_dir), "joyful", stepsize=0.1)
+    with pytest.raises(core.PlaygroundError, match="n_embd=64"):
+        core.head_steer_compare(model, "Hi", str(_head_dir(64, tmp_path / "big")), stepsize=0.1)
+    with pytest.raises(core.PlaygroundError, match="No attribute head"):
+        core.head_steer_compare(model, "Hi", "", stepsize=0.1)
+
+
+def test_sst2_head_trained_once_then_loaded(model, tmp_path, capsys):
+    folder, line = core.sst2_head(model, tmp_path / "sst2", rows=48, dev_rows=16, epochs=2, progress=False)
+    assert "48 rows, dev accuracy" in line and "training a sentiment head" in capsys.readouterr().out
+    head = core.load_head(model, folder, "positive")
+    assert head.class_names == ["negative", "positive"] and head.n_embd == 32
+    again, line2 = core.sst2_head(model, folder, rows=48, progress=False)
+    assert again == folder and line2.startswith("SST-2 head: loaded from")
+    assert "training" not in capsys.readouterr().out
+    choices = core.head_choices(model, folder)
+    assert choices[0][1] == folder and len(choices) == 1  # the paper's heads read n_embd 1024, not this model's
+
+
 def test_jam_bad_heads_have_messages(model, tmp_path):
     with pytest.raises(core.PlaygroundError, match="No attribute head"):
         core.jam_compare(model, "Hello", " ")
@@ -222,6 +262,13 @@ def _shot(page, folder: Path, name: str) -> None:
         shutil.copy(folder / f"{name}.png", Path(os.environ["PLAYGROUND_SHOTS"]) / f"playground_{name}.png")
 
 
+def _set_number(page, elem: str, value) -> None:
+    """A slider's (or number's) value typed into its number box, then Enter."""
+    box = page.locator(f"#{elem} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
 def _generate(page, prompt: str, seed: int) -> None:
     page.locator("#prompt textarea").fill(prompt)
     page.locator("#seed input").fill(str(seed))
@@ -249,6 +296,8 @@ def test_page_in_browser(tmp_path):
     lora_dir = _lora_dir(tiny, tmp_path / "runs" / "tiny-lora")
     expected = {seed: list(core.stream_text(tiny, prompt, max_new_tokens=30, seed=seed))[-1]
                 for prompt, seed in (("Once upon a time", 1), ("The ship sailed", 2))}
+    expected_long = list(core.stream_text(tiny, "Once upon a time", max_new_tokens=100, seed=1))[-1]
+    tok = get_tokenizer()
     base, adapted = core.with_and_without(tiny, "The king looked at the crowd and said",
                                           [core.load_adapter_dir(tiny, str(lora_dir))], seed=0, max_new_tokens=20)
     assert base != adapted
@@ -256,6 +305,12 @@ def test_page_in_browser(tmp_path):
     jam = core.jam_compare(tiny, "The king looked at the crowd and said", str(head_dir), margin=2.0,
                            max_new_tokens=20, seed=0)
     assert jam.steered != jam.plain
+    # the SST-2 head the server would train at startup, trained here on a few rows so that the server loads it
+    sst2, _ = core.sst2_head(tiny, tmp_path / "out" / "heads" / "sst2-tiny", rows=64, dev_rows=32, epochs=5,
+                             progress=False)
+    pplm_head = core.head_steer_compare(tiny, "The king looked at the crowd and said", sst2, "positive",
+                                        stepsize=0.3, num_iterations=2, max_new_tokens=6, seed=0)
+    assert pplm_head.steered != pplm_head.plain
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "demos.playground", "--model", "tiny", "--port", str(port),
                              "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")], cwd=ROOT,
@@ -284,6 +339,22 @@ def test_page_in_browser(tmp_path):
             page.locator("#generate").click()
             expect(page.locator("#gen-msg")).to_contain_text("empty", timeout=30000)
             _shot(page, tmp_path, "bad_prompt")
+            # Stop during a long run: it ends early (fewer tokens than asked), and the next Generate is served
+            _set_number(page, "max-new", 100)
+            _generate(page, "Once upon a time", 1)
+            expect(page.locator("#gen-out textarea")).not_to_have_value("", timeout=30000)
+            page.locator("#stop").click()
+            time.sleep(1.0)
+            stopped = page.locator("#gen-out textarea").input_value()
+            time.sleep(1.5)
+            assert page.locator("#gen-out textarea").input_value() == stopped        # no longer growing
+            assert 0 < len(tok.encode(stopped)) < 100 and "done" not in page.locator("#gen-msg").inner_text()
+            assert expected_long.startswith(stopped)
+            _shot(page, tmp_path, "stop")
+            _set_number(page, "max-new", 30)
+            _generate(page, "Once upon a time", 1)
+            expect(page.locator("#gen-msg")).to_contain_text("done", timeout=30000)
+            assert page.locator("#gen-out textarea").input_value() == expected[1]
             # Steer at two strengths: the unsteered text stays, the steered one changes, the plot is drawn
             page.get_by_role("tab", name="Steer (PPLM, JAM)").click()
             page.locator("#steer").click()
@@ -305,12 +376,22 @@ def test_page_in_browser(tmp_path):
             page.locator("#head textarea, #head input").first.fill(str(head_dir))
             page.locator("#jam").click()
             expect(page.locator("#jam-msg")).to_contain_text("JAM margin", timeout=30000)
-            tok = get_tokenizer()
             assert page.locator("#jam-plain textarea").input_value() == tok.decode(jam.plain)
             assert page.locator("#jam-steered textarea").input_value() == tok.decode(jam.steered)
             expect(page.locator("#jam-plot canvas, #jam-plot svg").first).to_be_visible(timeout=30000)
             page.locator("#jam").scroll_into_view_if_needed()
             _shot(page, tmp_path, "steer_jam")
+            # PPLM with the SST-2 head (the menu's default: the head the server loaded at startup), 6 tokens
+            _set_number(page, "smax", 6)
+            _set_number(page, "pstep", 0.3)
+            _set_number(page, "piters", 2)
+            page.locator("#psteer").click()
+            expect(page.locator("#psteer-msg")).to_contain_text("PPLM with the head", timeout=60000)
+            assert page.locator("#pplm-plain textarea").input_value() == tok.decode(pplm_head.plain)
+            assert page.locator("#pplm-steered textarea").input_value() == tok.decode(pplm_head.steered)
+            expect(page.locator("#pplm-plot canvas, #pplm-plot svg").first).to_be_visible(timeout=30000)
+            page.locator("#psteer").scroll_into_view_if_needed()
+            _shot(page, tmp_path, "steer_head")
             # Adapters: a folder that is not one, then the LoRA on (differs) and off (the base's text)
             page.get_by_role("tab", name="Adapters").click()
             page.locator("#adapter-path textarea, #adapter-path input").first.fill(str(tmp_path / "out"))

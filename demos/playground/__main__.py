@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it, with a warning)")
     p.add_argument("--runs", default="runs",
                    help="folder searched for adapters (peft format) for the Adapters tab (default: runs)")
+    p.add_argument("--head-rows", type=int, default=1000, metavar="N",
+                   help="SST-2 rows the Steer tab's sentiment head is trained on at the first start (saved under "
+                        "--out/heads and loaded at the next one; 0: no head trained, default: 1000)")
     p.add_argument("--share", action="store_true", help="a public gradio link (printed with a warning)")
     return p
 
@@ -34,16 +37,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as e:
         print(f"error: the playground needs gradio ({e}): pip install -e '.[app]'", file=sys.stderr)
         return 2
+    if args.head_rows < 0:
+        print(f"error: --head-rows must be >= 0, got {args.head_rows}", file=sys.stderr)
+        return 2
+    from . import core
     chosen = choose_model(args)
-    demo = build_app(chosen.model, chosen.reason, args.runs)
+    print(chosen.reason)
+    trained = None
+    if args.head_rows:
+        rows = min(args.head_rows, 32) if args.smoke else args.head_rows       # smoke: seconds, not a real head
+        trained, line = core.sst2_head(chosen.model, Path(args.out) / "heads" / f"sst2-{Path(chosen.name).name}",
+                                       rows=rows, dev_rows=min(rows, 300), seed=args.seed)
+        print(line)
+    demo = build_app(chosen.model, chosen.reason, args.runs, core.head_choices(chosen.model, trained))
     if args.smoke:
-        print(chosen.reason)
         print("smoke: the page was built; not serving")
         return 0
     if args.host != "127.0.0.1" or args.share:
         print(f"warning: the playground is reachable beyond this machine (host {args.host}, share {args.share})",
               file=sys.stderr)
-    print(chosen.reason)
     print(f"playground: http://{args.host}:{args.port}/")
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
     return 0

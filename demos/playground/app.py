@@ -3,6 +3,7 @@ ValueError from the library) shows as a message on the page; the server keeps se
 from __future__ import annotations
 
 import json
+from typing import Sequence
 
 import gradio as gr
 import pandas as pd
@@ -27,9 +28,28 @@ def _adapter_info(adapters) -> str:
                          f"{json.dumps(_set_keys(a.config), indent=1, sort_keys=True)}\n```" for a in adapters)
 
 
-def build_app(model: GPT, model_line: str, runs_dir: str = "runs") -> gr.Blocks:
+def _rating_plot(plain: list[float], steered: list[float], steered_name: str) -> pd.DataFrame:
+    """Two lines for a gr.LinePlot: the head's p(target) per token of the unsteered and of the steered text."""
+    return pd.DataFrame({"token": [*range(1, len(plain) + 1), *range(1, len(steered) + 1)],
+                         "p(target)": [*plain, *steered],
+                         "text": ["unsteered"] * len(plain) + [steered_name] * len(steered)})
+
+
+def _end(xs: list[float]) -> float:
+    return xs[-1] if xs else float("nan")
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def build_app(model: GPT, model_line: str, runs_dir: str = "runs", heads: Sequence[tuple[str, str]] = ()
+              ) -> gr.Blocks:
     """The page, over one shared model. Callbacks hold no state between calls: each session's settings
-    live in its own widgets, and adapters are loaded per request onto a copy (LoRA) or as a past (prefix)."""
+    live in its own widgets, and adapters are loaded per request onto a copy (LoRA) or as a past (prefix).
+    `heads`: (label, spec) of the attribute heads offered in the Steer tab (core.head_choices), the first the
+    default."""
+    default_head = heads[0][1] if heads else None
 
     def generate(prompt, mode, max_new, temperature, top_k, top_p, seed, rep, ngram, stops, beams, lp):
         try:
@@ -64,6 +84,20 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs") -> gr.Blocks:
                 pd.DataFrame(plot), f"{sum(i in s.bag_ids for i in s.steered)} bag tokens steered, "
                 f"{sum(i in s.bag_ids for i in s.plain)} unsteered (strength {float(stepsize):g})")
 
+    def head_steer(prompt, head, target, stepsize, iters, max_new, seed):
+        try:
+            s = core.head_steer_compare(model, prompt, head, target, stepsize=float(stepsize),
+                                        num_iterations=int(iters), max_new_tokens=int(max_new), seed=int(seed))
+        except ValueError as e:
+            return "", "", None, _message(e)
+        tok = get_tokenizer()
+        return (tok.decode(s.plain), tok.decode(s.steered), _rating_plot(s.plain_rating, s.steered_rating,
+                                                                          "PPLM-steered"),
+                f"PPLM with the head, strength {float(stepsize):g}, {int(iters)} iterations: the head's "
+                f"p({target}) on the whole text is {_end(s.plain_rating):.2f} unsteered, "
+                f"{_end(s.steered_rating):.2f} steered (mean over the tokens {_mean(s.plain_rating):.2f} vs "
+                f"{_mean(s.steered_rating):.2f})")
+
     def jam(prompt, head, target, margin, max_new, seed):
         try:
             s = core.jam_compare(model, prompt, head, target, margin=float(margin), max_new_tokens=int(max_new),
@@ -71,16 +105,11 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs") -> gr.Blocks:
         except ValueError as e:
             return "", "", None, _message(e)
         tok = get_tokenizer()
-        n = len(s.steered_rating)
-        plot = pd.DataFrame({"token": [*range(1, len(s.plain_rating) + 1), *range(1, n + 1)],
-                             "p(target)": [*s.plain_rating, *s.steered_rating],
-                             "text": ["unsteered"] * len(s.plain_rating) + ["JAM-steered"] * n})
-        end = (lambda xs: xs[-1] if xs else float("nan"))
-        mean = (lambda xs: sum(xs) / len(xs) if xs else float("nan"))
-        return (tok.decode(s.plain), tok.decode(s.steered), plot,
+        return (tok.decode(s.plain), tok.decode(s.steered), _rating_plot(s.plain_rating, s.steered_rating,
+                                                                          "JAM-steered"),
                 f"JAM margin μ = {float(margin):g}: the head's p({target}) on the whole text is "
-                f"{end(s.plain_rating):.2f} unsteered, {end(s.steered_rating):.2f} steered "
-                f"(mean over the tokens {mean(s.plain_rating):.2f} vs {mean(s.steered_rating):.2f})")
+                f"{_end(s.plain_rating):.2f} unsteered, {_end(s.steered_rating):.2f} steered "
+                f"(mean over the tokens {_mean(s.plain_rating):.2f} vs {_mean(s.steered_rating):.2f})")
 
     with gr.Blocks(title="minigpt playground") as demo:
         gr.Markdown(f"# minigpt playground\n{model_line}")
@@ -88,7 +117,7 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs") -> gr.Blocks:
             prompt = gr.Textbox(label="Prompt", value="The king looked at the crowd and said", elem_id="prompt")
             with gr.Row():
                 mode = gr.Radio(["sampling", "greedy", "beam search"], value="sampling", label="Decoding")
-                max_new = gr.Slider(1, 100, value=30, step=1, label="New tokens")
+                max_new = gr.Slider(1, 100, value=30, step=1, label="New tokens", elem_id="max-new")
                 seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
             with gr.Row():
                 temperature = gr.Slider(0.1, 2.0, value=1.0, label="Temperature")
@@ -121,7 +150,7 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs") -> gr.Blocks:
                                   label="Bag of words (a shipped bag, or words separated by commas)", elem_id="bag")
                 stepsize = gr.Slider(0.0, 2.0, value=0.5, label="Strength (PPLM step size)", elem_id="stepsize")
                 iters = gr.Slider(1, 10, value=3, step=1, label="Iterations")
-                smax = gr.Slider(1, 60, value=20, step=1, label="New tokens")
+                smax = gr.Slider(1, 60, value=20, step=1, label="New tokens", elem_id="smax")
                 sseed = gr.Number(value=0, precision=0, label="Seed")
             sgo = gr.Button("Steer", variant="primary", elem_id="steer")
             smsg = gr.Markdown(elem_id="steer-msg")
@@ -131,14 +160,36 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs") -> gr.Blocks:
             splot = gr.LinePlot(x="token", y="bag mass", title="Steering signal: bag mass under the steered "
                                 "distribution, per token", label="Bag mass per token", elem_id="splot")
             sgo.click(steer, [sprompt, bag, stepsize, iters, smax, sseed], [plain, steered, splot, smsg])
+            gr.Markdown("### PPLM with an attribute head\n"
+                        "The same prompt, new tokens and seed as above. The head is a linear classifier on the mean "
+                        "of this model's last hidden states; PPLM nudges its past along the gradient of the head's "
+                        "log p(target class). Pick a head, or type a folder saved by python -m techniques.pplm "
+                        "train-discriminator. Each iteration costs a backward pass per token: a few tokens first.")
+            with gr.Row():
+                phead = gr.Dropdown(list(heads), value=default_head, allow_custom_value=True,
+                                    label="Attribute head (or a folder saved by train-discriminator)", elem_id="phead")
+                ptarget = gr.Textbox(label="Target class", value="positive", elem_id="ptarget")
+                pstep = gr.Slider(0.0, 1.0, value=0.1, step=0.01, label="Strength (PPLM step size)",
+                                  elem_id="pstep")
+                piters = gr.Slider(1, 10, value=3, step=1, label="Iterations", elem_id="piters")
+            pgo = gr.Button("Steer with the head", variant="primary", elem_id="psteer")
+            pmsg = gr.Markdown(elem_id="psteer-msg")
+            with gr.Row():
+                pplain = gr.Textbox(label="Unsteered (same seed)", lines=4, elem_id="pplm-plain")
+                psteered = gr.Textbox(label="PPLM-steered towards the target class", lines=4, elem_id="pplm-steered")
+            pplot = gr.LinePlot(x="token", y="p(target)", color="text",
+                                title="The head's p(target) on the text so far, per token (the steering signal, "
+                                "not an outside judge)", label="Head probability", elem_id="pplm-plot")
+            pgo.click(head_steer, [sprompt, phead, ptarget, pstep, piters, smax, sseed],
+                      [pplain, psteered, pplot, pmsg])
             gr.Markdown("### JAM: move the last hidden state across an attribute head's boundary\n"
                         "The same prompt, new tokens and seed as above. The head is a two-class linear classifier "
                         "on this model's hidden states (python -m techniques.pplm train-discriminator saves one); "
                         "each sampled position's state is moved until the head's log-odds for the target class "
                         "reach the margin μ.")
             with gr.Row():
-                head = gr.Textbox(label="Attribute head (a folder saved by train-discriminator, or a .pt head)",
-                                  elem_id="head")
+                head = gr.Textbox(label="Two-class attribute head (a folder saved by train-discriminator, "
+                                  "or a .pt head)", value=default_head, elem_id="head")
                 target = gr.Textbox(label="Target class", value="positive", elem_id="target")
                 jmargin = gr.Slider(-4.0, 8.0, value=2.0, step=0.5, label="Margin μ (log-odds, nats)",
                                     elem_id="margin")

@@ -6,6 +6,8 @@ so a steered request never leaves the model steered for another one.
 """
 from __future__ import annotations
 
+import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -13,7 +15,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from minigpt import EOT_ID, GPT, beam_search, get_tokenizer, stream
+from minigpt import EOT_ID, GPT, TrainConfig, beam_search, get_tokenizer, stream
 from minigpt.generation import cut_at_stop
 from minigpt.io import read_json
 from techniques import pplm
@@ -27,7 +29,8 @@ from ..tour.context import _token_label
 
 __all__ = ["PlaygroundError", "encode_prompt", "stream_text", "beam_text", "next_token_panel",
            "Steered",
-           "steer_compare", "bag_from_text", "load_head", "JAMSteered", "jam_compare",
+           "steer_compare", "bag_from_text", "load_head", "sst2_head", "head_choices", "HeadSteered",
+           "head_steer_compare", "JAMSteered", "jam_compare",
            "highlight_spans", "find_adapters", "Adapter", "load_adapter_dir",
            "with_and_without", "attention_map"]
 
@@ -142,22 +145,100 @@ def steer_compare(model: GPT, prompt: str, bag_spec: str, *, stepsize: float, nu
     return Steered(runs[0].sequences[0, T:].tolist(), runs[1].sequences[0, T:].tolist(), set(bag.token_ids), attr)
 
 
-def load_head(model: GPT, spec: str, target: str):
-    """A two-class attribute head for JAM (a folder saved by train-discriminator, a reference .pt, or a paper head
-    name), checked against the model and the target class. Every problem raises PlaygroundError."""
+def load_head(model: GPT, spec: str, target: str, *, two_class: bool = True):
+    """An attribute head (a folder saved by train-discriminator or sst2_head, a reference .pt, or a paper head
+    name), checked against the model and the target class; JAM needs two classes (two_class), PPLM any number.
+    Every problem raises PlaygroundError."""
     spec = (spec or "").strip()
     if not spec:
-        raise PlaygroundError("No attribute head given: type a folder saved by python -m techniques.pplm "
-                              "train-discriminator (or by the steering project), or a .pt head.")
+        raise PlaygroundError("No attribute head given: pick the SST-2 head trained at startup, or type a folder saved "
+                              "by python -m techniques.pplm train-discriminator (or by the steering project), or a "
+                              ".pt head.")
     try:
         head = pplm.load_discriminator(spec)
         head.check_model(model)
-        pplm.head_direction(head, target)              # two classes, and the target is one of them
+        if two_class:
+            pplm.head_direction(head, target)          # two classes, and the target is one of them
+        else:
+            head.class_index(target)
     except FileNotFoundError as e:
         raise PlaygroundError(f"The head {spec!r} was not found ({e}).") from None
     except ValueError as e:
         raise PlaygroundError(f"The head {spec!r} cannot steer this model: {e}") from None
     return head
+
+
+SST2 = Path(__file__).resolve().parents[2] / "data" / "sst2"     # the shipped SST-2 rows (data/sst2/*.tsv)
+SST2_CLASSES = ["negative", "positive"]
+
+
+def _sst2_rows(name: str, limit: int, seed: int) -> tuple[list[str], list[int]]:
+    texts, labels, _ = pplm.load_labelled_tsv(SST2 / name, class_names=SST2_CLASSES)
+    keep = sorted(random.Random(seed).sample(range(len(texts)), min(limit, len(texts))))
+    return [texts[i] for i in keep], [labels[i] for i in keep]
+
+
+def sst2_head(model: GPT, folder: str | Path, *, rows: int = 1500, dev_rows: int = 300, epochs: int = 30,
+              lr: float = 1e-3, seed: int = 0, progress: bool = True) -> tuple[str, str]:
+    """(folder, a line saying what it is): the SST-2 sentiment head for this model in `folder`, loaded when a head
+    saved there fits the model, else trained now (pplm.train_discriminator on `rows` shipped SST-2 training rows,
+    the dev accuracy on `dev_rows` of dev.tsv) and saved there, so the next start loads it.
+    Differs from the steering project's head (6,000 rows, lr 1e-4, 10 epochs): fewer rows, so that the page
+    starts in seconds, and a larger lr and more epochs on the cached features (cheap: the model runs once a row)."""
+    folder = Path(folder)
+    if (folder / "discriminator.safetensors").is_file():
+        head = pplm.load_discriminator(folder)
+        if head.n_embd == model.config.n_embd and head.base_model == model.config.name_or_path:
+            return str(folder), f"SST-2 head: loaded from {folder} (delete it to train again)"
+    texts, labels = _sst2_rows("train.tsv", rows, seed)
+    dev_texts, dev_labels = _sst2_rows("dev.tsv", dev_rows, seed)
+    print(f"SST-2 head: training a sentiment head on {len(texts):,} rows of {SST2 / 'train.tsv'} "
+          "(once; saved for the next start)", flush=True)
+    start = time.perf_counter()
+    config = TrainConfig(epochs=epochs, batch_size=64, lr=lr, decay=False, seed=seed, progress=progress)
+    head, report = pplm.train_discriminator(model, texts, labels, SST2_CLASSES, eval_texts=dev_texts,
+                                            eval_labels=dev_labels, config=config, progress=progress)
+    head.cpu().save(folder)
+    return str(folder), (f"SST-2 head: {len(texts):,} rows, dev accuracy {100 * report['dev_accuracy']:.1f}% on "
+                         f"{report['n_dev']} rows, trained in {time.perf_counter() - start:.1f} s, saved to {folder}")
+
+
+def head_choices(model: GPT, trained: Optional[str] = None) -> list[tuple[str, str]]:
+    """(label, spec) for the head menu: the SST-2 head trained at startup, then the paper's heads that read
+    hidden states of this model's size (they are for gpt2-medium, n_embd 1024)."""
+    out = [(f"SST-2 sentiment (negative / positive), trained for this model: {trained}", trained)] if trained else []
+    for name, (_, classes, base) in pplm.PAPER_HEADS.items():
+        if pplm.Discriminator.from_paper(name).n_embd == model.config.n_embd:
+            out.append((f"the paper's {name} head ({base}): {', '.join(classes)}", name))
+    return out
+
+
+@dataclass
+class HeadSteered:
+    plain: list[int]            # new token ids, unsteered (stepsize 0: the same sampler and seed)
+    steered: list[int]          # new token ids, PPLM-steered towards the head's target class
+    plain_rating: list[float]   # per token: the head's p(target) on the mean hidden state of the unsteered text so far
+    steered_rating: list[float]  # the same for the steered text (the head is the steering signal, not a yardstick)
+
+
+def head_steer_compare(model: GPT, prompt: str, head_spec: str, target: str = "positive", *, stepsize: float,
+                       num_iterations: int = 10, max_new_tokens: int = 20, seed: int = 0) -> HeadSteered:
+    """Unsteered and PPLM-steered continuations (techniques.pplm.generate with discriminator=, the steering
+    project's knobs: gm_scale 0.95, kl_scale 0.01, horizon 1, γ 1) from the same seed, with the head's p(target)
+    per token. Each call builds its own past; the model's weights and the head are never changed."""
+    head = load_head(model, head_spec, target, two_class=False)
+    body = encode_prompt(model, prompt, max_new_tokens + 2)          # + the horizon token PPLM looks ahead
+    ids = torch.cat([torch.tensor([[EOT_ID]], device=model.device), body], dim=1)
+    runs = []
+    for step in (0.0, float(stepsize)):
+        gen = torch.Generator(device=model.device).manual_seed(int(seed))
+        runs.append(pplm.generate(model, ids, discriminator=head, class_label=target, max_new_tokens=max_new_tokens,
+                                  generator=gen, stepsize=step, num_iterations=int(num_iterations), do_sample=True,
+                                  gamma=1.0, gm_scale=0.95, kl_scale=0.01, horizon_length=1).sequences)
+    T = ids.size(1)
+    head = head.float()
+    return HeadSteered(runs[0][0, T:].tolist(), runs[1][0, T:].tolist(),
+                       _head_rating(model, head, target, runs[0], T), _head_rating(model, head, target, runs[1], T))
 
 
 @dataclass
