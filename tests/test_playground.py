@@ -255,11 +255,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _shot(page, folder: Path, name: str) -> None:
-    """A screenshot of the page into the test's folder (and into $PLAYGROUND_SHOTS when set, for the docs)."""
-    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+def _page_y(page, selector: str, edge: str) -> float:
+    """Where an element's top or bottom edge lies on the whole page, in CSS pixels."""
+    return page.evaluate("([s, e]) => { const r = document.querySelector(s).getBoundingClientRect();"
+                         " return (e === 'top' ? r.top : r.bottom) + window.scrollY; }", [selector, edge])
+
+
+def _shot(page, folder: Path, name: str, start: str | None = None, end: str | None = None) -> None:
+    """A screenshot of the whole page into the test's folder; with $PLAYGROUND_SHOTS set, a copy for the docs cut
+    to the part from `start`'s top to `end`'s bottom (selectors) and reduced to 256 colours (small PNGs)."""
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
     if os.environ.get("PLAYGROUND_SHOTS"):
-        shutil.copy(folder / f"{name}.png", Path(os.environ["PLAYGROUND_SHOTS"]) / f"playground_{name}.png")
+        from PIL import Image                           # matplotlib's own dependency
+        img = Image.open(path).convert("RGB")
+        top = max(0, int(_page_y(page, start, "top")) - 12) if start else 0
+        bottom = min(img.height, int(_page_y(page, end, "bottom")) + 12) if end else img.height
+        img.crop((0, top, img.width, bottom)).quantize(256).save(
+            Path(os.environ["PLAYGROUND_SHOTS"]) / f"playground_{name}.png", optimize=True)
 
 
 def _set_number(page, elem: str, value) -> None:
@@ -333,24 +346,27 @@ def test_page_in_browser(tmp_path):
             _generate(page, "Once upon a time", 1)
             expect(page.locator("#gen-msg")).to_contain_text("done", timeout=30000)
             assert page.locator("#gen-out textarea").input_value() == expected[1]
-            expect(page.locator("#dist img, #dist canvas, #dist svg").first).to_be_visible(timeout=30000)
-            _shot(page, tmp_path, "generate")
+            expect(page.locator("#dist img").filter(visible=True).first).to_be_visible(timeout=30000)
+            _shot(page, tmp_path, "generate", end="#dist")
             page.locator("#prompt textarea").fill("")
             page.locator("#generate").click()
             expect(page.locator("#gen-msg")).to_contain_text("empty", timeout=30000)
-            _shot(page, tmp_path, "bad_prompt")
+            _shot(page, tmp_path, "bad_prompt", end="#dist")
             # Stop during a long run: it ends early (fewer tokens than asked), and the next Generate is served
             _set_number(page, "max-new", 100)
             _generate(page, "Once upon a time", 1)
-            expect(page.locator("#gen-out textarea")).not_to_have_value("", timeout=30000)
+            for _ in range(300):                         # a few tokens first, so that the stop is seen mid-text
+                if len(tok.encode(page.locator("#gen-out textarea").input_value())) >= 8:
+                    break
+                time.sleep(0.05)
             page.locator("#stop").click()
-            time.sleep(1.0)
+            expect(page.locator("#gen-msg")).to_contain_text("Stopped", timeout=30000)
             stopped = page.locator("#gen-out textarea").input_value()
             time.sleep(1.5)
             assert page.locator("#gen-out textarea").input_value() == stopped        # no longer growing
-            assert 0 < len(tok.encode(stopped)) < 100 and "done" not in page.locator("#gen-msg").inner_text()
+            assert 8 <= len(tok.encode(stopped)) < 100 and "done" not in page.locator("#gen-msg").inner_text()
             assert expected_long.startswith(stopped)
-            _shot(page, tmp_path, "stop")
+            _shot(page, tmp_path, "stop", end="#dist")
             _set_number(page, "max-new", 30)
             _generate(page, "Once upon a time", 1)
             expect(page.locator("#gen-msg")).to_contain_text("done", timeout=30000)
@@ -368,7 +384,7 @@ def test_page_in_browser(tmp_path):
             assert page.locator("#plain").inner_text() == plain
             assert page.locator("#steered").inner_text() not in (plain, steered)
             assert page.locator("#splot canvas, #splot svg").count() > 0
-            _shot(page, tmp_path, "steer")
+            _shot(page, tmp_path, "steer", end="#splot")
             # JAM: a head that is not one (message), then the head at margin 2 (the texts of jam_compare here)
             page.locator("#head textarea, #head input").first.fill(str(tmp_path / "out"))
             page.locator("#jam").click()
@@ -380,7 +396,7 @@ def test_page_in_browser(tmp_path):
             assert page.locator("#jam-steered textarea").input_value() == tok.decode(jam.steered)
             expect(page.locator("#jam-plot canvas, #jam-plot svg").first).to_be_visible(timeout=30000)
             page.locator("#jam").scroll_into_view_if_needed()
-            _shot(page, tmp_path, "steer_jam")
+            _shot(page, tmp_path, "steer_jam", "#jam-intro", "#jam-plot")
             # PPLM with the SST-2 head (the menu's default: the head the server loaded at startup), 6 tokens
             _set_number(page, "smax", 6)
             _set_number(page, "pstep", 0.3)
@@ -391,7 +407,7 @@ def test_page_in_browser(tmp_path):
             assert page.locator("#pplm-steered textarea").input_value() == tok.decode(pplm_head.steered)
             expect(page.locator("#pplm-plot canvas, #pplm-plot svg").first).to_be_visible(timeout=30000)
             page.locator("#psteer").scroll_into_view_if_needed()
-            _shot(page, tmp_path, "steer_head")
+            _shot(page, tmp_path, "steer_head", "#pplm-head-intro", "#pplm-plot")
             # Adapters: a folder that is not one, then the LoRA on (differs) and off (the base's text)
             page.get_by_role("tab", name="Adapters").click()
             page.locator("#adapter-path textarea, #adapter-path input").first.fill(str(tmp_path / "out"))
@@ -416,7 +432,7 @@ def test_page_in_browser(tmp_path):
             page.get_by_role("tab", name="Inspect").click()
             page.locator("#inspect").click()
             expect(page.locator("#inspect-msg")).to_contain_text("attends most to", timeout=30000)
-            expect(page.locator("#iplot img, #iplot canvas, #iplot svg").first).to_be_visible(timeout=30000)
+            expect(page.locator("#iplot img").filter(visible=True).first).to_be_visible(timeout=30000)
             _shot(page, tmp_path, "inspect")
             # Two pages at once, different prompts and seeds: each gets its own text
             other = browser.new_page(viewport={"width": 1280, "height": 1000})

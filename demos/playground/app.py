@@ -137,12 +137,13 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs", heads: Sequen
             with gr.Row():
                 out = gr.Textbox(label="Continuation (streams)", lines=6, elem_id="gen-out")
                 dist = gr.Plot(label="Next-token distribution for the prompt, before and after the filters",
-                               elem_id="dist")
+                               show_label=False, elem_id="dist")      # the figure's own title says it
             table = gr.Dataframe(headers=["next token", "p before filters", "p after filters"],
                                  label="The same numbers")
             gen_inputs = [prompt, mode, max_new, temperature, top_k, top_p, seed, rep, ngram, stops, beams, lp]
             ev = go.click(generate, gen_inputs, [out, table, dist, msg])
-            stop_btn.click(None, cancels=[ev])
+            stop_btn.click(lambda: "**Stopped** before the last token asked for: the text above is what was made. "
+                           "Generate again when you like.", None, msg, cancels=[ev])
         with gr.Tab("Steer (PPLM, JAM)"):
             sprompt = gr.Textbox(label="Prompt", value="The king looked at the crowd and said", elem_id="sprompt")
             with gr.Row():
@@ -160,14 +161,15 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs", heads: Sequen
             splot = gr.LinePlot(x="token", y="bag mass", title="Steering signal: bag mass under the steered "
                                 "distribution, per token", label="Bag mass per token", elem_id="splot")
             sgo.click(steer, [sprompt, bag, stepsize, iters, smax, sseed], [plain, steered, splot, smsg])
-            gr.Markdown("### PPLM with an attribute head\n"
+            gr.Markdown(elem_id="pplm-head-intro", value="### PPLM with an attribute head\n"
                         "The same prompt, new tokens and seed as above. The head is a linear classifier on the mean "
                         "of this model's last hidden states; PPLM nudges its past along the gradient of the head's "
                         "log p(target class). Pick a head, or type a folder saved by python -m techniques.pplm "
                         "train-discriminator. Each iteration costs a backward pass per token: a few tokens first.")
             with gr.Row():
                 phead = gr.Dropdown(list(heads), value=default_head, allow_custom_value=True,
-                                    label="Attribute head (or a folder saved by train-discriminator)", elem_id="phead")
+                                    label="Attribute head (or a folder saved by train-discriminator)", elem_id="phead",
+                                    info=f"the first is saved in {default_head}" if default_head else None)
                 ptarget = gr.Textbox(label="Target class", value="positive", elem_id="ptarget")
                 pstep = gr.Slider(0.0, 1.0, value=0.1, step=0.01, label="Strength (PPLM step size)",
                                   elem_id="pstep")
@@ -182,7 +184,8 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs", heads: Sequen
                                 "not an outside judge)", label="Head probability", elem_id="pplm-plot")
             pgo.click(head_steer, [sprompt, phead, ptarget, pstep, piters, smax, sseed],
                       [pplain, psteered, pplot, pmsg])
-            gr.Markdown("### JAM: move the last hidden state across an attribute head's boundary\n"
+            gr.Markdown(elem_id="jam-intro",
+                        value="### JAM: move the last hidden state across an attribute head's boundary\n"
                         "The same prompt, new tokens and seed as above. The head is a two-class linear classifier "
                         "on this model's hidden states (python -m techniques.pplm train-discriminator saves one); "
                         "each sampled position's state is moved until the head's log-odds for the target class "
@@ -262,7 +265,7 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs", heads: Sequen
                 ihead = gr.Slider(0, model.config.n_head - 1, value=0, step=1, label="Head", elem_id="ihead")
             igo = gr.Button("Show attention", variant="primary", elem_id="inspect")
             imsg = gr.Markdown(elem_id="inspect-msg")
-            iplot = gr.Plot(label="Attention heatmap", elem_id="iplot")
+            iplot = gr.Plot(label="Attention heatmap", show_label=False, elem_id="iplot")
 
             def inspect(prompt, layer, head):
                 try:

@@ -101,7 +101,8 @@ def next_token_panel(model: GPT, prompt: str, *, temperature: float = 1.0, top_k
                                                 top_k=top_k, top_p=top_p, bars=bars)
     tok = get_tokenizer()
     rows = [(tok.decode([i]), float(d.probs[i]), float(d.kept[i])) for i in d.top]
-    return rows, tour_next_token.draw_next_token(d, title="Next token after the prompt, before and after the filters")
+    return rows, tour_next_token.draw_next_token(d, title="Next token after the prompt: the model's softmax (left), "
+                                                 "after the decoding filters (right)")
 
 
 def bag_from_text(spec: str):
@@ -178,7 +179,7 @@ def _sst2_rows(name: str, limit: int, seed: int) -> tuple[list[str], list[int]]:
     return [texts[i] for i in keep], [labels[i] for i in keep]
 
 
-def sst2_head(model: GPT, folder: str | Path, *, rows: int = 1500, dev_rows: int = 300, epochs: int = 30,
+def sst2_head(model: GPT, folder: str | Path, *, rows: int = 1000, dev_rows: int = 300, epochs: int = 30,
               lr: float = 1e-3, seed: int = 0, progress: bool = True) -> tuple[str, str]:
     """(folder, a line saying what it is): the SST-2 sentiment head for this model in `folder`, loaded when a head
     saved there fits the model, else trained now (pplm.train_discriminator on `rows` shipped SST-2 training rows,
@@ -206,10 +207,10 @@ def sst2_head(model: GPT, folder: str | Path, *, rows: int = 1500, dev_rows: int
 def head_choices(model: GPT, trained: Optional[str] = None) -> list[tuple[str, str]]:
     """(label, spec) for the head menu: the SST-2 head trained at startup, then the paper's heads that read
     hidden states of this model's size (they are for gpt2-medium, n_embd 1024)."""
-    out = [(f"SST-2 sentiment (negative / positive), trained for this model: {trained}", trained)] if trained else []
+    out = [("SST-2 sentiment head (trained at startup)", trained)] if trained else []
     for name, (_, classes, base) in pplm.PAPER_HEADS.items():
         if pplm.Discriminator.from_paper(name).n_embd == model.config.n_embd:
-            out.append((f"the paper's {name} head ({base}): {', '.join(classes)}", name))
+            out.append((f"the paper's {name} head ({base})", name))
     return out
 
 
