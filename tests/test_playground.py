@@ -366,6 +366,7 @@ def test_page_in_browser(tmp_path):
             assert page.locator("#gen-out textarea").input_value() == stopped        # no longer growing
             assert 8 <= len(tok.encode(stopped)) < 100 and "done" not in page.locator("#gen-msg").inner_text()
             assert expected_long.startswith(stopped)
+            expect(page.get_by_text("Error", exact=True)).to_have_count(0)           # the text is shown, not hidden
             _shot(page, tmp_path, "stop", end="#dist")
             _set_number(page, "max-new", 30)
             _generate(page, "Once upon a time", 1)

@@ -51,7 +51,18 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs", heads: Sequen
     default."""
     default_head = heads[0][1] if heads else None
 
-    def generate(prompt, mode, max_new, temperature, top_k, top_p, seed, rep, ngram, stops, beams, lp):
+    # Sessions (gradio's session_hash, one per page) whose Stop was pressed during their run. The running
+    # generation looks here after each token and ends as a finished run does. gradio's own `cancels=` kills the
+    # task from outside instead, and then at times marks every output "Error", hiding the text made so far.
+    stop_asked: set[str] = set()
+
+    def stop(request: gr.Request):
+        stop_asked.add(request.session_hash)
+
+    def generate(prompt, mode, max_new, temperature, top_k, top_p, seed, rep, ngram, stops, beams, lp,
+                 request: gr.Request):
+        sid = request.session_hash
+        stop_asked.discard(sid)                       # a Stop pressed before this run does not stop it
         try:
             kw = dict(max_new_tokens=int(max_new), do_sample=mode == "sampling", temperature=float(temperature),
                       top_k=int(top_k) or None, top_p=float(top_p) if top_p < 1 else None, seed=int(seed),
@@ -66,10 +77,15 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs", heads: Sequen
                                       no_repeat_ngram_size=int(ngram), stop_text=stops)
                 yield text, table, fig, "done"
                 return
-            text = ""
+            text, stopped = "", False
             for text in core.stream_text(model, prompt, **kw):
                 yield text, table, fig, ""
-            yield text, table, fig, "done"
+                if sid in stop_asked:
+                    stopped = True
+                    break
+            stop_asked.discard(sid)
+            yield text, table, fig, ("**Stopped** before the last token asked for: the text is what was made "
+                                     "so far. Generate again when you like." if stopped else "done")
         except ValueError as e:
             yield "", [], None, _message(e)
 
@@ -141,9 +157,8 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs", heads: Sequen
             table = gr.Dataframe(headers=["next token", "p before filters", "p after filters"],
                                  label="The same numbers")
             gen_inputs = [prompt, mode, max_new, temperature, top_k, top_p, seed, rep, ngram, stops, beams, lp]
-            ev = go.click(generate, gen_inputs, [out, table, dist, msg])
-            stop_btn.click(lambda: "**Stopped** before the last token asked for: the text above is what was made. "
-                           "Generate again when you like.", None, msg, cancels=[ev])
+            go.click(generate, gen_inputs, [out, table, dist, msg])
+            stop_btn.click(stop, None, None, queue=False)    # not queued: it runs while the generation does
         with gr.Tab("Steer (PPLM, JAM)"):
             sprompt = gr.Textbox(label="Prompt", value="The king looked at the crowd and said", elem_id="sprompt")
             with gr.Row():
