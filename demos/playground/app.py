@@ -184,7 +184,7 @@ def build_app(model: GPT, model_line: str, runs_dir: str = "runs", heads: Sequen
             with gr.Row():
                 phead = gr.Dropdown(list(heads), value=default_head, allow_custom_value=True,
                                     label="Attribute head (or a folder saved by train-discriminator)", elem_id="phead",
-                                    info=f"the first is saved in {default_head}" if default_head else None)
+                                    scale=2, info=f"the first is saved in {default_head}" if default_head else None)
                 ptarget = gr.Textbox(label="Target class", value="positive", elem_id="ptarget")
                 pstep = gr.Slider(0.0, 1.0, value=0.1, step=0.01, label="Strength (PPLM step size)",
                                   elem_id="pstep")

@@ -207,7 +207,7 @@ def sst2_head(model: GPT, folder: str | Path, *, rows: int = 1000, dev_rows: int
 def head_choices(model: GPT, trained: Optional[str] = None) -> list[tuple[str, str]]:
     """(label, spec) for the head menu: the SST-2 head trained at startup, then the paper's heads that read
     hidden states of this model's size (they are for gpt2-medium, n_embd 1024)."""
-    out = [("SST-2 sentiment head (trained at startup)", trained)] if trained else []
+    out = [("SST-2 sentiment head", trained)] if trained else []      # its folder shows under the menu
     for name, (_, classes, base) in pplm.PAPER_HEADS.items():
         if pplm.Discriminator.from_paper(name).n_embd == model.config.n_embd:
             out.append((f"the paper's {name} head ({base})", name))
