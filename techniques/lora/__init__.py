@@ -9,7 +9,7 @@ from .named import (COMBINATIONS, active_adapter, add_adapter, add_weighted_adap
                     set_adapter)
 from .mtl import (MTLLoRALinear, TaskExample, apply_mtl_lora, collate_mtl, merge_mtl_lora, mtl_loss_fn, mtl_modules,
                   mtl_parameters, set_task_ids, task_examples, task_ids)
-from .mtl_files import load_mtl_lora, read_mtl_config, save_mtl_lora, task_index
+from .mtl_files import load_merged_mtl, load_mtl_lora, read_mtl_config, save_mtl_lora, task_index
 from .nf4 import NF4Linear, dequantize_base, nf4_memory, quantize_base
 from .peft_files import load_adapter, save_adapter
 
@@ -21,4 +21,4 @@ __all__ = ["LoRALinear", "LoRAQKV", "apply_lora", "merge_lora", "lora_modules", 
            "load_combined", "COMBINATIONS",
            "MTLLoRALinear", "apply_mtl_lora", "mtl_modules", "mtl_parameters", "set_task_ids", "task_ids",
            "merge_mtl_lora", "TaskExample", "task_examples", "collate_mtl", "mtl_loss_fn",
-           "save_mtl_lora", "load_mtl_lora", "read_mtl_config", "task_index"]
+           "save_mtl_lora", "load_mtl_lora", "load_merged_mtl", "read_mtl_config", "task_index"]
