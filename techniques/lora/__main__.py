@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "adapter_model.safetensors and history.json go (written only once training has finished)")
     add_model_args(t)
     lora = t.add_argument_group("LoRA")
-    lora.add_argument("--r", type=int, default=8, help="rank of B·A (default: 8)")
+    lora.add_argument("--r", "--rank", type=int, default=8,
+                      help="rank of B·A (default: 8); under torchrun write --rank, since torchrun's own parser "
+                           "reads --r as an abbreviation of its --rdzv-*/--role/... options and stops")
     lora.add_argument("--alpha", type=float, default=16, help="scaling numerator: s = alpha/r (default: 16)")
     lora.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA branch's input (default: 0)")
     lora.add_argument("--targets", default="c_attn",
