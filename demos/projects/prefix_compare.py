@@ -365,8 +365,18 @@ def comparison_table(rows: list[dict], bleu_frozen: float, acc_frozen: float) ->
                                       else "")
         lines.append(f"| {r['method']} | {tr} | {r['e2e_step_seconds']:.3f} / {r['sst2_step_seconds']:.3f} | "
                      f"{r['step_peak_bytes'] / 2**20:.1f} | {r['e2e_bleu']:.2f} | {r['sst2_accuracy']:.3f} | "
-                     f"{r['e2e_lr']:.3g} / {r['sst2_lr']:.3g} |")
-    return head + "\n".join(lines) + "\n"
+                     f"{_lr_cell(r, 'e2e')} / {_lr_cell(r, 'sst2')} |")
+    return head + "\n".join(lines) + "\n" + EDGE_NOTE
+
+
+EDGE_NOTE = "\n† the best lr is at an end of the grid: a wider grid might do better.\n"
+
+
+def _lr_cell(row: dict, task: str) -> str:
+    """The chosen lr, marked † when it is the grid's smallest or largest (the search did not bracket the best)."""
+    lr, grid = row[f"{task}_lr"], [float(k) for k in row[f"{task}_lr_grid"]]
+    edge = len(grid) > 1 and lr in (min(grid), max(grid))
+    return f"{lr:.3g}{' †' if edge else ''}"
 
 
 def comparison_figure(rows: list[dict], bleu_frozen: float, acc_frozen: float, path: Path, model_name: str,
