@@ -1,6 +1,6 @@
 """Prefix-Tuning+ against prefix tuning and LoRA: one training step's time and peak memory, same model, same batch.
 
-    python benchmarks/bench_prefix_plus.py [--quick] [--threads N] [--device cpu|cuda] [--precision fp32|bf16]
+    python benchmarks/bench_prefix_plus.py [--quick] [--tiny] [--threads N] [--device cpu|cuda] [--precision fp32|bf16]
 
 On a random model of GPT-2 124M's shape (transformers' GPT2Config() saved and loaded through minigpt's loader),
 one AdamW step (forward, loss, backward, update of the adapter only, the model frozen) of each, all ours:
@@ -94,6 +94,8 @@ def memory_worker(args) -> dict:
 
 
 def run_memory_worker(method: str, args, folder) -> dict:
+    if args.tiny:   # a smoke run: the same worker, in this process (a subprocess per method costs seconds of imports)
+        return memory_worker(argparse.Namespace(**{**vars(args), "memory_worker": method, "weights": str(folder)}))
     cmd = [sys.executable, __file__, "--memory-worker", method, "--weights", str(folder), "--device", args.device,
            "--threads", str(args.threads), "--r", str(args.r), "--P", str(args.P), "--seed", str(args.seed),
            "--precision", args.precision] + (["--quick"] if args.quick else [])
@@ -107,9 +109,15 @@ def shape(args) -> tuple[int, int]:
     return (2, 32) if args.quick else (4, 128)
 
 
+TINY = dict(n_positions=128, n_embd=64, n_layer=2, n_head=4)   # --tiny: seconds, for the test; not a measurement
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="batch 2 x 32, 3 rounds (about a minute on 2 busy cores)")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model instead of 124M's shape (a smoke "
+                   "run in seconds; its numbers measure nothing), with --r and --P matched to its count and "
+                   "the memory workers run in this process")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="autocast precision (fp32)")
@@ -129,13 +137,16 @@ def main(argv=None):
     sync = device_sync(device)
     torch.manual_seed(args.seed)
     folder = Path(tempfile.mkdtemp(prefix="bench-prefix-plus-"))
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)   # random weights, the 124M shape
+    GPT2LMHeadModel(GPT2Config(**(TINY if args.tiny else {}))).save_pretrained(folder)   # random weights
     base = load_base(folder, device)
+    if args.tiny:   # the matched counts for hs = 16: r = hs/4, P = hs/2
+        hs = base.config.n_embd // base.config.n_head
+        args.r, args.P = hs // 4, hs // 2
     B, T = shape(args)
     ids, mask, loss_mask = make_batch(B, T, device, args.seed)
     repeats = 3 if args.quick else 5
-    print(f"GPT-2 124M shape, random weights, {device}, {args.threads} threads, {args.precision}; batch {B} x {T} "
-          f"(right-padded); LoRA r={args.r} on q, v; prefix P={args.P}")
+    print(f"{'tiny (2 x 64)' if args.tiny else 'GPT-2 124M'} shape, random weights, {device}, {args.threads} threads, "
+          f"{args.precision}; batch {B} x {T} (right-padded); LoRA r={args.r} on q, v; prefix P={args.P}")
 
     built = {m: build(base, m, args.r, args.P) for m in METHODS}
     with torch.no_grad():
@@ -158,6 +169,7 @@ def main(argv=None):
         cells = [f"{mem[m][k] / mib:.1f} | {mem[m][k] / max(1, mem[ref_m][k]):.2f}" for k in keys]
         print(f"| {m} | {counts[m]:,} | {1e3 * t[m]:.1f} | {t[m] / t[ref_m]:.2f} | " + " | ".join(cells) + " |")
     print("(time: min over rounds in turns; allocated: torch's allocator, exact; rss: resident set sampled every ms)")
+    return {"counts": counts, "seconds": t, "memory": mem}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-from .cli import DTYPES, add_dtype_arg, add_model_args, model_from_args, run_command
+from .cli import (DTYPES, add_adapter_args, add_dtype_arg, add_model_args, check_adapter_args, model_from_args,
+                  run_command)
 from .generation import beam_search, check_sampling, check_history_rules, cut_at_stop, stream
 from .tokenizer import EOT_ID, get_tokenizer
 
@@ -48,21 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="divide a positive score (multiply a negative one) of every token already in the text by "
                         "this (CTRL's rule; 1.2 is the paper's choice; default 1.0, off)")
-    g.add_argument("--lora", metavar="DIR", action="append",
-                   help="a LoRA adapter folder (peft format) to apply first; repeat it to combine several adapters "
-                        "(see --lora-weights, --combine)")
-    g.add_argument("--lora-weights", metavar="W1,W2,...", default=None,
-                   help="one weight per --lora folder, comma-separated (default: 1 each)")
-    g.add_argument("--combine", choices=("linear", "cat", "svd"), default="linear",
-                   help="how several --lora adapters become one, as peft's add_weighted_adapter: linear (same rank: "
-                        "A, B summed with sqrt(w s) each), cat (exact sum of w_i s_i B_i A_i at rank sum r_i), svd "
-                        "(best rank-max r_i approximation of that sum); default linear")
+    add_adapter_args(g, what="apply first")
     g.add_argument("--prefix", metavar="DIR", help="a prefix-tuning adapter folder (peft format), or a "
                    "Prefix-Tuning+ one (prefix_plus_config.json), to run with")
-    g.add_argument("--mtl-lora", metavar="DIR", help="an MTL-LoRA folder (techniques.lora train --mtl); its --task "
-                   "is merged into the weights")
-    g.add_argument("--task", metavar="NAME", help="with --mtl-lora: the task to generate for (a name from its task "
-                   "list, or an id)")
     c = sub.add_parser("check", help="compare this GPT-2 (and adapters) with transformers and peft, number for number",
                        description="Load the same files here and in transformers/peft and print a table of the "
                                    "differences: logits, hidden states, greedy tokens, tokenizer, and with "
@@ -75,26 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _floats(text: str, option: str) -> list[float]:
-    try:
-        return [float(w) for w in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"{option} must be comma-separated numbers such as 0.5,0.5, got {text!r}") from None
-
-
 def _load(args):
     """The model (with --lora merged in) and the prefix's past, if any, in --dtype.
 
     The adapters are applied in fp32 and the result cast once: W0 + s B A is rounded to bf16 as a whole."""
     model = model_from_args(args)
     past = None
-    if args.lora:
+    check_adapter_args(args)
+    if args.lora:  # merged: decoding costs what the base model costs (techniques.lora merge saves the same model)
         from techniques.lora import load_combined, merge_lora
-        weights = None if args.lora_weights is None else _floats(args.lora_weights, "--lora-weights")
-        # merged: decoding costs what the base model costs
-        model = merge_lora(load_combined(model, args.lora, weights, args.combine))
-    if args.mtl_lora or args.task is not None:
-        model = _merged_mtl(model, args)
+        model = merge_lora(load_combined(model, args.lora, args.lora_weights, args.combine))
+    if args.mtl_lora:
+        from techniques.lora import load_merged_mtl
+        model = load_merged_mtl(model, args.mtl_lora, args.task)
     if args.prefix:
         from techniques.prefix import is_prefix_plus_dir, load_adapter as load_prefix, load_prefix_plus
         if is_prefix_plus_dir(args.prefix):  # Prefix-Tuning+: no past; the model's attentions are wrapped in place
@@ -107,16 +89,6 @@ def _load(args):
     if past is not None:
         past = tuple((k.to(dtype), v.to(dtype)) for k, v in past)
     return model.to(dtype), past
-
-
-def _merged_mtl(model, args):
-    """--mtl-lora DIR --task NAME: the folder's MTL-LoRA with that task folded into W0 (decoding at base cost)."""
-    if not args.mtl_lora or args.task is None:
-        raise ValueError("--mtl-lora and --task go together: give the MTL-LoRA folder and the task to generate for")
-    from techniques.lora import load_mtl_lora, merge_mtl_lora, read_mtl_config, task_index
-    task = task_index(read_mtl_config(args.mtl_lora), args.task)  # checked before the model is touched
-    model, _ = load_mtl_lora(model, args.mtl_lora)
-    return merge_mtl_lora(model, task)
 
 
 def _check_fits(n_prompt: int, n_past: int, max_new: int, n_positions: int) -> None:

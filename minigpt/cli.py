@@ -34,7 +34,7 @@ from .training import TrainConfig, TrainingInterrupted, plan_steps, resolve_prec
 __all__ = ["add_model_args", "model_from_args", "add_dtype_arg", "DTYPES", "add_train_args", "add_precision_arg",
            "add_scale_args", "train_config_from_args",
            "split_from_args", "describe_plan", "run_command", "fail", "USER_ERRORS", "positive_int", "is_main_process",
-           "CHECKPOINT_DIR"]
+           "CHECKPOINT_DIR", "add_adapter_args", "check_adapter_args", "COMBINE_CHOICES", "float_list"]
 
 CHECKPOINT_DIR = "train_state"  # --save-every writes OUT/train_state/
 PRECISION_NOTE = ("a LoRA step on GPT-2 124M measured 1.7x faster in bf16 than in fp32 on a 2-core AVX512-BF16 CPU, "
@@ -129,6 +129,46 @@ def model_from_args(args, dtype: str = "fp32") -> GPT:
     device = resolve_device(args.device)
     model = GPT.from_pretrained(args.weights or args.model, device=device, dtype=DTYPES[dtype])
     return model.eval()
+
+
+# ---- adapters to merge (minigpt generate, techniques.lora merge) -----------------------------
+COMBINE_CHOICES = ("linear", "cat", "svd")  # techniques.lora.COMBINATIONS (tests/test_merge_cli.py checks they agree)
+
+
+def float_list(text: str) -> list[float]:
+    """argparse type for comma-separated numbers such as 0.5,0.5."""
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.5, got {text!r}") from None
+
+
+def add_adapter_args(parser: argparse.ArgumentParser, *, what: str = "apply") -> None:
+    """The adapter options that `minigpt generate` and `techniques.lora merge` share, defined once:
+    --lora (repeat it), --lora-weights, --combine, and --mtl-lora with --task. The commands hand them to
+    `techniques.lora.load_combined` and `techniques.lora.load_merged_mtl` (checked by `check_adapter_args`)."""
+    g = parser.add_argument_group("adapters")
+    g.add_argument("--lora", metavar="DIR", action="append",
+                   help=f"a LoRA adapter folder (peft format) to {what}; repeat it to combine several adapters "
+                        "into one (see --lora-weights, --combine)")
+    g.add_argument("--lora-weights", metavar="W1,W2,...", type=float_list, default=None,
+                   help="one weight per --lora folder, comma-separated; negative ones subtract (default: 1 each)")
+    g.add_argument("--combine", choices=COMBINE_CHOICES, default="linear",
+                   help="how several --lora adapters become one, as peft's add_weighted_adapter: linear (same rank: "
+                        "A, B summed with sqrt(w s) each), cat (exact sum of w_i s_i B_i A_i at rank sum r_i), svd "
+                        "(best rank-max r_i approximation of that sum); default linear")
+    g.add_argument("--mtl-lora", metavar="DIR", help="an MTL-LoRA folder (techniques.lora train --mtl); its --task "
+                   "is merged into the weights")
+    g.add_argument("--task", metavar="NAME", help="with --mtl-lora: the task to merge (a name from its task list, "
+                   "or an id)")
+
+
+def check_adapter_args(args) -> None:
+    """The checks on add_adapter_args' options that need no file: each one with what it goes with."""
+    if args.lora_weights is not None and not args.lora:
+        raise ValueError("--lora-weights needs --lora folders to weigh")
+    if (args.mtl_lora is None) != (args.task is None):
+        raise ValueError("--mtl-lora and --task go together: give the MTL-LoRA folder and the task to use")
 
 
 # ---- training -------------------------------------------------------------------------------

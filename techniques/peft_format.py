@@ -43,6 +43,9 @@ def read_adapter_config(directory: Union[str, Path], peft_type: str) -> dict:
                          "re-save it in peft with save_pretrained(..., safe_serialization=True)")
     path = d / ADAPTER_CONFIG
     if not path.is_file():
+        if (d / "config.json").is_file():
+            raise ValueError(f"{d} holds a model (config.json), not an adapter: give it as --weights, and as the "
+                             f"adapter a folder with {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
         raise FileNotFoundError(f"{path} not found; an adapter folder holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     cfg = read_json(path)
     if not isinstance(cfg, dict):

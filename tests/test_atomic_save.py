@@ -266,7 +266,11 @@ def test_an_adapter_overwrite_killed_at_any_operation_loads_the_old_or_the_new_a
 
 def test_sigkill_during_training_then_resume_ends_where_the_uninterrupted_run_ends(tmp_path):
     """A real LoRA run, --save-every 1, SIGKILLed up to four times at random moments and resumed each time: its final
-    adapter is bit for bit the uninterrupted run's."""
+    adapter is bit for bit the uninterrupted run's.
+
+    Every run here is single-threaded (OMP/MKL_NUM_THREADS=1, MKL_DYNAMIC=FALSE): with MKL free to pick its thread
+    count per call, two *uninterrupted* runs on a heavily loaded machine were seen to differ by 3.9e-8 (2 runs of
+    about 30), so a multi-threaded run would test MKL's summation order, not the resume."""
     from safetensors.torch import load_file
     _, folder = make_hf_model(tmp_path / "hf")
     data = tmp_path / "text.txt"
@@ -278,7 +282,8 @@ def test_sigkill_during_training_then_resume_ends_where_the_uninterrupted_run_en
                 "--block-size", "16", "--batch-size", "2", "--device", "cpu", "--no-progress", "--precision",
                 "fp32", "--max-steps", str(steps), "--save-every", "1", "--out", str(out), *extra]
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "MKL_DYNAMIC": "FALSE"}
     subprocess.run(cmd(tmp_path / "whole"), check=True, env=env, capture_output=True)
     out, rng, kills = tmp_path / "killed", random.Random(0), 0
     state = out / "train_state"

@@ -38,8 +38,10 @@ def one_error_line(code, capsys, *words) -> str:
     return err
 
 
-def nonzero_M(model, seed=0, scale=0.5):
-    """A copy of `model` wrapped with Prefix-Tuning+ whose M's are random (M = 0 would be the base model)."""
+def nonzero_M(model, seed=0, scale=50.0):
+    """A copy of `model` wrapped with Prefix-Tuning+ (the paper's φ = elu) whose M's are random (M = 0 would be the
+    base model). The tiny model's queries are small (weights of std 0.02), and elu(q) ≈ q there, so M must be large
+    for the term to change the greedy text."""
     pp = PrefixTuningPlus(copy.deepcopy(model), feature_map="elu")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -60,3 +60,23 @@ def test_help(capsys):
     text = help_text(PROJECT, capsys)
     for opt in ("--model", "--weights", "--out", "--smoke", "--steps", "--lr", "--seed"):
         assert opt in text
+
+
+def test_average_over_seeds_is_the_mean_with_its_sd_and_the_verdict_counts_seeds():
+    """--seeds N: each row's per-task perplexity is the mean over seeds, its sd is the sample sd of the seeds'
+    means, and the verdict says in how many seeds MTL-LoRA was lower (here 1 of 2, while its average is higher)."""
+    def rows(mtl: tuple, shared: tuple) -> dict:
+        def row(ppl):
+            return {"ppl": dict(zip(mtl_compare.TASKS, ppl)), "params": 10, "seconds": 1.0,
+                    "mean_ppl": sum(ppl) / len(ppl)}
+        return {ROWS[1]: row(mtl), ROWS[2]: row(shared)}
+    per_seed = [rows((10.0, 20.0, 30.0), (11.0, 21.0, 31.0)), rows((40.0, 50.0, 60.0), (12.0, 22.0, 32.0))]
+    avg = mtl_compare.average(per_seed)
+    assert avg[ROWS[1]]["ppl"] == {"poetry": 25.0, "scifi": 35.0, "chemistry": 45.0}
+    assert avg[ROWS[1]]["mean_ppl"] == pytest.approx(35.0)
+    assert avg[ROWS[1]]["sd"] == pytest.approx((2 * 15.0 ** 2) ** 0.5)     # seeds' means 20 and 50
+    assert avg[ROWS[2]]["sd"] == pytest.approx(2 ** -0.5)                 # 21 and 22
+    verdict = mtl_compare._verdict(avg, per_seed)
+    assert "does not hold" in verdict and "lower in 1 of 2 seeds" in verdict
+    one = mtl_compare.average(per_seed[:1])
+    assert one[ROWS[1]]["sd"] == 0.0 and "One run, one seed" in mtl_compare._verdict(one, per_seed[:1])

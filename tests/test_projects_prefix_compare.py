@@ -65,3 +65,12 @@ def test_help_and_bad_data(tmp_path, capsys):
     code = prefix_compare.PROJECT.main(["--smoke", "--out", str(tmp_path / "o"), "--data", str(tmp_path)])
     assert code != 0 and "missing" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_lr_cell_marks_a_best_lr_on_the_grids_edge():
+    from demos.projects.prefix_compare import _lr_cell
+    grid = {0.001: 4.0, 0.003: 3.0, 0.009: 3.5}
+    assert _lr_cell({"e2e_lr": 0.003, "e2e_lr_grid": grid}, "e2e") == "0.003"
+    assert _lr_cell({"e2e_lr": 0.009, "e2e_lr_grid": grid}, "e2e") == "0.009 †"
+    assert _lr_cell({"e2e_lr": 0.001, "e2e_lr_grid": {str(k): v for k, v in grid.items()}}, "e2e") == "0.001 †"
+    assert _lr_cell({"e2e_lr": 0.001, "e2e_lr_grid": {0.001: 4.0}}, "e2e") == "0.001"   # a one-point grid

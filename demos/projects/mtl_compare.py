@@ -139,67 +139,102 @@ def perplexities(model: GPT, data: dict, mtl: bool = False) -> dict[str, float]:
     return out
 
 
-def run(run: ProjectRun) -> Finished:
-    args, sizes, base = run.args, run.sizes, run.model
-    max_len = min(sizes.max_len, base.config.n_positions)
-    data = task_data(sizes, max_len)
+def one_seed(base: GPT, data: dict, config, seed: int) -> tuple[dict, GPT, dict]:
+    """The four adapters trained from `seed` (the same seed, data order and steps for each): {row: {ppl, params,
+    seconds}}, the MTL-LoRA model and the two mixed-data runs' histories."""
     per_task = [data[t][0] for t in TASKS]
     mixed = [e for ex in per_task for e in ex]
-    config = lora_train_config(base, batch_size=sizes.batch_size, eval_every=sizes.eval_every,
-                               **lora_training(args, sizes.steps))
-    print(describe_plan(len(mixed), 0, config) + "; for each of the 5 runs", flush=True)
-    base_ppl = perplexities(base, data)
-    rows = {"base model": {"ppl": base_ppl, "params": 0, "seconds": 0.0}}
-
-    mtl_model, mtl_hist, sec, n = run_mtl(base, per_task, config, args.seed)
+    rows = {}
+    mtl_model, mtl_hist, sec, n = run_mtl(base, per_task, config, seed)
     rows["MTL-LoRA (mixed data)"] = {"ppl": perplexities(mtl_model, data, mtl=True), "params": n, "seconds": sec}
     print(f"MTL-LoRA: {n:,} parameters, {sec:.1f} s; held-out perplexity {_fmt(rows['MTL-LoRA (mixed data)'])}")
 
-    shared, shared_hist, sec, n = run_lora(base, mixed, config, args.seed)
+    shared, shared_hist, sec, n = run_lora(base, mixed, config, seed)
     rows["one shared LoRA (mixed data)"] = {"ppl": perplexities(shared, data), "params": n, "seconds": sec}
     print(f"shared LoRA: {n:,} parameters, {sec:.1f} s; held-out perplexity "
           f"{_fmt(rows['one shared LoRA (mixed data)'])}")
 
     sep = {"ppl": {}, "params": 0, "seconds": 0.0}
     for name, examples in zip(TASKS, per_task):
-        model, _, sec, n = run_lora(base, examples, config, args.seed)
+        model, _, sec, n = run_lora(base, examples, config, seed)
         sep["ppl"][name] = perplexities(model, {name: data[name]})[name]
         sep["params"] += n
         sep["seconds"] += sec
     rows["three separate LoRAs"] = sep
     print(f"separate LoRAs: {sep['params']:,} parameters in all, {sep['seconds']:.1f} s; held-out perplexity "
           f"{_fmt(sep)}")
+    for v in rows.values():
+        v["mean_ppl"] = sum(v["ppl"].values()) / len(TASKS)
+    return rows, mtl_model, {"mtl": mtl_hist, "shared": shared_hist}
 
-    mean = {k: sum(v["ppl"].values()) / len(TASKS) for k, v in rows.items()}
-    for k in rows:
-        rows[k]["mean_ppl"] = mean[k]
-    verdict = _verdict(rows)
+
+def average(per_seed: list[dict]) -> dict:
+    """The rows averaged over seeds: per-task perplexity, its mean, the mean's standard deviation over seeds (0 for
+    one seed), the parameters and the mean train time."""
+    out = {}
+    for k in per_seed[0]:
+        vs = [rows[k] for rows in per_seed]
+        means = torch.tensor([v["mean_ppl"] for v in vs], dtype=torch.float64)
+        out[k] = {"ppl": {t: sum(v["ppl"][t] for v in vs) / len(vs) for t in TASKS}, "params": vs[0]["params"],
+                  "seconds": sum(v["seconds"] for v in vs) / len(vs), "mean_ppl": float(means.mean()),
+                  "sd": float(means.std()) if len(vs) > 1 else 0.0}
+    return out
+
+
+def run(run: ProjectRun) -> Finished:
+    args, sizes, base = run.args, run.sizes, run.model
+    max_len = min(sizes.max_len, base.config.n_positions)
+    data = task_data(sizes, max_len)
+    seeds = [args.seed + i for i in range(args.seeds)]
+    configs = [lora_train_config(base, batch_size=sizes.batch_size, eval_every=sizes.eval_every,
+                                 **(lora_training(args, sizes.steps) | {"seed": s})) for s in seeds]
+    config = configs[0]
+    n_mixed = sum(len(data[t][0]) for t in TASKS)
+    print(describe_plan(n_mixed, 0, config) + f"; for each of the 5 runs, seeds {', '.join(map(str, seeds))}",
+          flush=True)
+    base_ppl = perplexities(base, data)
+    base_row = {"ppl": base_ppl, "params": 0, "seconds": 0.0, "mean_ppl": sum(base_ppl.values()) / len(TASKS)}
+    per_seed, histories = [], {}
+    for s, cfg in zip(seeds, configs):
+        print(f"-- seed {s}", flush=True)
+        rows_s, model_s, hist_s = one_seed(base, data, cfg, s)
+        per_seed.append({"base model": dict(base_row)} | rows_s)
+        histories[str(s)] = hist_s
+        if s == seeds[0]:
+            mtl_model = model_s
+    rows = average(per_seed)
+    mean = {k: v["mean_ppl"] for k, v in rows.items()}
+    verdict = _verdict(rows, per_seed)
     print(verdict)
     out = run.folder()
     save_mtl_lora(mtl_model, out / "mtl_adapter", TASKS)
-    (out / "history.json").write_text(json.dumps({"mtl": mtl_hist, "shared": shared_hist}, indent=1) + "\n")
-    table = _table(rows)
+    (out / "history.json").write_text(json.dumps(histories, indent=1) + "\n")
+    table = _table(rows, len(seeds))
     (out / "table.md").write_text(table + "\n\n" + verdict + "\n", encoding="utf-8")
-    _figure(out / "compare.png", rows, run.chosen.name)
+    _figure(out / "compare.png", rows, run.chosen.name, len(seeds))
     result = ProjectResult(NAME, "mean held-out perplexity over the 3 tasks", False,
                            mean["one shared LoRA (mixed data)"], mean["MTL-LoRA (mixed data)"], run.chosen.name,
                            sum(len(d[1]) for d in data.values()), run.clock.elapsed(), extra={
                                "rows": {k: {"perplexity": {t: finite_or_none(p) for t, p in v["ppl"].items()},
                                             "mean_perplexity": finite_or_none(v["mean_ppl"]),
+                                            "mean_perplexity_sd_over_seeds": finite_or_none(v["sd"]),
                                             "trainable_parameters": int(v["params"]),
                                             "train_seconds": round(float(v["seconds"]), 2)}
                                         for k, v in rows.items()},
+                               "per_seed_mean_perplexity": [{k: finite_or_none(v["mean_ppl"]) for k, v in r.items()}
+                                                            for r in per_seed],
                                "steps": config.max_steps, "batch_size": config.batch_size, "lr": config.lr,
-                               "seed": args.seed, "mtl": MTL, "lora_r": LORA_R, "targets": TARGETS,
-                               "examples_per_task": {t: len(e) for t, e in zip(TASKS, per_task)},
+                               "seeds": seeds, "mtl": MTL, "lora_r": LORA_R, "targets": TARGETS,
+                               "examples_per_task": {t: len(data[t][0]) for t in TASKS},
                                "heldout_per_task": {t: len(d[1]) for t, d in data.items()},
                                "verdict": verdict})
     samples = Samples(f"{TITLE}: held-out perplexity per task", [
         {"input": t, "before": f"shared LoRA: {rows['one shared LoRA (mixed data)']['ppl'][t]:.2f}",
          "after": f"MTL-LoRA: {rows['MTL-LoRA (mixed data)']['ppl'][t]:.2f}"} for t in TASKS],
         note=(f"Model {run.chosen.name}; {config.max_steps} steps of batch {config.batch_size} at lr {config.lr:g}, "
-              f"seed {args.seed}, for every run. Perplexity by its definition over each held-out text's own tokens "
-              "(lower is better)."), appendix=table + "\n\n" + verdict)
+              f"seeds {', '.join(map(str, seeds))} (perplexities averaged over them), for every run. Perplexity by "
+              "its definition over each held-out text's own tokens (lower is better)."),
+        appendix=table + "\n\n" + verdict)
     return Finished(result, samples, labels=("one shared LoRA", "MTL-LoRA"), unit="perplexity",
                     files=["table.md", "compare.png", "mtl_adapter/", "history.json"])
 
@@ -208,30 +243,41 @@ def _fmt(row: dict) -> str:
     return ", ".join(f"{t} {p:.2f}" for t, p in row["ppl"].items())
 
 
-def _table(rows: dict) -> str:
-    head = "| adapter | " + " | ".join(TASKS) + " | mean | trainable parameters | train time (s) |"
+def _table(rows: dict, n_seeds: int) -> str:
+    over = f" (mean of {n_seeds} seeds)" if n_seeds > 1 else ""
+    head = ("| adapter | " + " | ".join(TASKS) + f" | mean{' ± sd over seeds' if n_seeds > 1 else ''} | "
+            f"trainable parameters | train time (s){over} |")
     lines = [head, "|" + "---|" * (len(TASKS) + 4)]
     for k, v in rows.items():
+        sd = f" ± {v['sd']:.2f}" if n_seeds > 1 else ""
         lines.append(f"| {k} | " + " | ".join(f"{v['ppl'][t]:.2f}" for t in TASKS)
-                     + f" | {v['mean_ppl']:.2f} | {v['params']:,} | {v['seconds']:.1f} |")
+                     + f" | {v['mean_ppl']:.2f}{sd} | {v['params']:,} | {v['seconds']:.1f} |")
     return "\n".join(lines)
 
 
-def _verdict(rows: dict) -> str:
-    mtl, shared = rows["MTL-LoRA (mixed data)"], rows["one shared LoRA (mixed data)"]
+def _verdict(rows: dict, per_seed: list[dict]) -> str:
+    """Whether MTL-LoRA's mean held-out perplexity (over tasks, then seeds) is below the shared LoRA's, on how many
+    tasks, and in how many seeds; with one seed it says that one seed cannot settle a small difference."""
+    m, sh = "MTL-LoRA (mixed data)", "one shared LoRA (mixed data)"
+    mtl, shared = rows[m], rows[sh]
     wins = [t for t in TASKS if mtl["ppl"][t] < shared["ppl"][t]]
     holds = mtl["mean_ppl"] < shared["mean_ppl"]
+    seed_wins = sum(r[m]["mean_ppl"] < r[sh]["mean_ppl"] for r in per_seed)
+    n = len(per_seed)
+    spread = (f" MTL-LoRA's mean is lower in {seed_wins} of {n} seeds; the seeds' standard deviation of the mean is "
+              f"{mtl['sd']:.2f} (MTL-LoRA) and {shared['sd']:.2f} (shared)." if n > 1 else
+              " One run, one seed: a small difference is within what another seed could change.")
     return (f"The paper's claim (MTL-LoRA beats one shared LoRA at similar parameters: {mtl['params']:,} vs "
             f"{shared['params']:,}) {'holds' if holds else 'does not hold'} here on the mean held-out perplexity "
-            f"({mtl['mean_ppl']:.2f} vs {shared['mean_ppl']:.2f}); MTL-LoRA is lower on {len(wins)} of "
-            f"{len(TASKS)} tasks ({', '.join(wins) or 'none'}). One run, one seed: a small difference is within "
-            "what another seed could change.")
+            f"({mtl['mean_ppl']:.2f} vs {shared['mean_ppl']:.2f}{', averaged over seeds' if n > 1 else ''}); "
+            f"MTL-LoRA is lower on {len(wins)} of {len(TASKS)} tasks ({', '.join(wins) or 'none'})." + spread)
 
 
-def _figure(path, rows: dict, model_name: str):
-    fig = new_figure((8.0, 4.5))
+def _figure(path, rows: dict, model_name: str, n_seeds: int):
+    fig = new_figure((8.0, 4.8))
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(rows)
+    top = max(v["ppl"][t] for v in rows.values() for t in TASKS)
     for i, (k, v) in enumerate(rows.items()):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(TASKS))]
         bars = ax.bar(xs, [v["ppl"][t] for t in TASKS], width, label=f"{k} ({v['params']:,} params)")
@@ -239,10 +285,11 @@ def _figure(path, rows: dict, model_name: str):
             ax.annotate(f"{v['ppl'][t]:.1f}", (b.get_x() + b.get_width() / 2, v["ppl"][t]), ha="center",
                         va="bottom", fontsize=7)
     ax.set_xticks(range(len(TASKS)), TASKS)
-    ax.set(xlabel="task (held-out texts)", ylabel="held-out perplexity (lower is better)",
-           title=f"{NAME}: per-task held-out perplexity, same steps and seed (model {model_name})")
+    seeds = f"mean of {n_seeds} seeds" if n_seeds > 1 else "one seed"
+    ax.set(xlabel="task (held-out texts)", ylabel="held-out perplexity (lower is better)", ylim=(0, top * 1.45),
+           title=f"{NAME}: per-task held-out perplexity, same steps, {seeds} (model {model_name})")
     ax.title.set_fontsize(10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncol=2)   # above the bars: ylim leaves the room
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)
 
@@ -253,13 +300,16 @@ def _options(parser) -> None:
                    help=f"optimizer steps of each run (default: {SIZES['full'].steps}; --quick {SIZES['quick'].steps})")
     g.add_argument("--lr", type=float, default=None,
                    help="AdamW peak learning rate (default: 2e-3 for models narrower than 512, else 1e-3)")
+    g.add_argument("--seeds", type=positive_int, default=1, metavar="N",
+                   help="repeat the five runs for seeds SEED .. SEED+N-1 and report the mean over seeds with its "
+                        "standard deviation (default: 1)")
 
 
 PROJECT = Project(
     name=NAME, title=TITLE, technique="MTL-LoRA", run=run, sizes=SIZES,
     description="MTL-LoRA (Yang et al. 2025) vs one shared LoRA at the same parameter count vs three separate "
                 "LoRAs on the poetry, sci-fi and chemistry data: each task's held-out perplexity, the trainable "
-                "parameters and the train time, same steps and seed.",
+                "parameters and the train time, same steps and seeds.",
     needs=(),
     options=_options)
 

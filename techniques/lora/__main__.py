@@ -7,7 +7,11 @@
            --quantize nf4 is QLoRA: the blocks' frozen
            Linears stored in 4-bit NF4 (double-quantised absmaxes unless --no-double-quant).
     merge  fold an adapter into the weights (W0 <- W0 + (alpha/r)·B·A) and save a plain checkpoint;
-           --quantize nf4 merges into the dequantised 4-bit W0' the adapter was trained on.
+           --lora A --lora B --lora-weights wA,wB --combine linear|cat|svd combines several first (peft's
+           add_weighted_adapter), --mtl-lora DIR --task T folds one MTL-LoRA task in: the options and the
+           loaders are those of `minigpt generate` (minigpt.cli.add_adapter_args), so the saved model is
+           the one generate runs. --quantize nf4 merges into the dequantised 4-bit W0' the adapter was
+           trained on.
 
 The options shared with the other commands (model, training) come from
 `minigpt.cli`, and so does the error policy: a user's mistake is one line
@@ -18,14 +22,16 @@ from __future__ import annotations
 import argparse
 
 from minigpt import cast_frozen_linears, get_tokenizer, lm_loss_fn, load_lm_data, resolve_device, save_history, train
-from minigpt.cli import (add_model_args, add_train_args, describe_plan, is_main_process, model_from_args, positive_int,
-                         run_command, split_from_args, train_config_from_args)
+from minigpt.cli import (add_adapter_args, add_model_args, add_train_args, check_adapter_args, describe_plan,
+                         is_main_process, model_from_args, positive_int, run_command, split_from_args,
+                         train_config_from_args)
 
 from .lora import apply_lora, lora_parameters, lora_summary, merge_lora
 from .mtl import apply_mtl_lora, collate_mtl, mtl_loss_fn, mtl_modules, mtl_parameters, task_examples
-from .mtl_files import save_mtl_lora
+from .mtl_files import load_merged_mtl, save_mtl_lora
+from .named import load_combined
 from .nf4 import quantize_base
-from .peft_files import load_adapter, save_adapter
+from .peft_files import save_adapter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "adapter_model.safetensors and history.json go (written only once training has finished)")
     add_model_args(t)
     lora = t.add_argument_group("LoRA")
-    lora.add_argument("--r", type=int, default=8, help="rank of B·A (default: 8)")
+    lora.add_argument("--r", "--rank", type=int, default=8,
+                      help="rank of B·A (default: 8); under torchrun write --rank, since torchrun's own parser "
+                           "reads --r as an abbreviation of its --rdzv-*/--role/... options and stops")
     lora.add_argument("--alpha", type=float, default=16, help="scaling numerator: s = alpha/r (default: 16)")
     lora.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA branch's input (default: 0)")
     lora.add_argument("--targets", default="c_attn",
@@ -67,11 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --mtl: a full r x r Λ_t per task (default: its diagonal, as the paper)")
     add_train_args(t, lr=2e-4, lr_help="2e-4")
 
-    m = sub.add_parser("merge", help="fold an adapter into the weights and save a plain checkpoint",
-                       description="Load --model/--weights, apply --lora DIR, merge it and save_pretrained to --out.")
-    m.add_argument("--lora", required=True, metavar="DIR", help="the adapter folder (peft format)")
+    m = sub.add_parser("merge", help="fold adapters into the weights and save a plain checkpoint",
+                       description="Load --model/--weights, apply the adapters (--lora DIR, repeated to combine "
+                                   "several with --lora-weights and --combine, as `minigpt generate` does; or "
+                                   "--mtl-lora DIR --task T), merge them into W0 and save_pretrained to --out: "
+                                   "the model `minigpt generate` runs with the same options.")
     m.add_argument("--out", required=True, metavar="DIR", help="where the merged config.json + model.safetensors go")
     add_model_args(m)
+    add_adapter_args(m, what="merge")
     add_quantize_args(m, merging=True)
     return p
 
@@ -209,10 +220,26 @@ def quantize_name(args):
 
 
 def merge_command(args) -> None:
+    """The model `minigpt generate` builds from the same adapter options (the same two loaders), saved."""
     check_quantize_args(args)
-    model = merge_lora(load_adapter(load_model(args), args.lora))
+    check_adapter_args(args)
+    if not args.lora and not args.mtl_lora:
+        raise ValueError("nothing to merge: give --lora DIR (repeat it to combine several) or --mtl-lora DIR --task T")
+    if args.mtl_lora and args.quantize != "none":
+        raise ValueError("--quantize nf4 is for LoRA adapters trained on a 4-bit base (QLoRA); MTL-LoRA trains on "
+                         "the full-precision W0, so leave --quantize out")
+    model = load_model(args)
+    done = []
+    if args.lora:
+        model = merge_lora(load_combined(model, args.lora, args.lora_weights, args.combine))
+        done.append(args.lora[0] if len(args.lora) == 1 else
+                    f"{len(args.lora)} LoRA adapters ({args.combine}, weights "
+                    f"{','.join(f'{w:g}' for w in args.lora_weights or [1.0] * len(args.lora))})")
+    if args.mtl_lora:
+        model = load_merged_mtl(model, args.mtl_lora, args.task)
+        done.append(f"task {args.task!r} of {args.mtl_lora}")
     model.save_pretrained(args.out)
-    print(f"merged {args.lora} into the weights; saved to {args.out}")
+    print(f"merged {' and '.join(done)} into the weights; saved to {args.out}")
 
 
 def main(argv=None) -> int:

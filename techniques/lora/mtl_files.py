@@ -25,9 +25,9 @@ import torch.nn as nn
 from minigpt import atomic_save_dir, save_tensors, write_json
 
 from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config, read_adapter_weights
-from .mtl import MTLLoRALinear, apply_mtl_lora
+from .mtl import MTLLoRALinear, apply_mtl_lora, merge_mtl_lora
 
-__all__ = ["save_mtl_lora", "load_mtl_lora", "read_mtl_config", "task_index"]
+__all__ = ["save_mtl_lora", "load_mtl_lora", "load_merged_mtl", "read_mtl_config", "task_index"]
 
 PREFIX = "base_model.model."
 PARAMS = ("A", "Lambda", "B", "w")
@@ -127,3 +127,12 @@ def load_mtl_lora(model: nn.Module, directory: Union[str, Path]) -> tuple[nn.Mod
             for p in PARAMS:
                 getattr(m, p).copy_(tensors[f"{PREFIX}{name}.mtl_lora_{p}"])
     return model, list(cfg["tasks"])
+
+
+def load_merged_mtl(model: nn.Module, directory: Union[str, Path], task: Union[str, int]) -> nn.Module:
+    """The command line's `--mtl-lora DIR --task T` (generate and merge): the folder's MTL-LoRA loaded and task T
+    folded into each W0 (W0 <- W0 + s·Σ_i softmax(w_T/τ)_i·B^i·Λ_T·A, `merge_mtl_lora`), so the model decodes
+    task T at the base model's cost. The task is checked before the model is touched."""
+    index = task_index(read_mtl_config(directory), task)
+    model, _ = load_mtl_lora(model, directory)
+    return merge_mtl_lora(model, index)

@@ -27,9 +27,15 @@ rslora included, and so do we). `cat` is exact (B'·A' = Σ w_i·s_i·B_i·A_i);
 - peft lets `cat` and `svd` combine adapters on different targets (a layer then mixes only the
   adapters it has); we refuse, as the issue asks, since the result then means something different
   per layer. `linear` takes the union of targets, as peft.
-- peft combines DoRA adapters' A and B and leaves the new magnitude at ||W0|| (it is computed
-  when the adapter is injected, before A and B are written), which is not a merge of the DoRAs;
-  we refuse DoRA adapters here with an error that says so.
+- peft does not refuse DoRA adapters, but what it makes is not a merge of them. Its new adapter's
+  config is `replace(self.peft_config[adapters[0]], r=new_rank, lora_alpha=new_rank, ...)` (peft
+  0.21.2 tuners/lora/model.py:863-869; the same in huggingface/peft@00277830's add_weighted_adapter),
+  so it is DoRA exactly when the *first* adapter is; `inject_adapter` (line 871) then computes its
+  magnitude from W0 + s·B·A while B is still 0, i.e. m = ||W0||, and the loop writes only lora_A
+  and lora_B (cat: lines 909-910). A DoRA first: the result has m = ||W0||, not its trained m; a
+  DoRA after a LoRA: its m is dropped. tests/test_adapters_bad_input.py shows both in peft. We
+  refuse any DoRA adapter in a combination, with an error that says so and gives the way round
+  (merge the DoRA into the base first, then combine the LoRAs on top).
 - a per-projection `LoRAQKV` enters the combination in its exact fused form (`_fused_factors`).
 """
 from __future__ import annotations
@@ -205,7 +211,9 @@ def _whole_factors(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.A, layer.B
 
 
-def _check_combination(model, names, weights, combination_type, svd_rank):
+def _check_combination(model, names, weights, combination_type, svd_rank, label=repr):
+    """Every refusal before anything is built; `label(name)` is how a message names an adapter (the command
+    line: its --lora folder)."""
     if combination_type not in COMBINATIONS:
         raise ValueError(f"combination_type must be one of {', '.join(COMBINATIONS)}, got {combination_type!r}")
     if not names:
@@ -219,20 +227,23 @@ def _check_combination(model, names, weights, combination_type, svd_rank):
     store = model.lora_adapters
     for n in names:
         if any(layer.magnitude is not None for layer in store[n].values()):
-            raise ValueError(f"adapter {n!r} is DoRA; weighted merging of DoRA adapters is not supported (peft "
-                             "combines their A, B but leaves the magnitude at ||W0||, not a merge of the DoRAs); "
-                             "merge_lora each into its own model instead")
+            raise ValueError(f"adapter {label(n)} is DoRA, which weighted merging does not combine: peft gives the "
+                             "result the first adapter's use_dora and writes only A and B (a DoRA first gets "
+                             "m = ||W0||, not its trained m; a DoRA later loses its m). Merge the DoRA into the "
+                             "base first (python -m techniques.lora merge --lora DORA --out DIR), then combine "
+                             "the other adapters on --weights DIR")
     combination_type = "linear" if len(names) == 1 else combination_type  # peft's rule
     ranks = {n: max(_whole_factors(layer)[0].shape[0] for layer in store[n].values()) for n in names}
     if combination_type == "linear" and len(set(ranks.values())) != 1:
         raise ValueError(f"combination_type 'linear' needs adapters of one rank (as peft), got "
-                         f"{', '.join(f'{n}: r={r}' for n, r in ranks.items())}; use 'cat' or 'svd'")
+                         f"{', '.join(f'{label(n)}: r={r}' for n, r in ranks.items())}; use 'cat' or 'svd'")
     if combination_type in ("cat", "svd"):
         targets = {n: sorted(store[n]) for n in names}
         if len({tuple(t) for t in targets.values()}) != 1:
             a, b = names[0], next(n for n in names if targets[n] != targets[names[0]])
-            raise ValueError(f"combination_type {combination_type!r} needs adapters on the same layers, but {a!r} "
-                             f"adapts {len(targets[a])} layer(s) and {b!r} {len(targets[b])} others/more; "
+            raise ValueError(f"combination_type {combination_type!r} needs adapters on the same layers, but "
+                             f"{label(a)} adapts {len(targets[a])} layer(s) and {label(b)} "
+                             f"{len(targets[b])} others/more; "
                              "use 'linear', or adapters trained on the same targets")
     if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank < 1):
         raise ValueError(f"svd_rank must be a positive integer, got {svd_rank!r}")
@@ -302,5 +313,7 @@ def load_combined(model: nn.Module, directories: Sequence[Union[str, Path]], wei
         load_named_adapter(model, d, n)
     if len(names) == 1 and weights == [1.0]:
         return set_adapter(model, names[0])
+    folders = dict(zip(names, directories))
+    _check_combination(model, names, weights, combination_type, svd_rank, label=lambda n: f"--lora {folders[n]}")
     add_weighted_adapter(model, names, weights, "combined", combination_type, svd_rank)
     return set_adapter(model, "combined")

@@ -9,7 +9,7 @@ training it prints the plan (the real step count) and how many parameters are
 trained.
 
 --variant plus trains Prefix-Tuning+ (prefix_plus.py) instead, through the same data, options and training loop:
-one M per layer and head (--phi elu|gelu, --layers), saved as prefix_plus_config.json +
+one M per layer and head (--phi elu|gelu|elu+1, --layers), saved as prefix_plus_config.json +
 prefix_plus_model.safetensors in OUT (our own format: peft has no such adapter type), plus OUT/history.json.
 """
 from __future__ import annotations
@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefix: prefix tuning (Li & Liang 2021); plus: Prefix-Tuning+ (Wang et al. 2025), one "
                         "trainable M per layer and head added to the attention output (default: prefix)")
     t.add_argument("--phi", default=None, metavar="MAP",
-                   help=f"--variant plus: the feature map φ, one of {', '.join(FEATURE_MAPS)} (default: elu, "
-                        "i.e. elu(x) + 1)")
+                   help=f"--variant plus: the feature map φ, one of {', '.join(FEATURE_MAPS)} (default: elu, the "
+                        "paper's φ(x) = elu(x); gelu is GELU(x); elu+1 is linear attention's elu(x) + 1)")
     t.add_argument("--layers", default=None, metavar="LIST",
                    help="--variant plus: the layers to wrap, \"all\" or indices/ranges like \"0,2,4-7\" "
                         "(default: all)")

@@ -1,36 +1,44 @@
-"""Prefix-Tuning+ (Wang et al. 2025, arXiv 2506.13674): the prefix moved out of the attention head.
+"""Prefix-Tuning+ (Wang et al. 2025, arXiv 2506.13674; v3 "PrefixMemory-Tuning", ICLR 2026): the prefix moved
+out of the attention head.
 
 Prefix tuning puts P trainable vectors s_j in front of the keys and values of every head, so one head's output is
+(the paper's Eq. 2)
 
     o_i = Σ_j sim(q_i, W_K s_j) W_V s_j + Σ_t sim(q_i, k_t) v_t        (one softmax over prefix and input)
           ------------------------------------------------------------
           Σ_j sim(q_i, W_K s_j)           + Σ_t sim(q_i, k_t)
 
 The derivation, in three steps (each one a function below):
-  1. split:      o_i = (1 - λ_i) · Attn(q_i, K, V) + λ_i · (prefix part, normalised on its own)
-  2. linearise:  sim(q, k) ≈ φ(q)ᵀ φ(k), so the prefix part is  φ(q_i)ᵀ Σ_j φ(W_K s_j)(W_V s_j)ᵀ  / normaliser
-  3. free M:     replace the sum by a trainable M ∈ R^{d_φ × hs} and drop the normaliser and the weight λ_i:
+  1. split (Eq. 3-4):  o_i = (1 - λ_i) · Attn(q_i, K, V) + λ_i · (prefix part, normalised on its own), λ_i the
+     prefix's share of the softmax mass (`split_prefix_attention`; exact). The paper then fixes λ to a constant.
+  2. linearise (Eq. 5): sim(q, k) ≈ φ(q)ᵀ φ(k), so the prefix part is  φ(q_i)ᵀ Σ_j φ(W_K s_j)(W_V s_j)ᵀ / normaliser
+     (`prefix_memory` is that sum, the paper's b_1)
+  3. free M (Eq. 6-7):  replace the sum by a trainable M ∈ R^{d_φ × hs}; λ and the normaliser φ(q_i)ᵀN are dropped
+     (the paper: trainable weights and the next LayerNorm absorb them), no gate, no scale:
 
-    o_i = Attn(q_i, K, V) + φ(q_i)ᵀ M                                   (per layer, per head)
+    o_i = Attn(q_i, K, V) + φ(q_i)ᵀ M                                   (Eq. 7; per layer, per head)
 
 The module wraps each block's attention the way LoRA wraps a Linear (no monkeypatching, no model internals
 touched): it runs the frozen attention unchanged, recomputes q with the frozen c_attn, and adds the term through
-the frozen output projection. c_proj is linear, so c_proj(o + φ(q)ᵀM) = c_proj(o) + W_proj · (φ(q)ᵀM): the bias
-is added once, by the frozen attention.
+the frozen output projection. Eq. 7's o_i is one head's output, before the heads are concatenated and W_O applied;
+c_proj is linear, so c_proj(o + φ(q)ᵀM) = c_proj(o) + W_proj · (φ(q)ᵀM): the bias is added once, by the frozen
+attention.
 
-Checked against the paper (2026-12-07, twice): the stored copies of arXiv 2506.13674 (v1, v2 HTML; v3
-"PrefixMemory-Tuning", ICLR 2026, whose code is github.com/haonan3/PrefixMemory-Tuning, not reachable here) show the
-abstract and the derivation's start, o_pt = Σ_j sim(q_i, k_j) v_j / Σ_j sim(...) over prefix and input (the equation
-above), and "a trainable memory matrix M plus a kernel feature map φ(·)" whose query-dependent term is added to the
-attention output; they did NOT show the method section's exact φ, d_φ or M's init. So these stay our choices, open
-until someone reads the method section itself:
-  - φ: "elu" is elu(x) + 1 (positive, as a similarity kernel must be for step 2; the linear-attention form of
-    Katharopoulos et al. 2020, which the paper's linearisation step follows); "gelu" is GELU(x), the paper's other
-    reported map. If the paper's elu is plain elu(x), only the constant +1 differs: φ(q)ᵀM = elu(q)ᵀM + 1ᵀM, i.e. a
-    trainable per-head bias 1ᵀM on top of elu(q)ᵀM.
-  - d_φ = head_dim, no projection (the issue's default; a projection is not implemented).
-  - M = 0 at init, so the wrapped model is exactly the frozen model at step 0.
-  - Dropout: the term goes through the block's resid_dropout on its own; in eval mode (all tests) this is exact.
+The settings, checked against the paper (2026-12-07). The stored arXiv copies (v1, v2, v3 HTML) show only the
+abstract and introduction here, and the authors' code (github.com/haonan3/PrefixMemory-Tuning) is not stored; the
+method section was read through the ICLR 2026 paper note (en.papernotes.org, "PrefixMemory-Tuning ...", which
+quotes Eq. 2-7, Remark 1 and Table 2 by number):
+  - φ: the paper's default is plain φ(x) = elu(x) ("elu", the default here); it also reports φ(x) = gelu(x)
+    ("gelu"), slightly better on most of its tasks (Table 2), and, in Remark 1, a learned kernel φ_W(x) =
+    ReLU(Wx + b) (an "MLP kernel", less stable in its Table 2; not implemented). "elu+1" is elu(x) + 1, the positive
+    map of linear attention (Katharopoulos et al. 2020) and this module's earlier default, kept as an option: it
+    differs from "elu" only by the query-independent per-head bias 1ᵀM.
+  - d_φ: φ is elementwise on the head's query, so d_φ = head_dim (M is [hs, hs] per head); no projection.
+  - M's init: the sources read do not state it. Ours: M = 0, so the wrapped model is exactly the frozen model at
+    step 0 (the gradient in M, φ(q)ᵀ·∂L/∂o, is not zero, so training starts).
+  - which layers: not stated in the note; Eq. 7 replaces prefix tuning, which has a prefix in every layer, so the
+    default is every layer (`layers` chooses).
+  - Dropout: the term goes through the block's resid_dropout with the attention's output; exact in eval mode.
 """
 from __future__ import annotations
 
@@ -42,16 +50,35 @@ import torch.nn.functional as F
 
 from minigpt import TrainConfig, atomic_save_dir, lm_loss_fn, load_tensors, read_json, save_tensors, train, write_json
 
-FEATURE_MAPS = ("elu", "gelu")
+FEATURE_MAPS = ("elu", "gelu", "elu+1")   # the paper's default first
 
 
 def phi(x: torch.Tensor, feature_map: str = "elu") -> torch.Tensor:
-    """The feature map of step 2: elu(x) + 1 (positive) or GELU(x)."""
+    """The feature map of step 2: elu(x) (the paper's default), GELU(x), or elu(x) + 1 (linear attention's)."""
     if feature_map == "elu":
-        return F.elu(x) + 1.0
+        return F.elu(x)
     if feature_map == "gelu":
         return F.gelu(x)
-    raise ValueError(f"unknown feature map {feature_map!r}: choose one of {FEATURE_MAPS}")
+    if feature_map == "elu+1":
+        return F.elu(x) + 1.0
+    raise ValueError(f"unknown feature map {feature_map!r}: choose one of {', '.join(FEATURE_MAPS)}")
+
+
+def split_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pre: torch.Tensor,
+                           v_pre: torch.Tensor):
+    """Step 1, exactly: causal softmax attention over [prefix; input] = (1 - λ) · o_input + λ · o_prefix.
+
+    q, k, v: (..., T, hs) the input's; k_pre, v_pre: (..., P, hs) the prefix's W_K s_j, W_V s_j. Returns o_input
+    (the frozen model's attention, normalised over the input), o_prefix (normalised over the prefix) and
+    λ (..., T, 1), the prefix's share Σ_j sim(q_i, W_K s_j) / Σ_all sim."""
+    T, scale = q.size(-2), q.size(-1) ** -0.5
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    s_in = (q @ k.transpose(-2, -1) * scale).masked_fill(~causal, float("-inf"))   # (..., T, T)
+    s_pre = q @ k_pre.transpose(-2, -1) * scale                                    # (..., T, P)
+    o_input = torch.softmax(s_in, -1) @ v                                          # (..., T, hs)
+    o_prefix = torch.softmax(s_pre, -1) @ v_pre                                    # (..., T, hs)
+    lam = torch.sigmoid(torch.logsumexp(s_pre, -1) - torch.logsumexp(s_in, -1))    # Z_pre / (Z_pre + Z_in)
+    return o_input, o_prefix, lam.unsqueeze(-1)
 
 
 def prefix_memory(k: torch.Tensor, v: torch.Tensor, feature_map: str = "elu") -> torch.Tensor:
@@ -70,7 +97,7 @@ class PrefixPlusAttention(nn.Module):
     def __init__(self, attn: nn.Module, feature_map: str = "elu"):
         super().__init__()
         if feature_map not in FEATURE_MAPS:
-            raise ValueError(f"unknown feature map {feature_map!r}: choose one of {FEATURE_MAPS}")
+            raise ValueError(f"unknown feature map {feature_map!r}: choose one of {', '.join(FEATURE_MAPS)}")
         self.attn, self.feature_map = attn, feature_map
         nh, hs = attn.n_head, attn.head_dim
         self.M = nn.Parameter(torch.zeros(nh, hs, hs, device=attn.c_proj.weight.device))  # (nh, d_φ, hs)
@@ -94,6 +121,8 @@ class PrefixTuningPlus(nn.Module):
 
     def __init__(self, model: nn.Module, layers=None, feature_map: str = "elu"):
         super().__init__()
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"unknown feature map {feature_map!r}: choose one of {', '.join(FEATURE_MAPS)}")
         n_layer = len(model.transformer.h)
         layers = list(range(n_layer)) if layers is None else sorted(set(int(i) for i in layers))
         bad = [i for i in layers if not 0 <= i < n_layer]
@@ -142,6 +171,9 @@ class PrefixTuningPlus(nn.Module):
 PLUS_CONFIG = "prefix_plus_config.json"
 PLUS_WEIGHTS = "prefix_plus_model.safetensors"
 PLUS_TYPE = "PREFIX_TUNING_PLUS"
+# 2: "feature_map" "elu" is the paper's plain elu(x). Files without "format_version" came before it, when "elu"
+# named elu(x) + 1: they load as "elu+1", so an old adapter gives the logits it was trained to give.
+PLUS_FORMAT = 2
 
 
 def _shape_of(model: nn.Module) -> dict:
@@ -153,7 +185,8 @@ def save_prefix_plus(model_or_pp, directory) -> Path:
     """Write prefix_plus_config.json + prefix_plus_model.safetensors ({"layers.<i>.M": (nh, d_φ, hs)}), atomically
     (minigpt.io.atomic_save_dir). Takes the PrefixTuningPlus, or the GPT it wraps."""
     pp = model_or_pp if isinstance(model_or_pp, PrefixTuningPlus) else _plus_of(model_or_pp)
-    conf = {"adapter_type": PLUS_TYPE, "feature_map": pp.feature_map, "layers": list(pp.layers),
+    conf = {"adapter_type": PLUS_TYPE, "format_version": PLUS_FORMAT, "feature_map": pp.feature_map,
+            "layers": list(pp.layers),
             "d_phi": _shape_of(pp.model)["head_dim"], **_shape_of(pp.model)}
     with atomic_save_dir(directory) as tmp:
         write_json(conf, tmp / PLUS_CONFIG)
@@ -195,10 +228,24 @@ def load_prefix_plus(model: nn.Module, directory) -> PrefixTuningPlus:
         raise ValueError(f"{d / PLUS_CONFIG} was made for another model size: {', '.join(bad)}; load it on the "
                          "model it was trained for")
     tensors = load_tensors(d / PLUS_WEIGHTS)
-    pp = PrefixTuningPlus(model, layers=conf["layers"], feature_map=conf.get("feature_map", "elu"))
+    pp = PrefixTuningPlus(model, layers=conf["layers"], feature_map=_feature_map_of(conf, d / PLUS_CONFIG))
     dev = next(model.parameters()).device
     pp.load_state_dict_M({k: v.to(dev) for k, v in tensors.items()})
     return pp
+
+
+def _feature_map_of(conf: dict, path: Path) -> str:
+    """The config's φ, read by its format version (see PLUS_FORMAT)."""
+    version = conf.get("format_version", 1)
+    if version not in (1, PLUS_FORMAT):
+        raise ValueError(f"{path}: format_version {version!r} is not one this minigpt reads (1 or {PLUS_FORMAT}); "
+                         "update minigpt, or save the adapter again with this one")
+    fmap = conf.get("feature_map", "elu")
+    if version == 1 and fmap == "elu":
+        return "elu+1"
+    if fmap not in FEATURE_MAPS:
+        raise ValueError(f"{path}: unknown feature_map {fmap!r}; this minigpt knows {', '.join(FEATURE_MAPS)}")
+    return fmap
 
 
 def is_prefix_plus_dir(directory) -> bool:
