@@ -53,7 +53,7 @@ def test_bad_inputs_have_messages(model):
 
 def _figure_data(fig) -> list:
     """What a figure shows, axes by axes: titles, labels, tick labels, bars, texts, line points and images."""
-    out = [fig._suptitle.get_text() if fig._suptitle else None]
+    out = [fig.get_suptitle()]
     for ax in fig.axes:
         out.append((ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), [t.get_text() for t in ax.get_yticklabels()],
                     [t.get_text() for t in ax.get_xticklabels()],
@@ -74,7 +74,7 @@ def test_next_token_panel_is_the_tours_figure(model):
         ref = model(ids).logits[0, -1].softmax(-1)
     assert [get_tokenizer().decode([i]) for i in ref.topk(10).indices.tolist()] == [t for t, _, _ in rows]
     # the tour's own function, called here with the same settings, draws the very same figure
-    tour_fig = tour.next_token_figure(model, ids, top_k=3, bars=10, title=fig._suptitle.get_text())
+    tour_fig = tour.next_token_figure(model, ids, top_k=3, bars=10, title=fig.get_suptitle())
     assert _figure_data(fig) == _figure_data(tour_fig)
     left, right = fig.axes
     assert right.get_title() == "T=1, top-k=3, top-p=off" and left.get_ylabel() == "next token (␣ = space)"
@@ -241,7 +241,7 @@ def test_attention_map_is_causal_softmax(model):
         ref = model(ids, output_attentions=True).attentions[1][0, 2]
     assert abs(ref.numpy() - att).max() < 1e-6
     # the heatmap is the tour's step 2 function's, for this layer and head
-    tour_fig = tour.attention_figure(model, ids, 1, [2], title=fig._suptitle.get_text())
+    tour_fig = tour.attention_figure(model, ids, 1, [2], title=fig.get_suptitle())
     assert _figure_data(fig) == _figure_data(tour_fig)
     assert _figure_data(fig) != _figure_data(core.attention_map(model, "The cat sat on the mat", 1, 1)[2])
     assert fig.axes[0].get_title() == "head 2" and fig.axes[0].get_xlabel() == "key token (attended to)"
@@ -310,6 +310,7 @@ def test_page_in_browser(tmp_path):
     expected = {seed: list(core.stream_text(tiny, prompt, max_new_tokens=30, seed=seed))[-1]
                 for prompt, seed in (("Once upon a time", 1), ("The ship sailed", 2))}
     expected_long = list(core.stream_text(tiny, "Once upon a time", max_new_tokens=100, seed=1))[-1]
+    expected_long2 = list(core.stream_text(tiny, "The ship sailed", max_new_tokens=100, seed=2))[-1]
     tok = get_tokenizer()
     base, adapted = core.with_and_without(tiny, "The king looked at the crowd and said",
                                           [core.load_adapter_dir(tiny, str(lora_dir))], seed=0, max_new_tokens=20)
@@ -446,6 +447,13 @@ def test_page_in_browser(tmp_path):
             assert page.locator("#gen-out textarea").input_value() == expected[1]
             assert other.locator("#gen-out textarea").input_value() == expected[2]
             _shot(other, tmp_path, "second_page")
+            # Stop is per page: Stop pressed on one page leaves the other page's long run to finish
+            _set_number(other, "max-new", 100)
+            _generate(other, "The ship sailed", 2)
+            expect(other.locator("#gen-out textarea")).not_to_have_value(expected[2], timeout=30000)
+            page.locator("#stop").click()
+            expect(other.locator("#gen-msg")).to_contain_text("done", timeout=60000)
+            assert other.locator("#gen-out textarea").input_value() == expected_long2
             browser.close()
     finally:
         proc.terminate()
