@@ -238,30 +238,39 @@ def test_an_adapter_overwrite_killed_at_any_operation_loads_the_old_or_the_new_a
     old_model, new_model = adapted(1), adapted(2)
     with torch.no_grad():
         want = {"old": old_model(x).logits, "new": new_model(x).logits}
-    d = tmp_path / "adapter"
+    def logits_of(d):
+        with torch.no_grad():
+            return load_adapter(GPT.from_pretrained(str(folder)), d)(x).logits
+
+    seen, _ = kill_each_operation_of_a_save(tmp_path / "adapter", lambda d: save_adapter(old_model, d),
+                                            lambda d: save_adapter(new_model, d), logits_of, want)
+    assert seen == {"old", "new"}
+
+
+def kill_each_operation_of_a_save(d: Path, save_old, save_new, logits_of, want: dict) -> tuple[set, int]:
+    """Save the old adapter to d, then the new one killed after its k-th file operation, for k = 0, 1, ... until
+    a save survives; after each, recover d (as the next save would) and check that it loads as exactly the old or
+    exactly the new adapter (`want`: name -> its logits). Returns the names seen and the last k."""
     k, seen = 0, set()
     while True:
         shutil.rmtree(d, ignore_errors=True)
-        for p in tmp_path.glob(".*-save-*"):
+        for p in d.parent.glob(".*-save-*"):
             shutil.rmtree(p)
-        save_adapter(old_model, d)
+        save_old(d)
         try:
             with death_at(k, []):
-                save_adapter(new_model, d)
+                save_new(d)
             died = False
         except Died:
             died = True
         recover_dir(d)  # what the next save does first
-        fresh = load_adapter(GPT.from_pretrained(str(folder)), d)
-        with torch.no_grad():
-            got = fresh(x).logits
+        got = logits_of(d)
         which = [w for w, ref in want.items() if torch.equal(got, ref)]
         assert len(which) == 1, f"k={k}: the adapter loaded is neither the old nor the new one"
         seen.add(which[0])
         if not died:
-            break
+            return seen, k
         k += 1
-    assert seen == {"old", "new"}
 
 
 def test_sigkill_during_training_then_resume_ends_where_the_uninterrupted_run_ends(tmp_path):

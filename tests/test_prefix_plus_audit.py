@@ -4,7 +4,6 @@ and the benchmark runs end to end (tiny shape; no timing asserted)."""
 from __future__ import annotations
 
 import copy
-import shutil
 import sys
 from pathlib import Path
 
@@ -53,34 +52,18 @@ def test_pplm_runs_on_a_prefix_plus_model(tiny_hf, tokenizer):
 def test_a_plus_folder_overwrite_killed_at_any_operation_loads_the_old_or_the_new_adapter(tiny_hf, tmp_path):
     """save_prefix_plus goes through minigpt.io.atomic_save_dir: killed at each file-system operation in turn, the
     folder then loads as exactly the old adapter or exactly the new one (the kill harness of test_atomic_save)."""
-    from minigpt import recover_dir
-    from test_atomic_save import Died, death_at
+    from test_atomic_save import kill_each_operation_of_a_save
     _, base, _ = tiny_hf
     old, new = wrapped(base, seed=1), wrapped(base, seed=2)
     x = torch.tensor([[464, 3290, 318]])
     with torch.no_grad():
         want = {"old": old(x).logits, "new": new(x).logits}
-    d, k, seen = tmp_path / "plus", 0, set()
-    while True:
-        shutil.rmtree(d, ignore_errors=True)
-        for p in tmp_path.glob(".*-save-*"):
-            shutil.rmtree(p)
-        save_prefix_plus(old, d)
-        try:
-            with death_at(k, []):
-                save_prefix_plus(new, d)
-            died = False
-        except Died:
-            died = True
-        recover_dir(d)  # what the next save does first
+    def logits_of(d):
         with torch.no_grad():
-            got = load_prefix_plus(copy.deepcopy(base), d)(x).logits
-        which = [w for w, ref in want.items() if torch.equal(got, ref)]
-        assert len(which) == 1, f"k={k}: the adapter loaded is neither the old nor the new one"
-        seen.add(which[0])
-        if not died:
-            break
-        k += 1
+            return load_prefix_plus(copy.deepcopy(base), d)(x).logits
+
+    seen, k = kill_each_operation_of_a_save(tmp_path / "plus", lambda d: save_prefix_plus(old, d),
+                                            lambda d: save_prefix_plus(new, d), logits_of, want)
     assert seen == {"old", "new"} and k > 2
 
 
