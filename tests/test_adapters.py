@@ -6,7 +6,7 @@ import torch
 
 from minigpt import GPT
 from techniques.lora import (add_adapter, add_weighted_adapter, adapter_names, delete_adapter, disable_adapters,
-                             load_adapters, lora_modules, merge_lora, save_adapters, set_adapter)
+                             load_adapters, lora_modules, merge_lora, save_adapter, save_adapters, set_adapter)
 
 peft = pytest.importorskip("peft")
 from peft import PeftModel  # noqa: E402
@@ -42,6 +42,19 @@ def two_adapters(folder, r_b=4, targets_b=("c_attn",)):
     randomise(model, 2)
     set_adapter(model, "default")
     return model
+
+
+def saved_two_adapters(tmp_path_factory, tag: str):
+    """A random GPT-2-shaped base folder and two_adapters' "default" and "b" each saved as its own peft folder:
+    (base folder, model with both, [default dir, b dir])."""
+    from helpers import make_hf_model
+    base = make_hf_model(tmp_path_factory.mktemp(f"{tag}_base"), seed=5, vocab_size=VOCAB)[1]
+    model = two_adapters(base)
+    dirs = []
+    for name in ("default", "b"):
+        set_adapter(model, name)
+        dirs.append(save_adapter(model, tmp_path_factory.mktemp(f"{tag}_{name}")))
+    return base, model, dirs
 
 
 def test_switching_disabling_and_deleting(folder):

@@ -7,21 +7,14 @@ import torch
 from minigpt import GPT
 from minigpt.__main__ import _load, build_parser
 from techniques.lora import add_weighted_adapter, load_combined, load_named_adapter, merge_lora, set_adapter
-from test_adapters import VOCAB, ids, two_adapters
+from test_adapters import ids, saved_two_adapters
 
 pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from helpers import make_hf_model
-    from techniques.lora import save_adapter
-    base = make_hf_model(tmp_path_factory.mktemp("cli_base"), seed=5, vocab_size=VOCAB)[1]
-    model = two_adapters(base)
-    dirs = []
-    for name in ("default", "b"):
-        set_adapter(model, name)
-        dirs.append(save_adapter(model, tmp_path_factory.mktemp(f"cli_{name}")))
+    base, _, dirs = saved_two_adapters(tmp_path_factory, "cli")
     return base, dirs
 
 

@@ -9,9 +9,9 @@ import torch
 from minigpt import GPT
 from minigpt.__main__ import _load, build_parser as generate_parser
 from minigpt.cli import COMBINE_CHOICES
-from techniques.lora import COMBINATIONS, apply_lora, load_adapter, merge_lora, save_adapter, set_adapter
+from techniques.lora import COMBINATIONS, apply_lora, load_adapter, merge_lora, save_adapter
 from techniques.lora.__main__ import main as lora_main
-from test_adapters import VOCAB, ids, randomise, two_adapters
+from test_adapters import ids, randomise, saved_two_adapters
 
 peft = pytest.importorskip("peft")
 from peft import PeftModel  # noqa: E402
@@ -23,13 +23,7 @@ WEIGHTS = "0.7,-0.3"
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """(base model folder, [adapter "a" on c_attn r=4, adapter "b" on c_attn r=4 alpha=16, adapter "c" on mlp.c_fc])."""
-    from helpers import make_hf_model
-    base = make_hf_model(tmp_path_factory.mktemp("merge_base"), seed=5, vocab_size=VOCAB)[1]
-    model = two_adapters(base)
-    dirs = []
-    for name in ("default", "b"):
-        set_adapter(model, name)
-        dirs.append(save_adapter(model, tmp_path_factory.mktemp(f"merge_{name}")))
+    base, _, dirs = saved_two_adapters(tmp_path_factory, "merge")
     other = apply_lora(GPT.from_pretrained(str(base)), r=4, alpha=8, targets=["mlp.c_fc"], verbose=False)
     randomise(other, 3)
     dirs.append(save_adapter(other, tmp_path_factory.mktemp("merge_c")))
