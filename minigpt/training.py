@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed
-from .io import atomic_save_dir, write_json
+from .io import atomic_save_dir, recover_dir, write_json
 from .past import extend_mask
 from .tokenizer import EOT_ID, Tokenizer
-from .train_state import TrainState, load_train_state, save_train_state
+from .train_state import TrainState, load_train_state, read_meta, save_train_state
 
 IGNORE = -100  # cross_entropy's ignore_index: positions that are not targets
 
@@ -506,7 +506,7 @@ def train(params, loss_fn: Callable, train_examples: Sequence, *, eval_examples:
     clock, seconds_before = time.perf_counter(), state.seconds  # the checkpoint's time, carried into the next one
     stepper = distributed.wrap(distributed.LossModule(params, loss_fn), device, procs)
     comm = distributed.comm_device(device)
-    saved = None
+    saved, saving_step = None, None
 
     bar = tqdm(total=total, initial=state.step, disable=not (config.progress and procs.is_main), desc="train",
                unit="step")
@@ -554,11 +554,15 @@ def train(params, loss_fn: Callable, train_examples: Sequence, *, eval_examples:
             state.epoch, state.offset, state.data_rng = epoch, offset + per_step, at_start
             if config.save_every and (state.step % config.save_every == 0):
                 state.seconds = None if seconds_before is None else seconds_before + time.perf_counter() - clock
+                saving_step = state.step
                 saved = (_save_checkpoint(config, state, saving, saved), state.step)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}",
                             **({"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}))
     except KeyboardInterrupt:
+        on_disk = _checkpoint_on_disk(config.checkpoint_dir) if saving_step is not None else None
+        if on_disk is not None and on_disk[1] == saving_step:
+            saved = on_disk   # the save of this step committed before Ctrl-C reached the line that records it
         if saved is None:
             raise
         raise TrainingInterrupted(
@@ -567,6 +571,17 @@ def train(params, loss_fn: Callable, train_examples: Sequence, *, eval_examples:
     finally:
         bar.close()
     return state.history
+
+
+def _checkpoint_on_disk(directory) -> Optional[tuple[Path, int]]:
+    """(directory, step) of the whole checkpoint in `directory`, read from disk, or None. Ctrl-C can land after a
+    save's commit but before the loop records it: then the disk, not the loop's record, has the last checkpoint."""
+    if not directory:
+        return None
+    try:
+        return Path(directory), int(read_meta(recover_dir(directory, tidy=False))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _save_checkpoint(config: TrainConfig, state: TrainState, saving: dict, saved) -> Path:
